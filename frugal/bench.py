@@ -1,0 +1,260 @@
+"""The main job: run registered methods on their tasks, measure every trained model, write results.
+
+A method is a function `run(ctx, task, seed) -> list[row]` registered with `@register_method`.
+Rows are flat dicts of measured fields (see `frugal.measure.measure`) plus method, task, variant,
+seed. The spine registers only `baseline`; ideas register their methods from their own modules,
+which are found through the `frugal.methods` entry-point group (the spine never imports an idea).
+
+Results are written after every finished row, and each training run keeps its checkpoints, so a
+killed bench started again with the same --out continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import fcntl
+import json
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .data import load_task
+from .measure import measure
+from .train import CHECKPOINT, TrainConfig, train
+from .utils import atomic_write_json, resolve_device, versions
+
+BUDGETS = ("tiny", "quick", "full")  # tiny: seconds, for tests; quick: < 10 min; full: the real figures
+
+
+@dataclass(frozen=True)
+class BenchContext:
+    out_dir: Path  # bench output folder; training runs go under out_dir/runs/
+    budget: str  # tiny | quick | full
+    device: torch.device
+    data_dir: str | None = None  # data cache override
+    corrupted: bool = False  # also measure accuracy on the corrupted test suites
+    process_id: str = ""  # rows measured in the same process share it: their times are comparable
+    quiet: bool = True  # no per-epoch lines on stderr
+
+    def run_dir(self, method: str, task: str, seed: int, variant: str = "") -> Path:
+        name = f"{variant}-seed{seed}" if variant else f"seed{seed}"
+        return self.out_dir / "runs" / method / task / name
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    run: Callable[[BenchContext, str, int], list[dict[str, Any]]]
+    tasks: tuple[str, ...]  # tasks the method knows how to run
+    default_tasks: tuple[str, ...]  # tasks run when --tasks is not given
+    description: str = ""
+
+
+_METHODS: dict[str, Method] = {}
+_plugins_loaded = False
+
+
+def register_method(name: str, *, tasks: tuple[str, ...], default_tasks: tuple[str, ...] | None = None,
+                    description: str = "") -> Callable:
+    def deco(fn: Callable[[BenchContext, str, int], list[dict[str, Any]]]):
+        if name in _METHODS:
+            raise ValueError(f"bench method {name!r} is registered twice")
+        _METHODS[name] = Method(name, fn, tuple(tasks), tuple(default_tasks or tasks), description)
+        return fn
+    return deco
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for ep in entry_points(group="frugal.methods"):
+        ep.load()  # importing the module registers its methods
+
+
+def list_methods() -> dict[str, Method]:
+    _load_plugins()
+    return dict(sorted(_METHODS.items()))
+
+
+def get_method(name: str) -> Method:
+    methods = list_methods()
+    if name not in methods:
+        raise ValueError(f"unknown bench method {name!r}; known: {', '.join(methods)}")
+    return methods[name]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The baseline: a standard CNN per task, trained plainly. Every idea is compared with these rows.
+
+# Per task: the model, and the training settings per budget. Units: lr is the peak learning rate
+# per step (batch 128), epochs are passes over the training split.
+BASELINE_PLANS: dict[str, dict[str, Any]] = {
+    "mnist": dict(model="lenet5", common=dict(optimizer="adam", lr=1e-3, batch_size=128),
+                  quick=dict(epochs=3), full=dict(epochs=12, augment="shift")),
+    "fashion-mnist": dict(model="resnet", common=dict(optimizer="sgd", lr=0.1, weight_decay=5e-4, batch_size=128,
+                                                      warmup_epochs=0.5),
+                          quick=dict(epochs=2), full=dict(epochs=15, augment="shift-flip")),
+    "translated-mnist-60": dict(model="convnet", common=dict(optimizer="adam", lr=2e-3, batch_size=128),
+                                quick=dict(epochs=2, train_limit=20000), full=dict(epochs=10)),
+    "cluttered-mnist-60": dict(model="convnet", common=dict(optimizer="adam", lr=2e-3, batch_size=128),
+                               quick=dict(epochs=2, train_limit=20000), full=dict(epochs=10)),
+    "cluttered-mnist-100": dict(model="convnet", common=dict(optimizer="adam", lr=2e-3, batch_size=128),
+                                quick=dict(epochs=2, train_limit=10000), full=dict(epochs=10)),
+    "digits": dict(model="convnet", common=dict(optimizer="adam", lr=3e-3, batch_size=64),
+                   quick=dict(epochs=10), full=dict(epochs=30)),
+}
+TINY = dict(epochs=1, train_limit=256)  # the tiny budget: one short epoch, to test the plumbing
+
+
+def baseline_config(task: str, budget: str, seed: int, device: str = "auto", data_dir: str | None = None) -> TrainConfig:
+    if task not in BASELINE_PLANS:
+        raise ValueError(f"the baseline has no plan for task {task!r}; known: {', '.join(BASELINE_PLANS)}")
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; known: {', '.join(BUDGETS)}")
+    plan = BASELINE_PLANS[task]
+    kw = {**plan["common"], **(TINY if budget == "tiny" else plan[budget])}
+    return TrainConfig(task=task, model=plan["model"], seed=seed, device=device, data_dir=data_dir, **kw)
+
+
+def train_and_measure(ctx: BenchContext, cfg: TrainConfig, run_dir: Path, **train_kw) -> dict[str, Any]:
+    """Train (resuming a run a killed bench left behind) and measure: the row fields of one model."""
+    resume = (run_dir / CHECKPOINT).exists()
+    data = load_task(cfg.task, data_dir=ctx.data_dir, val_size=cfg.val_size)
+    res = train(cfg, run_dir, resume=resume, data=data, quiet=ctx.quiet, progress=False, **train_kw)
+    row = measure(res.model, data, ctx.device, corrupted=ctx.corrupted, data_dir=ctx.data_dir,
+                  speed=ctx.budget != "tiny")
+    row.update(val_acc=res.val_acc, train_seconds=res.train_seconds, epochs=cfg.epochs,
+               model=cfg.model, run_dir=str(run_dir.relative_to(ctx.out_dir)))
+    return row
+
+
+@register_method("baseline", tasks=tuple(BASELINE_PLANS),
+                 default_tasks=("mnist", "fashion-mnist", "cluttered-mnist-60"),
+                 description="a standard CNN per task, trained plainly: the control for every idea")
+def run_baseline(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
+    cfg = baseline_config(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir)
+    row = train_and_measure(ctx, cfg, ctx.run_dir("baseline", task, seed))
+    row["variant"] = cfg.model
+    return [row]
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    out: str = "bench-out"  # output folder
+    budget: str = "full"  # tiny | quick | full
+    methods: tuple[str, ...] = ("baseline",)  # registered method names
+    tasks: tuple[str, ...] = ()  # empty: each method's default tasks
+    seeds: int = 3  # seeds per (method, task); seeds are 0..seeds-1
+    device: str = "auto"
+    data_dir: str | None = None
+    corrupted: bool = False  # measure accuracy on the corrupted suites (mnist, fashion-mnist)
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+    verbose: bool = False  # per-epoch lines on stderr
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    return (row["method"], row["task"], row["seed"])
+
+
+@contextlib.contextmanager
+def _locked(results_path: Path):
+    """An exclusive lock beside results.json, so that several bench processes (say one per task,
+    each with --threads 1) can share one --out folder without losing each other's rows."""
+    with open(results_path.with_name(".results.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read_results(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {"meta": {}, "rows": []}
+    try:
+        res = json.loads(path.read_text())
+        assert isinstance(res.get("rows"), list)
+    except (json.JSONDecodeError, AssertionError, AttributeError) as e:
+        raise ValueError(f"{path} is not a frugal results file ({e}); move it away or choose another --out") from e
+    res.setdefault("meta", {})
+    return res
+
+
+def _append_rows(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Re-read results.json under the lock, add the new rows, write it back atomically."""
+    with _locked(path):
+        res = _read_results(path)
+        res["rows"] += rows
+        res["meta"] = {**meta, "updated": dt.datetime.now().isoformat(timespec="seconds")}
+        atomic_write_json(path, res)
+
+
+def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
+    """Run the bench; return the path of results.json. Writes the report beside it."""
+    from .report import write_report, write_task_samples
+
+    if cfg.budget not in BUDGETS:
+        raise ValueError(f"unknown budget {cfg.budget!r}; known: {', '.join(BUDGETS)}")
+    if cfg.seeds < 1:
+        raise ValueError("--seeds must be >= 1")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    methods = [get_method(m) for m in cfg.methods]
+    plan: list[tuple[Method, str, int]] = []
+    for m in methods:
+        tasks = cfg.tasks or m.default_tasks
+        for t in tasks:
+            if t not in m.tasks:
+                if cfg.tasks:  # asked for explicitly: say so; otherwise this method just has no plan for it
+                    log(f"note: method {m.name!r} has no plan for task {t!r} (it knows {', '.join(m.tasks)}); skipped")
+                continue
+            plan += [(m, t, s) for s in range(cfg.seeds)]
+    if not plan:
+        raise ValueError("nothing to run: no method knows any of the tasks asked for")
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    ctx = BenchContext(out, cfg.budget, resolve_device(cfg.device), cfg.data_dir, cfg.corrupted,
+                       process_id=uuid.uuid4().hex[:12], quiet=not cfg.verbose)
+    meta = {"config": dataclasses.asdict(cfg), "versions": versions(), "argv": sys.argv,
+            "device": str(ctx.device)}
+    with _locked(results_path):
+        old_budget = _read_results(results_path)["meta"].get("config", {}).get("budget", cfg.budget)
+    if old_budget != cfg.budget:
+        raise ValueError(f"{out} holds a {old_budget!r} bench; use another --out for a {cfg.budget!r} one")
+
+    for task in dict.fromkeys(t for _, t, _ in plan):
+        write_task_samples(out, task, data_dir=cfg.data_dir)
+    for i, (m, task, seed) in enumerate(plan):
+        with _locked(results_path):
+            done = {_key(r) for r in _read_results(results_path)["rows"]}
+        if (m.name, task, seed) in done:
+            log(f"[{i + 1}/{len(plan)}] {m.name} {task} seed {seed}: done before, kept")
+            continue
+        log(f"[{i + 1}/{len(plan)}] {m.name} {task} seed {seed} ...")
+        t0 = time.perf_counter()
+        rows = m.run(ctx, task, seed)
+        for r in rows:
+            r.update(method=m.name, task=task, seed=seed, process_id=ctx.process_id)
+            r.setdefault("variant", m.name)
+        _append_rows(results_path, meta, rows)
+        secs = time.perf_counter() - t0
+        for r in rows:
+            log(f"    {r['variant']}: test acc {r['test_acc']:.4f}, {r['params']:,} params, "
+                f"{r['macs']:,.0f} MACs/image ({secs:.0f}s)")
+    write_report(out)
+    return results_path

@@ -1,0 +1,178 @@
+"""The `frugal` command: parses arguments, calls the library, prints. Nothing here that Python can't call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _cmd_data(a: argparse.Namespace) -> int:
+    from .data import fetch, format_dataset_table, list_datasets
+
+    if a.data_cmd == "list":
+        print(format_dataset_table(list_datasets(a.data_dir)))
+    else:
+        for name in a.names:
+            path = fetch(name, data_dir=a.data_dir, force=a.force)
+            print(f"{name}: ready in {path}")
+    return 0
+
+
+def _cmd_models(a: argparse.Namespace) -> int:
+    from .models import count_params, create_model, describe_model, list_models
+
+    for name in list_models():
+        n = count_params(create_model(name))
+        print(f"{name:10s} {n:>9,d} params on 1x28x28  {describe_model(name)}")
+    return 0
+
+
+def _train_config(a: argparse.Namespace):
+    from .train import TrainConfig
+
+    d = {}
+    if a.config:
+        try:
+            d = yaml.safe_load(Path(a.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read config {a.config}: {e}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"config {a.config} must be a mapping of TrainConfig fields")
+    for key in ("task", "model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule",
+                "augment", "seed", "device", "train_limit", "val_size", "data_dir", "threads", "warmup_epochs"):
+        v = getattr(a, key)
+        if v is not None:
+            d[key] = v
+    if a.model_kw:
+        d["model_kw"] = {**d.get("model_kw", {}), **json.loads(a.model_kw)}
+    return TrainConfig.from_dict(d)
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = _train_config(a)
+    res = train(cfg, a.out, resume=a.resume)
+    print(json.dumps({"run_dir": str(res.run_dir), "test_acc": res.test_acc, "val_acc": res.val_acc,
+                      "train_seconds": round(res.train_seconds, 2)}, indent=2))
+    return 0
+
+
+def _cmd_measure(a: argparse.Namespace) -> int:
+    from .data import load_task
+    from .measure import measure
+    from .train import load_run
+    from .utils import atomic_write_json, resolve_device
+
+    device = resolve_device(a.device)
+    model, cfg, _ = load_run(a.run, device=device)
+    data = load_task(cfg.task, data_dir=a.data_dir or cfg.data_dir, val_size=cfg.val_size)
+    row = measure(model, data, device, corrupted=a.corrupted, data_dir=a.data_dir or cfg.data_dir)
+    row.update(run=str(a.run), task=cfg.task, model=cfg.model)
+    atomic_write_json(Path(a.run) / "measure.json", row)
+    print(json.dumps(row, indent=2))
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import BenchConfig, bench
+
+    budget = a.budget or ("quick" if a.quick else "full")
+    seeds = a.seeds if a.seeds is not None else (1 if budget != "full" else 3)
+    cfg = BenchConfig(out=a.out, budget=budget, methods=tuple(a.methods), tasks=tuple(a.tasks or ()),
+                      seeds=seeds, device=a.device, data_dir=a.data_dir, corrupted=a.corrupted,
+                      threads=a.threads, verbose=a.verbose)
+    path = bench(cfg, log=lambda s: print(s, flush=True))
+    print(f"results: {path}\nreport:  {path.parent / 'report.md'} and {path.parent / 'report.html'}")
+    return 0
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from .report import write_report
+
+    md, html = write_report(a.dir)
+    print(f"report: {md} and {html}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="frugal", description="Cheaper CNNs, measured against a standard CNN.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("data", help="list or fetch data sets")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    dl = dsub.add_parser("list", help="each data set, where it comes from, whether it is cached")
+    dl.add_argument("--data-dir", default=None)
+    df = dsub.add_parser("fetch", help="fetch (or generate) and verify data sets")
+    df.add_argument("names", nargs="+")
+    df.add_argument("--force", action="store_true", help="fetch again even when cached")
+    df.add_argument("--data-dir", default=None)
+
+    sub.add_parser("models", help="list registered models")
+
+    t = sub.add_parser("train", help="train one model on one task")
+    t.add_argument("--config", help="YAML file of TrainConfig fields; flags override it")
+    t.add_argument("--task")
+    t.add_argument("--model")
+    t.add_argument("--model-kw", help='JSON object of model options, e.g. \'{"width": 64}\'')
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--optimizer")
+    t.add_argument("--lr", type=float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--schedule")
+    t.add_argument("--warmup-epochs", type=float)
+    t.add_argument("--augment")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device")
+    t.add_argument("--train-limit", type=int)
+    t.add_argument("--val-size", type=int)
+    t.add_argument("--threads", type=int)
+    t.add_argument("--data-dir")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+    m = sub.add_parser("measure", help="measure a finished run: accuracy, params, MACs, bytes, speed")
+    m.add_argument("run", help="run folder written by `frugal train`")
+    m.add_argument("--corrupted", action="store_true", help="also accuracy on the corrupted test suites")
+    m.add_argument("--device", default="auto")
+    m.add_argument("--data-dir")
+
+    b = sub.add_parser("bench", help="the main job: methods x tasks x seeds, measured, with a report")
+    b.add_argument("--quick", action="store_true", help="short training (under 10 minutes on 2 CPU cores)")
+    b.add_argument("--budget", choices=["tiny", "quick", "full"], help=argparse.SUPPRESS)
+    b.add_argument("--methods", nargs="+", default=["baseline"])
+    b.add_argument("--tasks", nargs="+")
+    b.add_argument("--seeds", type=int, help="seeds per method and task (default: 1 quick, 3 full)")
+    b.add_argument("--out", default="bench-out")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--data-dir")
+    b.add_argument("--corrupted", action="store_true", help="also accuracy on the corrupted test suites")
+    b.add_argument("--threads", type=int)
+    b.add_argument("--verbose", action="store_true", help="per-epoch lines")
+
+    r = sub.add_parser("report", help="rebuild report.md and report.html from DIR/results.json")
+    r.add_argument("dir")
+    return p
+
+
+COMMANDS = {"data": _cmd_data, "models": _cmd_models, "train": _cmd_train, "measure": _cmd_measure,
+            "bench": _cmd_bench, "report": _cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[a.cmd](a)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        # bad input and missing data end with the message alone: it says what was wrong and the fix
+        print(f"frugal {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

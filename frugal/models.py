@@ -1,0 +1,231 @@
+"""Model registry and the baseline networks every idea is measured against.
+
+`create_model(name, in_channels=, image_size=, num_classes=)` builds any registered model for a task;
+each model takes its input shape from the task, never from a constant.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a model factory under its function name. Factories take keyword arguments
+    in_channels, image_size (H, W), num_classes, and optionally more, each with a default."""
+    name = fn.__name__
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is registered twice")
+    _MODELS[name] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def describe_model(name: str) -> str:
+    """The first line of the model factory's docstring."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    return (_MODELS[name].__doc__ or "").strip().split("\n")[0]
+
+
+def create_model(name: str, *, in_channels: int = 1, image_size: tuple[int, int] = (28, 28),
+                 num_classes: int = 10, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, **kw) -> nn.Module:
+    """Build a registered model for inputs of (in_channels, *image_size) and num_classes outputs."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    fn = _MODELS[name]
+    allowed = set(inspect.signature(fn).parameters)
+    bad = sorted(set(kw) - allowed)
+    if bad:
+        raise ValueError(f"model {name!r} takes no option(s) {bad}; its options: "
+                         f"{sorted(allowed - {'in_channels', 'image_size', 'num_classes'})}")
+    h, w = _check_size(image_size)
+    model = fn(in_channels=in_channels, image_size=(h, w), num_classes=num_classes, **kw)
+    return model.to(device=device, dtype=dtype)
+
+
+def _check_size(image_size) -> tuple[int, int]:
+    try:
+        h, w = (int(s) for s in image_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"image_size must be (height, width), got {image_size!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return h, w
+
+
+class InputCheck(nn.Module):
+    """Fails early, with the expected shape, when a batch does not fit the model it was built for."""
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int]):
+        super().__init__()
+        self.expected = (in_channels, *image_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.expected:
+            raise ValueError(f"expected a batch of shape (N, {', '.join(map(str, self.expected))}), "
+                             f"got {tuple(x.shape)}")
+        return x
+
+    def extra_repr(self) -> str:
+        return f"expected=(N, {', '.join(map(str, self.expected))})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# LeNet-5 (Caffe layout) and LeNet-300-100: the two nets the compression literature reports on.
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 as in Caffe's MNIST example (conv 20, conv 50, fc 500), the layout used by Deep
+    Compression (Han et al. 2016) and later compression papers: 431,080 parameters on 28x28."""
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int], num_classes: int):
+        super().__init__()
+        self.check = InputCheck(in_channels, image_size)
+        self.conv1 = nn.Conv2d(in_channels, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        h, w = image_size
+        for _ in range(2):  # conv 5x5 (valid) then max-pool 2
+            h, w = (h - 4) // 2, (w - 4) // 2
+        if h < 1 or w < 1:
+            raise ValueError(f"lenet5 needs images of at least 16x16, got {image_size}")
+        self.fc1 = nn.Linear(50 * h * w, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.check(x)
+        x = F.max_pool2d(self.conv1(x), 2)  # Caffe's LeNet has no non-linearity after the convs
+        x = F.max_pool2d(self.conv2(x), 2)
+        x = x.flatten(1)  # (B, 50*h*w)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@register_model
+def lenet5(in_channels: int = 1, image_size: tuple[int, int] = (28, 28), num_classes: int = 10) -> nn.Module:
+    """LeNet-5-Caffe (conv 20, conv 50, fc 500): 431,080 parameters on 28x28."""
+    return LeNet5(in_channels, image_size, num_classes)
+
+
+class MLP(nn.Module):
+    """A fully connected net on the flattened image: LeNet-300-100 with hidden=(300, 100)."""
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int], num_classes: int,
+                 hidden: tuple[int, ...]):
+        super().__init__()
+        self.check = InputCheck(in_channels, image_size)
+        dims = [in_channels * image_size[0] * image_size[1], *hidden]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.out = nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.check(x).flatten(1)  # (B, C*H*W)
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return self.out(x)
+
+
+@register_model
+def lenet300(in_channels: int = 1, image_size: tuple[int, int] = (28, 28), num_classes: int = 10) -> nn.Module:
+    """LeNet-300-100 (LeCun et al. 1998): 784-300-100-10, 266,610 parameters on 28x28."""
+    return MLP(in_channels, image_size, num_classes, hidden=(300, 100))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A plain conv net for the large-canvas tasks (the dense baseline the attention models face).
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ConvNet(nn.Module):
+    """conv-BN-ReLU stages, each followed by 2x2 max-pool, then global average pool and a linear
+    classifier. Stages are added until the map is about 8 pixels across, so one definition serves
+    28x28, 60x60 and 100x100 inputs."""
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int], num_classes: int,
+                 widths: tuple[int, ...]):
+        super().__init__()
+        self.check = InputCheck(in_channels, image_size)
+        stages, cin = [], in_channels
+        for cout in widths:
+            stages += [conv_bn(cin, cout), nn.MaxPool2d(2)]
+            cin = cout
+        self.features = nn.Sequential(*stages)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.check(x))  # (B, C, h, w)
+        return self.head(x.mean(dim=(2, 3)))  # (B, C) -> (B, classes)
+
+
+@register_model
+def convnet(in_channels: int = 1, image_size: tuple[int, int] = (60, 60), num_classes: int = 10,
+            width: int = 16) -> nn.Module:
+    """Plain CNN: conv-BN-ReLU-pool stages of widths w, 2w, 4w, 4w, ..., one per halving, until the map is <= 8 across."""
+    n_stages = max(2, min(5, (max(image_size) // 8 - 1).bit_length()))
+    widths = tuple(width * min(2 ** i, 4) for i in range(n_stages))
+    return ConvNet(in_channels, image_size, num_classes, widths)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A small pre-activation-free ResNet (He et al. 2016, CIFAR variant) for Fashion-MNIST.
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, in_channels: int, image_size: tuple[int, int], num_classes: int,
+                 widths: tuple[int, ...], blocks: int):
+        super().__init__()
+        self.check = InputCheck(in_channels, image_size)
+        self.stem = conv_bn(in_channels, widths[0])
+        layers, cin = [], widths[0]
+        for i, cout in enumerate(widths):
+            for b in range(blocks):
+                layers.append(BasicBlock(cin, cout, stride=2 if (i > 0 and b == 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(self.check(x)))  # (B, C, h, w)
+        return self.head(x.mean(dim=(2, 3)))  # (B, C) -> (B, classes)
+
+
+@register_model
+def resnet(in_channels: int = 1, image_size: tuple[int, int] = (28, 28), num_classes: int = 10,
+           width: int = 16, blocks: int = 1) -> nn.Module:
+    """ResNet with three stages of widths w, 2w, 4w and `blocks` basic blocks per stage
+    (blocks=3 is ResNet-20 of He et al. 2016)."""
+    return ResNet(in_channels, image_size, num_classes, (width, 2 * width, 4 * width), blocks)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

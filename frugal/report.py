@@ -1,0 +1,205 @@
+"""The bench report: tables (mean ± std over seeds) and plots, as report.md and report.html.
+
+Everything is rebuilt from results.json (`frugal report DIR`); sample images of each task are drawn
+by the bench into DIR/samples/ and reused here.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .utils import atomic_write_text
+
+# (field, header, format) of the main table; accuracy columns are mean ± std over seeds
+COLUMNS = [
+    ("params", "params", "{:,.0f}"),
+    ("nonzero_params", "non-zero", "{:,.0f}"),
+    ("macs", "MACs/image", "{:,.0f}"),
+    ("fp32_bytes", "fp32 bytes", "{:,.0f}"),
+    ("zstd_bytes", "zstd bytes", "{:,.0f}"),
+    ("latency_ms", "latency ms (b=1)", "{:.3f}"),
+    ("throughput", "images/s (b=256)", "{:,.0f}"),
+    ("train_seconds", "train s", "{:,.0f}"),
+]
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    a = np.asarray(vals, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (task, method, variant): accuracy mean ± std over seeds, the other fields'
+    means, and latency as a ratio to the task's baseline measured in the same process."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["method"], r.get("variant", r["method"]))].append(r)
+    # per (task, process): the baseline latency, for ratios taken within one process only
+    base_lat: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["method"] == "baseline" and "latency_ms" in r:
+            base_lat[(r["task"], r.get("process_id"))].append(r["latency_ms"])
+    out = []
+    for (task, method, variant), rs in sorted(groups.items()):
+        acc_m, acc_s = _mean_std([r["test_acc"] for r in rs])
+        e = {"task": task, "method": method, "variant": variant, "n": len(rs),
+             "seeds": sorted(r["seed"] for r in rs), "test_acc_mean": acc_m, "test_acc_std": acc_s}
+        for key, _, _ in COLUMNS:
+            vals = [r[key] for r in rs if key in r]
+            if vals:
+                e[key] = float(np.mean(vals))
+        ratios = [r["latency_ms"] / np.median(base_lat[(task, r.get("process_id"))]) for r in rs
+                  if "latency_ms" in r and base_lat.get((task, r.get("process_id")))]
+        if ratios:
+            e["latency_vs_baseline"] = float(np.mean(ratios))
+        corr = [r["corrupted_mean_acc"] for r in rs if "corrupted_mean_acc" in r]
+        if corr:
+            e["corrupted_mean"], e["corrupted_std"] = _mean_std(corr)
+        out.append(e)
+    return out
+
+
+def _fmt(e: dict, key: str, fmt: str) -> str:
+    return fmt.format(e[key]) if key in e and e[key] is not None and not math.isnan(e[key]) else "–"
+
+
+def table_rows(agg: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["task", "method", "variant", "seeds", "test acc % (mean ± std)"] + [h for _, h, _ in COLUMNS] + [
+        "latency / baseline", "corrupted acc %"]
+    body = []
+    for e in agg:
+        cells = [e["task"], e["method"], e["variant"], str(e["n"]),
+                 f"{100 * e['test_acc_mean']:.2f} ± {100 * e['test_acc_std']:.2f}"]
+        cells += [_fmt(e, k, f) for k, _, f in COLUMNS]
+        cells.append(f"{e['latency_vs_baseline']:.2f}x" if "latency_vs_baseline" in e else "–")
+        cells.append(f"{100 * e['corrupted_mean']:.2f} ± {100 * e['corrupted_std']:.2f}" if "corrupted_mean" in e else "–")
+        body.append(cells)
+    return header, body
+
+
+def plot_tradeoffs(agg: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Per task, accuracy vs MACs and accuracy vs bytes (log x), one marker per (method, variant)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    tasks = sorted({e["task"] for e in agg})
+    for xkey, xlabel, fname in [("macs", "multiply-adds per image", "acc_vs_macs.png"),
+                                ("zstd_bytes", "bytes of weights (zstd)", "acc_vs_bytes.png")]:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for e in (e for e in agg if e["task"] == task and e.get(xkey)):
+                ax.errorbar(e[xkey], 100 * e["test_acc_mean"], yerr=100 * e["test_acc_std"], fmt="o", capsize=3,
+                            label=f"{e['method']}: {e['variant']}" if e["variant"] != e["method"] else e["method"])
+            ax.set_xscale("log")
+            ax.set_title(task)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("test accuracy %")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_task_samples(out: Path, task: str, n: int = 16, data_dir=None) -> Path | None:
+    """A grid of the first n test images of a task, with labels, in out/samples/<task>.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import load_task
+
+    path = Path(out) / "samples" / f"{task}.png"
+    if path.exists():
+        return path
+    data = load_task(task, data_dir=data_dir)
+    x, y = data.test.x[:n], data.test.y[:n]
+    cols = 8
+    rows = math.ceil(len(x) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(x):
+            img = x[i].permute(1, 2, 0).numpy()  # (H, W, C)
+            ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=255)
+            ax.set_title(str(int(y[i])), fontsize=8)
+    fig.suptitle(f"{task}: test images and labels", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_report(out: str | Path) -> tuple[Path, Path]:
+    """Rebuild report.md and report.html in `out` from out/results.json."""
+    out = Path(out)
+    res_path = out / "results.json"
+    if not res_path.exists():
+        raise FileNotFoundError(f"no results.json in {out}; run `frugal bench --out {out}` first")
+    try:
+        results = json.loads(res_path.read_text())
+        rows = results["rows"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{res_path} is not a frugal results file ({e})") from e
+    if not rows:
+        raise ValueError(f"{res_path} holds no rows yet; the bench has not finished a run")
+    agg = aggregate(rows)
+    plots = plot_tradeoffs(agg, out)
+    samples = sorted((out / "samples").glob("*.png")) if (out / "samples").exists() else []
+    header, body = table_rows(agg)
+    meta = results.get("meta", {})
+    cfg = meta.get("config", {})
+    intro = (f"Budget `{cfg.get('budget', '?')}`, device `{meta.get('device', '?')}`, "
+             f"{meta.get('versions', {}).get('torch_threads', '?')} threads, torch {meta.get('versions', {}).get('torch', '?')}; "
+             f"updated {meta.get('updated', '?')}. Accuracy is on the test split, mean ± std over seeds; "
+             "MACs are multiply-adds counted from the ops that ran; bytes are len() of real encodings; "
+             "latency is a median at batch 1 on this machine, comparable only as a ratio within one process.")
+
+    md = ["# frugal bench report", "", intro, "",
+          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(c) + " |" for c in body]
+    md += ["", "## Trade-offs", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    if samples:
+        md += ["", "## Tasks", ""] + [f"![{p.stem}](samples/{p.name})" for p in samples]
+    corr_rows = [r for r in rows if r.get("corrupted")]
+    if corr_rows:
+        md += ["", "## Corrupted test suites (accuracy %, seed 0)", ""]
+        names = sorted({k for r in corr_rows for k in r["corrupted"]})
+        md += ["| task | method | variant | " + " | ".join(names) + " |", "|" + "---|" * (3 + len(names))]
+        for r in corr_rows:
+            if r["seed"] == min(x["seed"] for x in corr_rows if x["task"] == r["task"]):
+                md.append(f"| {r['task']} | {r['method']} | {r.get('variant', '')} | " +
+                          " | ".join(f"{100 * r['corrupted'][k]:.1f}" if k in r["corrupted"] else "–" for k in names) + " |")
+    md_path = atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+
+    esc = html.escape
+    h = ["<!doctype html><meta charset='utf-8'><title>frugal bench report</title>",
+         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:nth-child(-n+3){text-align:left}"
+         "img{max-width:100%}</style>",
+         "<h1>frugal bench report</h1>", f"<p>{esc(intro)}</p>", "<table><tr>"]
+    h += [f"<th>{esc(c)}</th>" for c in header] + ["</tr>"]
+    for c in body:
+        h.append("<tr>" + "".join(f"<td>{esc(x)}</td>" for x in c) + "</tr>")
+    h.append("</table><h2>Trade-offs</h2>")
+    h += [f"<img src='{esc(p.name)}' alt='{esc(p.stem)}'>" for p in plots]
+    if samples:
+        h.append("<h2>Tasks</h2>")
+        h += [f"<img src='samples/{esc(p.name)}' alt='{esc(p.stem)}'>" for p in samples]
+    html_path = atomic_write_text(out / "report.html", "\n".join(h) + "\n")
+    return md_path, html_path

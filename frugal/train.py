@@ -1,0 +1,419 @@
+"""The training loop: `train(cfg) -> Result`.
+
+One visible loop over epochs and batches, with a few hook points the ideas use:
+`extra_loss` (add a term to the loss), `after_backward` (between backward and the optimizer step),
+`end_of_epoch`, and `before_eval`. Every run writes a folder with the resolved config, metrics, the
+weights (safetensors), a log, and a checkpoint per epoch from which `resume=True` continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .data import TaskData, load_task
+from .data.types import Split
+from .models import create_model
+from .utils import atomic_write_bytes, atomic_write_json, resolve_device, seed_everything, versions
+
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: str = "mnist"  # data set name (see `frugal data list`)
+    model: str = "lenet5"  # registered model name (see frugal.models.list_models)
+    model_kw: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
+    epochs: int = 5  # passes over the training split
+    batch_size: int = 128  # examples per optimizer step
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3  # peak learning rate
+    momentum: float = 0.9  # sgd momentum (nesterov)
+    weight_decay: float = 0.0  # L2 (sgd, adam) or decoupled (adamw) weight decay
+    schedule: str = "cosine"  # cosine | constant | onecycle (linear warm-up then cosine)
+    warmup_epochs: float = 0.0  # linear warm-up length, in epochs (cosine and onecycle)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    augment: str = "none"  # none | shift (random translation, +-2 px) | shift-flip (plus left-right flips)
+    seed: int = 0  # seeds weights, batch order and augmentation
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    train_limit: int | None = None  # use only the first n training examples (tests, quick runs)
+    val_size: int | None = None  # examples held out of training for validation; None = data set default
+    eval_batch_size: int = 256  # examples per evaluation batch (large ones page-fault big buffers on CPU)
+    data_dir: str | None = None  # data cache; None = FRUGAL_DATA or the user's cache dir
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.optimizer in ("adam", "adamw", "sgd"), f"unknown optimizer {self.optimizer!r}; known: adam, adamw, sgd"),
+            (self.schedule in ("cosine", "constant", "onecycle"),
+             f"unknown schedule {self.schedule!r}; known: cosine, constant, onecycle"),
+            (self.augment in ("none", "shift", "shift-flip"), f"unknown augment {self.augment!r}; known: none, shift, shift-flip"),
+            (self.train_limit is None or self.train_limit >= 1, "train_limit must be >= 1 or None"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"bad TrainConfig: {msg}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class Result:
+    run_dir: Path
+    config: TrainConfig
+    model: nn.Module
+    history: list[dict[str, float]]  # one row per epoch: train_loss, train_acc, val_loss, val_acc, seconds
+    test_acc: float
+    test_loss: float
+    train_seconds: float  # wall-clock of all epochs in this and earlier (resumed) processes
+
+    @property
+    def val_acc(self) -> float:
+        return self.history[-1]["val_acc"]
+
+
+@dataclass
+class TrainState:
+    """What a hook sees. Hooks may change the model's weights or the optimizer in place."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    data: TaskData
+    device: torch.device
+    run_dir: Path
+    epoch: int = 0  # 0-based index of the current epoch
+    step: int = 0  # optimizer steps taken so far
+    loss: torch.Tensor | None = None  # the last batch's loss (after backward: still attached)
+    history: list[dict[str, float]] = field(default_factory=list)
+    log: Any = print  # call state.log("...") to write to the run log
+
+
+class Hook:
+    """Base class for training hooks; override only what you need."""
+
+    def extra_loss(self, state: TrainState, logits: torch.Tensor, x: torch.Tensor,
+                   y: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, state: TrainState) -> None: ...
+
+    def end_of_epoch(self, state: TrainState) -> None: ...
+
+    def before_eval(self, state: TrainState) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None: ...
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def normalize(x: torch.Tensor, mean: float, std: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images -> standardised floats."""
+    return (x.to(dtype) / 255.0 - mean) / std
+
+
+def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """Random translation by up to 2 px (zero fill) and, for shift-flip, left-right flips.
+    Random numbers come from `gen` (CPU) so that a resumed run draws the same ones."""
+    if kind == "none":
+        return x
+    b, _, h, w = x.shape
+    pad = 2
+    xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+4, W+4)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])  # (B, H)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])  # (B, W)
+    bi = torch.arange(b, device=x.device)[:, None, None]
+    # gather a (H, W) window per example: index (B, 1, 1), (B, H, 1), (B, 1, W) -> (B, H, W, C)
+    x = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
+    if kind == "shift-flip":
+        flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, mean: float, std: float, device: torch.device,
+             batch_size: int = 256) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of `model` on a split, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    dtype = next(model.parameters()).dtype
+    for i in range(0, len(split), batch_size):
+        x = normalize(split.x[i:i + batch_size].to(device), mean, std, dtype)
+        y = split.y[i:i + batch_size].to(device)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    model.train(was_training)
+    n = max(len(split), 1)
+    return correct / n, loss_sum / n
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based)."""
+    total = cfg.epochs * steps_per_epoch
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle" and warm == 0:
+        warm = max(1, total // 10)  # onecycle without an explicit warm-up: the first 10%
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    t = (step - warm) / max(1, total - warm)
+    return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Batch order and augmentation of an epoch depend only on (seed, epoch): a resumed run
+    replays exactly the epochs an uninterrupted one would."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+class RunLog:
+    """Appends lines to run_dir/log.txt and echoes them to stderr unless quiet."""
+
+    def __init__(self, path: Path, quiet: bool = False):
+        self.path, self.quiet = path, quiet
+
+    def __call__(self, msg: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+        if not self.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+
+def model_spec(cfg: TrainConfig, data: TaskData) -> dict[str, Any]:
+    """Everything create_model needs to rebuild the architecture of a run."""
+    return {"name": cfg.model, "in_channels": data.in_channels, "image_size": list(data.image_size),
+            "num_classes": data.num_classes, "kw": dict(cfg.model_kw)}
+
+
+def build_model(spec: dict[str, Any], device=None) -> nn.Module:
+    return create_model(spec["name"], in_channels=spec["in_channels"], image_size=tuple(spec["image_size"]),
+                        num_classes=spec["num_classes"], device=device, **spec.get("kw", {}))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, hooks: Sequence[Hook] = (), resume: bool = False,
+          model: nn.Module | None = None, data: TaskData | None = None, progress: bool | None = None,
+          quiet: bool = False) -> Result:
+    """Train cfg.model on cfg.task; write the run folder; return the trained model and its metrics.
+
+    `model` replaces the registered model (an idea's own network); `data` skips loading the task.
+    With resume=True, continues from run_dir/checkpoint.pt, which must come from the same config."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    log = RunLog(run_dir / "log.txt", quiet=quiet)
+
+    if data is None:
+        data = load_task(cfg.task, data_dir=cfg.data_dir, val_size=cfg.val_size)
+    train_split = data.train.subset(cfg.train_limit)
+    seed_everything(cfg.seed)
+    custom_model = model is not None
+    if model is None:
+        model = build_model(model_spec(cfg, data))
+    model = model.to(device)
+    optimizer = make_optimizer(cfg, model)
+    state = TrainState(cfg, model, optimizer, data, device, run_dir, log=log)
+
+    ckpt_path = run_dir / CHECKPOINT
+    start_epoch, train_seconds = 0, 0.0
+    if resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {run_dir}; start the run without --resume")
+        start_epoch, train_seconds = _load_checkpoint(ckpt_path, cfg, state, hooks)
+        log(f"resumed from epoch {start_epoch} in {run_dir}")
+    else:
+        if ckpt_path.exists():
+            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, "
+                                  "or choose another --out folder")
+        atomic_write_json(run_dir / "config.json", {
+            "config": cfg.to_dict(), "model_spec": None if custom_model else model_spec(cfg, data),
+            "task": repr(data), "device": str(device), "versions": versions()})
+        log(f"start {cfg.model} on {data!r}, {sum(p.numel() for p in model.parameters())} params, device {device}")
+
+    # the whole training split lives on the device as uint8; batches are index slices of it
+    xs, ys = train_split.x.to(device), train_split.y.to(device)
+    n = len(train_split)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    dtype = next(model.parameters()).dtype
+    show_bar = sys.stderr.isatty() if progress is None else progress
+
+    for epoch in range(start_epoch, cfg.epochs):
+        state.epoch = epoch
+        t0 = time.perf_counter()
+        model.train()
+        gen = epoch_generator(cfg.seed, epoch)
+        order = torch.randperm(n, generator=gen).to(device)
+        loss_sum = torch.zeros((), device=device)  # summed on device: no sync point per step
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        batches = range(steps_per_epoch)
+        if show_bar:
+            from tqdm import tqdm
+            batches = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for b in batches:
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            x = normalize(augment_batch(xs[idx], cfg.augment, gen), data.mean, data.std, dtype)
+            y = ys[idx]
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.lr * lr_factor(cfg, state.step, steps_per_epoch)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            for h in hooks:
+                extra = h.extra_loss(state, logits, x, y)
+                if extra is not None:
+                    loss = loss + extra
+            if not torch.isfinite(loss):  # note: a sync point on GPU; a diverged run must stop here
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {state.step}; the last good "
+                    f"checkpoint (epoch {epoch}) is kept in {run_dir}. Lower the learning rate "
+                    f"(now {cfg.lr}) or check the input data.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            state.loss = loss
+            for h in hooks:
+                h.after_backward(state)
+            optimizer.step()
+            state.step += 1
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == y).sum()
+
+        for h in hooks:
+            h.before_eval(state)
+        val_acc, val_loss = evaluate(model, data.val, data.mean, data.std, device, cfg.eval_batch_size)
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
+               "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds,
+               "lr": optimizer.param_groups[0]["lr"]}
+        state.history.append(row)
+        for h in hooks:
+            h.end_of_epoch(state)
+        _save_checkpoint(ckpt_path, cfg, state, hooks, epoch + 1, train_seconds)
+        log(f"epoch {epoch + 1}/{cfg.epochs} train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
+            f"val_loss {val_loss:.4f} val_acc {val_acc:.4f} ({seconds:.1f}s)")
+
+    for h in hooks:
+        h.before_eval(state)
+    test_acc, test_loss = evaluate(model, data.test, data.mean, data.std, device, cfg.eval_batch_size)
+    atomic_write_bytes(run_dir / WEIGHTS, st_save({k: v.detach().cpu().contiguous() for k, v in
+                                                   model.state_dict().items()},
+                                                  metadata={"config": json.dumps(cfg.to_dict())}))
+    atomic_write_json(run_dir / "metrics.json", {
+        "test_acc": test_acc, "test_loss": test_loss, "val_acc": state.history[-1]["val_acc"],
+        "train_seconds": train_seconds, "epochs": state.history, "versions": versions()})
+    log(f"done: test_acc {test_acc:.4f} val_acc {state.history[-1]['val_acc']:.4f} train {train_seconds:.1f}s")
+    return Result(run_dir, cfg, model, state.history, test_acc, test_loss, train_seconds)
+
+
+def _save_checkpoint(path: Path, cfg: TrainConfig, state: TrainState, hooks: Sequence[Hook],
+                     epochs_done: int, train_seconds: float) -> None:
+    payload = {
+        "config": cfg.to_dict(), "epochs_done": epochs_done, "step": state.step,
+        "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "history": state.history, "train_seconds": train_seconds,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "hooks": [h.state_dict() for h in hooks], "versions": versions(),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig, state: TrainState, hooks: Sequence[Hook]) -> tuple[int, float]:
+    try:
+        ck = torch.load(path, map_location=state.device, weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"cannot read checkpoint {path}: {e}; the file is damaged. Delete the run "
+                           "folder and start again") from e
+    saved = TrainConfig.from_dict(ck["config"])
+    diff = {k: (v, getattr(cfg, k)) for k, v in saved.to_dict().items()
+            if k not in ("device", "threads", "data_dir") and v != getattr(cfg, k)}
+    if diff:
+        raise ValueError(f"cannot resume {path.parent}: the config differs from the saved run in "
+                         f"{ {k: f'{a!r} -> {b!r}' for k, (a, b) in diff.items()} }; resume with the same settings")
+    if len(ck["hooks"]) != len(hooks):
+        raise ValueError(f"cannot resume: the run was saved with {len(ck['hooks'])} hook(s), now {len(hooks)}")
+    state.model.load_state_dict(ck["model"])
+    state.optimizer.load_state_dict(ck["optimizer"])
+    state.step = ck["step"]
+    state.history = list(ck["history"])
+    torch.set_rng_state(ck["torch_rng"].cpu())
+    if ck["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["cuda_rng"])
+    for h, d in zip(hooks, ck["hooks"]):
+        h.load_state_dict(d)
+    return ck["epochs_done"], ck["train_seconds"]
+
+
+def load_run(run_dir: str | Path, device=None) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """Rebuild a finished run's model from its folder: (model, config, metrics)."""
+    run_dir = Path(run_dir)
+    cfg_path, w_path = run_dir / "config.json", run_dir / WEIGHTS
+    for p in (cfg_path, w_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{run_dir} is not a finished run: {p.name} is missing "
+                                    "(train it with `frugal train`, or resume it with --resume)")
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("model_spec") is None:
+        raise ValueError(f"{run_dir} was trained with a custom model object; rebuild it in Python "
+                         f"and load {WEIGHTS} with safetensors")
+    model = build_model(meta["model_spec"], device=device)
+    model.load_state_dict(st_load(w_path.read_bytes()))
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    return model, TrainConfig.from_dict(meta["config"]), metrics

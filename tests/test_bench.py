@@ -1,0 +1,87 @@
+import json
+
+import numpy as np
+import pytest
+
+from frugal.bench import BenchConfig, bench, get_method, list_methods, register_method
+from frugal.report import aggregate, write_report
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    bench(BenchConfig(out=str(out), budget="tiny", tasks=("digits",), seeds=2, device="cpu"), log=lambda s: None)
+    return out
+
+
+def test_bench_writes_one_row_per_seed_with_every_measured_field(tiny_bench):
+    res = json.loads((tiny_bench / "results.json").read_text())
+    rows = res["rows"]
+    assert [(r["method"], r["task"], r["seed"]) for r in rows] == [("baseline", "digits", 0), ("baseline", "digits", 1)]
+    for r in rows:
+        for key in ("test_acc", "val_acc", "params", "nonzero_params", "macs", "fp32_bytes", "zstd_bytes",
+                    "train_seconds", "run_dir"):
+            assert key in r, key
+        # convnet on 8x8: conv 1->16 (144) + BN (32), conv 16->32 (4,608) + BN (64), fc 32->10 (330);
+        # fp32 bytes add BN running means and variances (2 x 48)
+        assert 0 <= r["test_acc"] <= 1 and r["params"] == 5_178 and r["fp32_bytes"] == 4 * (5_178 + 96)
+    assert rows[0]["test_acc"] != rows[1]["test_acc"] or rows[0]["val_acc"] != rows[1]["val_acc"]  # seeds differ
+    assert res["meta"]["config"]["budget"] == "tiny" and "torch" in res["meta"]["versions"]
+
+
+def test_report_shows_mean_and_std_over_seeds(tiny_bench):
+    rows = json.loads((tiny_bench / "results.json").read_text())["rows"]
+    accs = [100 * r["test_acc"] for r in rows]
+    md = (tiny_bench / "report.md").read_text()
+    assert f"{np.mean(accs):.2f} ± {np.std(accs, ddof=1):.2f}" in md
+    html = (tiny_bench / "report.html").read_text()
+    assert "<table>" in html and "acc_vs_macs.png" in html
+    for png in ("acc_vs_macs.png", "acc_vs_bytes.png", "samples/digits.png"):
+        assert (tiny_bench / png).stat().st_size > 1000, png
+
+
+def test_bench_started_again_keeps_finished_rows(tiny_bench):
+    before = json.loads((tiny_bench / "results.json").read_text())["rows"]
+    logs = []
+    bench(BenchConfig(out=str(tiny_bench), budget="tiny", tasks=("digits",), seeds=2, device="cpu"), log=logs.append)
+    after = json.loads((tiny_bench / "results.json").read_text())["rows"]
+    assert after == before
+    assert sum("done before, kept" in s for s in logs) == 2
+
+
+def test_report_rebuilds_from_results_alone(tiny_bench, tmp_path):
+    (tmp_path / "results.json").write_text((tiny_bench / "results.json").read_text())
+    md, html = write_report(tmp_path)
+    assert md.read_text() .count("| digits | baseline |") == 1
+
+
+def test_bench_refuses_an_out_dir_of_another_budget(tiny_bench):
+    with pytest.raises(ValueError, match="holds a 'tiny' bench"):
+        bench(BenchConfig(out=str(tiny_bench), budget="quick", tasks=("digits",), seeds=1), log=lambda s: None)
+
+
+def test_aggregate_latency_ratio_only_within_one_process():
+    rows = [dict(task="t", method="baseline", seed=0, test_acc=0.9, latency_ms=2.0, process_id="a"),
+            dict(task="t", method="idea", seed=0, test_acc=0.8, latency_ms=1.0, process_id="a"),
+            dict(task="t", method="other", seed=0, test_acc=0.8, latency_ms=1.0, process_id="b")]
+    agg = {e["method"]: e for e in aggregate(rows)}
+    assert agg["idea"]["latency_vs_baseline"] == 0.5
+    assert "latency_vs_baseline" not in agg["other"]
+
+
+def test_registered_method_runs_through_the_bench(tmp_path):
+    name = "constant-test-method"
+    if name not in list_methods():
+        @register_method(name, tasks=("digits",))
+        def run(ctx, task, seed):
+            return [dict(test_acc=0.5 + seed / 10, params=1, macs=1.0, zstd_bytes=10, variant="v")]
+    bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=(name,), seeds=2), log=lambda s: None)
+    md = (tmp_path / "report.md").read_text()
+    assert "| digits | constant-test-method | v | 2 | 55.00 ± 7.07 |" in md
+
+
+def test_unknown_method_and_task_are_named():
+    with pytest.raises(ValueError, match=r"unknown bench method 'nope'; known: .*baseline"):
+        get_method("nope")
+    with pytest.raises(ValueError, match="nothing to run"):
+        bench(BenchConfig(out="unused", tasks=("no-such-task",)), log=lambda s: None)

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from frugal.models import count_params, create_model, list_models
+
+# (in_channels, image_size) a model must accept; lenet5 needs >= 16x16
+SHAPES = [(1, (28, 28)), (1, (60, 60)), (3, (32, 32))]
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1][0]}x{s[1][1]}")
+def test_every_model_runs_and_every_parameter_gets_a_gradient(name, shape):
+    torch.manual_seed(0)
+    c, size = shape
+    model = create_model(name, in_channels=c, image_size=size, num_classes=7)
+    x = torch.randn(4, c, *size)
+    out = model(x)
+    assert out.shape == (4, 7)
+    assert torch.isfinite(out).all()
+    out.logsumexp(1).sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{name}: {pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"
+
+
+def test_published_parameter_counts():
+    # LeNet-5-Caffe: 20*25+20 + 50*20*25+50 + 800*500+500 + 500*10+10
+    assert count_params(create_model("lenet5")) == 431_080
+    # LeNet-300-100: 784*300+300 + 300*100+100 + 100*10+10
+    assert count_params(create_model("lenet300")) == 266_610
+
+
+def test_resnet_blocks_option_changes_depth():
+    shallow = create_model("resnet", blocks=1)
+    deep = create_model("resnet", blocks=3)
+    assert count_params(deep) > 2 * count_params(shallow)
+
+
+def test_unknown_model_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown model 'lenet6'; known: .*lenet5"):
+        create_model("lenet6")
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(ValueError, match=r"takes no option\(s\) \['depth'\]"):
+        create_model("resnet", depth=3)
+
+
+def test_wrong_input_shape_says_what_was_expected():
+    model = create_model("lenet5", image_size=(28, 28))
+    with pytest.raises(ValueError, match=r"expected a batch of shape \(N, 1, 28, 28\), got \(2, 1, 32, 32\)"):
+        model(torch.zeros(2, 1, 32, 32))
+
+
+def test_too_small_image_for_lenet5():
+    with pytest.raises(ValueError, match="at least 16x16"):
+        create_model("lenet5", image_size=(8, 8))

@@ -1,0 +1,157 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from frugal.train import (CHECKPOINT, WEIGHTS, Hook, TrainConfig, TrainingDiverged, augment_batch, load_run,
+                          lr_factor, train)
+
+DIGITS = dict(task="digits", model="convnet", batch_size=64, lr=3e-3, device="cpu")
+
+
+def test_training_learns_digits_and_writes_a_run_folder(tmp_path):
+    res = train(TrainConfig(epochs=3, **DIGITS), tmp_path / "run", quiet=True)
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    assert res.test_acc > 0.5  # chance is 0.1
+    for name in ("config.json", "metrics.json", WEIGHTS, CHECKPOINT, "log.txt"):
+        assert (tmp_path / "run" / name).exists(), name
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["config"]["epochs"] == 3 and "torch" in meta["versions"]
+    model, cfg, metrics = load_run(tmp_path / "run")
+    assert cfg == res.config and metrics["test_acc"] == res.test_acc
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, res.model.state_dict()[k]), k
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, sys, signal
+    from frugal.train import Hook, TrainConfig, train
+
+    class KillAt(Hook):
+        # a real kill, mid-epoch, after the checkpoint of the previous epoch was written
+        def after_backward(self, state):
+            if str(state.epoch) == os.environ.get("KILL_AT_EPOCH"):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    cfg = TrainConfig(task="digits", model="convnet", epochs=3, batch_size=64, lr=3e-3, device="cpu",
+                      threads=1, augment="shift")
+    train(cfg, sys.argv[1], hooks=[KillAt()], resume=len(sys.argv) > 2, quiet=True)
+""")
+
+
+def _run(script, *args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
+
+
+def test_resume_after_a_kill_ends_with_the_same_result(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert _run(KILL_SCRIPT, str(full)).returncode == 0
+    p = _run(KILL_SCRIPT, str(killed), env_extra={"KILL_AT_EPOCH": "2"})
+    assert p.returncode == -signal.SIGKILL
+    assert (killed / CHECKPOINT).exists() and not (killed / WEIGHTS).exists()
+    assert torch.load(killed / CHECKPOINT, weights_only=False)["epochs_done"] == 2
+    p = _run(KILL_SCRIPT, str(killed), "--resume")
+    assert p.returncode == 0, p.stderr
+    a, b = load_file(full / WEIGHTS), load_file(killed / WEIGHTS)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (full, killed))
+    assert ma["test_acc"] == mb["test_acc"]
+    assert [r["val_loss"] for r in ma["epochs"]] == [r["val_loss"] for r in mb["epochs"]]
+
+
+class NanAt(Hook):
+    def __init__(self, step):
+        self.step = step
+
+    def extra_loss(self, state, logits, x, y):
+        return torch.tensor(float("nan")) if state.step == self.step else None
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = TrainConfig(epochs=3, **DIGITS)
+    steps = -(-int(0.9 * 1497) // 64)  # steps per epoch on digits' training split
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2.*last good checkpoint \(epoch 1\)"):
+        train(cfg, tmp_path, hooks=[NanAt(steps + 3)], quiet=True)
+    ck = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert ck["epochs_done"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_hooks_are_called_at_their_points(tmp_path):
+    calls = []
+
+    class Rec(Hook):
+        def after_backward(self, s):
+            assert all(p.grad is not None for p in s.model.parameters())
+            calls.append("b")
+
+        def before_eval(self, s):
+            calls.append("e")
+
+        def end_of_epoch(self, s):
+            calls.append(f"end{s.epoch}")
+
+    train(TrainConfig(epochs=2, train_limit=128, **DIGITS), tmp_path, hooks=[Rec()], quiet=True)
+    # 2 steps per epoch, before_eval before each validation and before the final test
+    assert calls == ["b", "b", "e", "end0", "b", "b", "e", "end1", "e"]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train(TrainConfig(epochs=1, train_limit=64, **DIGITS), tmp_path, quiet=True)
+    with pytest.raises(ValueError, match=r"config differs .*'lr': '0.003 -> 0.01'"):
+        train(TrainConfig(epochs=1, train_limit=64, **{**DIGITS, "lr": 0.01}), tmp_path, resume=True, quiet=True)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(TrainConfig(epochs=1, train_limit=64, **DIGITS), tmp_path, quiet=True)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+        train(TrainConfig(epochs=1, **DIGITS), tmp_path, resume=True, quiet=True)
+
+
+def test_a_damaged_checkpoint_is_reported(tmp_path):
+    train(TrainConfig(epochs=1, train_limit=64, **DIGITS), tmp_path, quiet=True)
+    (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="damaged"):
+        train(TrainConfig(epochs=1, train_limit=64, **DIGITS), tmp_path, resume=True, quiet=True)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(optimizer="lbfgs"), "unknown optimizer 'lbfgs'"),
+    (dict(epochs=0), "epochs must be >= 1"),
+    (dict(augment="mixup"), "unknown augment 'mixup'"),
+    (dict(schedule="step"), "unknown schedule 'step'"),
+])
+def test_bad_config_values(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        TrainConfig(**bad)
+
+
+def test_unknown_config_field():
+    with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\) \['lerning_rate'\]"):
+        TrainConfig.from_dict({"lerning_rate": 0.1})
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = TrainConfig(epochs=2, warmup_epochs=0.5, schedule="cosine")
+    f = [lr_factor(cfg, s, 10) for s in range(20)]
+    assert f[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert f[5] == 1.0 and all(a >= b for a, b in zip(f[5:], f[6:])) and f[-1] < 0.02
+
+
+def test_shift_augmentation_moves_content_without_changing_it():
+    x = torch.zeros(64, 1, 8, 8, dtype=torch.uint8)
+    x[:, :, 3:5, 3:5] = 255
+    out = augment_batch(x, "shift", torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert (out.sum(dim=(1, 2, 3)) == x.sum(dim=(1, 2, 3))).all()  # a 2x2 blob shifted <= 2 px stays inside
+    assert not torch.equal(out, x)
