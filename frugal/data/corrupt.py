@@ -35,15 +35,17 @@ log = logging.getLogger(__name__)
 SUITE_VERSION = 1  # bump whenever a corruption would produce different images for the same seed
 SEVERITIES = (1, 2, 3, 4, 5)
 
-# Seconds for 10k MNIST test images x 5 severities on one core, measured: gaussian/shot/impulse
-# noise 5-7 each (run on mosaics, see _library), defocus_blur 24, fog 47, brightness 49, contrast
-# 11, pixelate 7, jpeg_compression 12; the hand-written ones 1-2 each. About 3 minutes in all.
+# Seconds for 10k test images x 5 severities on one core of a shared 2-core machine, measured:
+# gaussian/shot/impulse noise 7-10 each (run on mosaics, see _library), defocus_blur 27, fog 52,
+# brightness 55, contrast 12, pixelate 7, jpeg_compression 13; the hand-written ones 0.4-4.5 each.
+# About 3.5 minutes per suite.
 LIBRARY_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "fog",
                        "brightness", "contrast", "pixelate", "jpeg_compression")
 HAND_CORRUPTIONS = ("rotate", "shear", "scale", "translate", "stripe")
 CORRUPTIONS = LIBRARY_CORRUPTIONS + HAND_CORRUPTIONS  # the default suite
-# Built only when asked for by name: motion_blur 82 s, elastic_transform 62 s. Left out entirely:
-# glass_blur (~18 min), zoom_blur (~3 min); snow, frost, spatter and saturate are for colour photos.
+# Built only when asked for by name: motion_blur 82 s, elastic_transform 62 s (measured alike).
+# Left out entirely: glass_blur (~18 min), zoom_blur (~3 min); snow, frost, spatter and saturate
+# are made for colour photos.
 SLOW_CORRUPTIONS = ("motion_blur", "elastic_transform")
 _ALL = CORRUPTIONS + SLOW_CORRUPTIONS
 
