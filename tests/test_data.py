@@ -197,7 +197,7 @@ def test_missing_sources_say_how_to_get_them(tmp_path: Path, monkeypatch: pytest
         fd.load_task("mnist", tmp_path)
     monkeypatch.setattr(sources, "FASHION_SYSTEM_DIR", tmp_path / "nowhere")
     monkeypatch.setattr(sources, "APT_GET", str(tmp_path / "no-apt-get"))
-    with pytest.raises(fd.DataError, match=r"run `apt-get install dataset-fashion-mnist` as root"):
+    with pytest.raises(fd.DataError, match=r"run `apt-get update && apt-get install dataset-fashion-mnist` as root"):
         fd.fetch("fashion-mnist", tmp_path)
 
 

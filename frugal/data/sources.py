@@ -7,6 +7,7 @@ Downloaded files are pinned by md5 and re-checked on every load.
 from __future__ import annotations
 
 import gzip
+import os
 import logging
 import subprocess
 import tarfile
@@ -154,6 +155,10 @@ def _fashion_from_debian() -> dict[str, bytes]:
     with tempfile.TemporaryDirectory(prefix="frugal-apt-") as tmp:
         tmp = Path(tmp)
         why = _run([APT_GET, "download", FASHION_DEB_PACKAGE], tmp, f"apt-get download {FASHION_DEB_PACKAGE}")
+        if why is not None and os.geteuid() == 0:
+            # a fresh machine often has no package lists yet; refreshing them installs nothing
+            if _run([APT_GET, "update", "-qq"], tmp, "apt-get update") is None:
+                why = _run([APT_GET, "download", FASHION_DEB_PACKAGE], tmp, f"apt-get download {FASHION_DEB_PACKAGE}")
         debs = sorted(tmp.glob("*.deb"))
         if why is None and len(debs) != 1:
             why = f"`apt-get download {FASHION_DEB_PACKAGE}` left {len(debs)} .deb files, expected 1"
@@ -164,7 +169,7 @@ def _fashion_from_debian() -> dict[str, bytes]:
             why = f"{debs[0].name} does not hold {FASHION_SYSTEM_DIR}/*.gz"
         if why is not None:
             raise DataError(f"{FASHION_SYSTEM_DIR} does not exist and {why}; run "
-                            f"`apt-get install {FASHION_DEB_PACKAGE}` as root, then "
+                            f"`apt-get update && apt-get install {FASHION_DEB_PACKAGE}` as root, then "
                             f"`frugal data fetch fashion-mnist`")
         return gunzip_all(unpacked)
 
