@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from .data import load_task
+from .data import KNOWN, load_task
 from .measure import measure
 from .train import CHECKPOINT, TrainConfig, train
 from .utils import atomic_write_json, resolve_device, versions
@@ -131,7 +131,8 @@ def train_and_measure(ctx: BenchContext, cfg: TrainConfig, run_dir: Path, **trai
     resume = (run_dir / CHECKPOINT).exists()
     data = load_task(cfg.task, data_dir=ctx.data_dir, val_size=cfg.val_size)
     res = train(cfg, run_dir, resume=resume, data=data, quiet=ctx.quiet, progress=False, **train_kw)
-    row = measure(res.model, data, ctx.device, corrupted=ctx.corrupted, data_dir=ctx.data_dir,
+    has_suite = f"{cfg.task}-c" in KNOWN  # --corrupted covers the tasks that have a corrupted suite
+    row = measure(res.model, data, ctx.device, corrupted=ctx.corrupted and has_suite, data_dir=ctx.data_dir,
                   speed=ctx.budget != "tiny")
     row.update(val_acc=res.val_acc, train_seconds=res.train_seconds, epochs=cfg.epochs,
                model=cfg.model, run_dir=str(run_dir.relative_to(ctx.out_dir)))

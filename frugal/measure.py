@@ -96,10 +96,11 @@ def measure_speed(model: nn.Module, example: torch.Tensor, repeats: int = 30, ba
     return Speed(latency_ms=lat * 1e3, throughput=batch / t, threads=torch.get_num_threads())
 
 
-def corrupted_accuracy(model: nn.Module, data: TaskData, device: torch.device,
-                       data_dir=None, batch_size: int = 256) -> dict[str, float]:
-    """Accuracy on each split of the task's corrupted test suite ("corruption-s<severity>")."""
-    suite = load_corrupted(data.name, data_dir=data_dir)
+def corrupted_accuracy(model: nn.Module, data: TaskData, device: torch.device, data_dir=None,
+                       batch_size: int = 256, suite: str | None = None) -> dict[str, float]:
+    """Accuracy on each split of a corrupted test suite ("corruption-s<severity>"): the task's own
+    suite, or `suite`, a folder in MNIST-C layout ("folder:/path")."""
+    suite = load_corrupted(suite or data.name, data_dir=data_dir)
     return {name: evaluate(model, split, data.mean, data.std, device, batch_size)[0]
             for name, split in sorted(suite.items())}
 

@@ -76,10 +76,12 @@ def table_rows(agg: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     body = []
     for e in agg:
         cells = [e["task"], e["method"], e["variant"], str(e["n"]),
-                 f"{100 * e['test_acc_mean']:.2f} ± {100 * e['test_acc_std']:.2f}"]
+                 f"{100 * e['test_acc_mean']:.2f} ± {100 * e['test_acc_std']:.2f}" if e["n"] > 1
+                 else f"{100 * e['test_acc_mean']:.2f}"]
         cells += [_fmt(e, k, f) for k, _, f in COLUMNS]
         cells.append(f"{e['latency_vs_baseline']:.2f}x" if "latency_vs_baseline" in e else "–")
-        cells.append(f"{100 * e['corrupted_mean']:.2f} ± {100 * e['corrupted_std']:.2f}" if "corrupted_mean" in e else "–")
+        cells.append("–" if "corrupted_mean" not in e else f"{100 * e['corrupted_mean']:.2f}" + (
+            f" ± {100 * e['corrupted_std']:.2f}" if e["n"] > 1 else ""))
         body.append(cells)
     return header, body
 
@@ -145,6 +147,32 @@ def write_task_samples(out: Path, task: str, n: int = 16, data_dir=None) -> Path
     return path
 
 
+def corrupted_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
+    """Accuracy % on each corrupted split, mean over seeds, one row per (task, method, variant)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get("corrupted"):
+            groups[(r["task"], r["method"], r.get("variant", r["method"]))].append(r["corrupted"])
+    if not groups:
+        return None
+    names = sorted({k for cs in groups.values() for c in cs for k in c})
+    header = ["task", "method", "variant", "seeds"] + names
+    body = [[*key, str(len(cs))] + [f"{100 * np.mean([c[k] for c in cs if k in c]):.1f}"
+                                    if any(k in c for c in cs) else "–" for k in names]
+            for key, cs in sorted(groups.items())]
+    return header, body
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in body]
+
+
+def _html_table(header: list[str], body: list[list[str]]) -> list[str]:
+    esc = html.escape
+    return (["<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in header) + "</tr>"]
+            + ["<tr>" + "".join(f"<td>{esc(x)}</td>" for x in c) + "</tr>" for c in body] + ["</table>"])
+
+
 def write_report(out: str | Path) -> tuple[Path, Path]:
     """Rebuild report.md and report.html in `out` from out/results.json."""
     out = Path(out)
@@ -159,47 +187,40 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     if not rows:
         raise ValueError(f"{res_path} holds no rows yet; the bench has not finished a run")
     agg = aggregate(rows)
-    plots = plot_tradeoffs(agg, out)
-    samples = sorted((out / "samples").glob("*.png")) if (out / "samples").exists() else []
-    header, body = table_rows(agg)
+    plots = [p.name for p in plot_tradeoffs(agg, out)]
+    samples = [f"samples/{p.name}" for p in sorted((out / "samples").glob("*.png"))] if (out / "samples").exists() else []
     meta = results.get("meta", {})
-    cfg = meta.get("config", {})
+    cfg, ver = meta.get("config", {}), meta.get("versions", {})
     intro = (f"Budget `{cfg.get('budget', '?')}`, device `{meta.get('device', '?')}`, "
-             f"{meta.get('versions', {}).get('torch_threads', '?')} threads, torch {meta.get('versions', {}).get('torch', '?')}; "
+             f"{ver.get('torch_threads', '?')} threads, torch {ver.get('torch', '?')}; "
              f"updated {meta.get('updated', '?')}. Accuracy is on the test split, mean ± std over seeds; "
              "MACs are multiply-adds counted from the ops that ran; bytes are len() of real encodings; "
              "latency is a median at batch 1 on this machine, comparable only as a ratio within one process.")
 
-    md = ["# frugal bench report", "", intro, "",
-          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(c) + " |" for c in body]
-    md += ["", "## Trade-offs", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    # sections: (title, table or None, images)
+    sections: list[tuple[str, tuple | None, list[str]]] = [("", table_rows(agg), []), ("Trade-offs", None, plots)]
+    corr = corrupted_table(rows)
+    if corr:
+        sections.append(("Corrupted test suites (accuracy %, mean over seeds)", corr, []))
     if samples:
-        md += ["", "## Tasks", ""] + [f"![{p.stem}](samples/{p.name})" for p in samples]
-    corr_rows = [r for r in rows if r.get("corrupted")]
-    if corr_rows:
-        md += ["", "## Corrupted test suites (accuracy %, seed 0)", ""]
-        names = sorted({k for r in corr_rows for k in r["corrupted"]})
-        md += ["| task | method | variant | " + " | ".join(names) + " |", "|" + "---|" * (3 + len(names))]
-        for r in corr_rows:
-            if r["seed"] == min(x["seed"] for x in corr_rows if x["task"] == r["task"]):
-                md.append(f"| {r['task']} | {r['method']} | {r.get('variant', '')} | " +
-                          " | ".join(f"{100 * r['corrupted'][k]:.1f}" if k in r["corrupted"] else "–" for k in names) + " |")
-    md_path = atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+        sections.append(("Tasks", None, samples))
 
-    esc = html.escape
+    md = ["# frugal bench report", "", intro]
     h = ["<!doctype html><meta charset='utf-8'><title>frugal bench report</title>",
          "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
          "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:nth-child(-n+3){text-align:left}"
          "img{max-width:100%}</style>",
-         "<h1>frugal bench report</h1>", f"<p>{esc(intro)}</p>", "<table><tr>"]
-    h += [f"<th>{esc(c)}</th>" for c in header] + ["</tr>"]
-    for c in body:
-        h.append("<tr>" + "".join(f"<td>{esc(x)}</td>" for x in c) + "</tr>")
-    h.append("</table><h2>Trade-offs</h2>")
-    h += [f"<img src='{esc(p.name)}' alt='{esc(p.stem)}'>" for p in plots]
-    if samples:
-        h.append("<h2>Tasks</h2>")
-        h += [f"<img src='samples/{esc(p.name)}' alt='{esc(p.stem)}'>" for p in samples]
+         "<h1>frugal bench report</h1>", f"<p>{html.escape(intro)}</p>"]
+    for title, table, images in sections:
+        if title:
+            md += ["", f"## {title}"]
+            h.append(f"<h2>{html.escape(title)}</h2>")
+        if table:
+            md += [""] + _md_table(*table)
+            h += _html_table(*table)
+        if images:
+            md += [""] + [f"![{Path(i).stem}]({i})" for i in images]
+            h += [f"<img src='{html.escape(i)}' alt='{html.escape(Path(i).stem)}'>" for i in images]
+    md_path = atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     html_path = atomic_write_text(out / "report.html", "\n".join(h) + "\n")
     return md_path, html_path

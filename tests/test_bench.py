@@ -85,3 +85,14 @@ def test_unknown_method_and_task_are_named():
         get_method("nope")
     with pytest.raises(ValueError, match="nothing to run"):
         bench(BenchConfig(out="unused", tasks=("no-such-task",)), log=lambda s: None)
+
+
+def test_report_has_a_corrupted_suite_table_averaged_over_seeds(tmp_path):
+    rows = [dict(task="mnist", method="baseline", variant="lenet5", seed=s, test_acc=0.99,
+                 corrupted={"rotate-s1": 0.9 + s / 100, "stripe-s5": 0.5}, corrupted_mean_acc=0.7) for s in (0, 1)]
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    md, html = write_report(tmp_path)
+    text = md.read_text()
+    assert "| task | method | variant | seeds | rotate-s1 | stripe-s5 |" in text
+    assert "| mnist | baseline | lenet5 | 2 | 90.5 | 50.0 |" in text
+    assert "<td>90.5</td>" in html.read_text()

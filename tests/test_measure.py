@@ -59,3 +59,26 @@ def test_time_inference_scales_with_work():
     t_small = time_inference(small, torch.randn(64, 64), repeats=10)
     t_big = time_inference(big, torch.randn(64, 2048), repeats=10)
     assert 0 < t_small < t_big
+
+
+def test_corrupted_accuracy_on_a_suite_folder_matches_plain_evaluation(tmp_path):
+    import numpy as np
+
+    from frugal.data import load_task
+    from frugal.measure import corrupted_accuracy
+    from frugal.train import evaluate
+
+    data = load_task("digits")
+    torch.manual_seed(0)
+    model = create_model("convnet", image_size=(8, 8)).eval()
+    x = data.test.x.permute(0, 2, 3, 1).numpy()  # (N, H, W, 1), the MNIST-C layout
+    for name, images in [("clean-s1", x), ("blank-s5", np.zeros_like(x))]:
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "test_images.npy", images)
+        np.save(tmp_path / name / "test_labels.npy", data.test.y.numpy())
+    acc = corrupted_accuracy(model, data, torch.device("cpu"), suite=f"folder:{tmp_path}")
+    assert set(acc) == {"clean-s1", "blank-s5"}
+    assert acc["clean-s1"] == evaluate(model, data.test, data.mean, data.std, torch.device("cpu"))[0]
+    with torch.no_grad():
+        blank_class = model(torch.full((1, 1, 8, 8), -data.mean / data.std)).argmax().item()
+    assert acc["blank-s5"] == (data.test.y == blank_class).sum().item() / len(data.test)
