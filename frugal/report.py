@@ -106,7 +106,8 @@ def plot_tradeoffs(agg: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy %")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.has_data():
+                ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / fname
         fig.savefig(path, dpi=110)

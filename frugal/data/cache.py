@@ -7,21 +7,19 @@ generated npz files carry a JSON stamp of how they were made.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from frugal.data.errors import DataError
+from frugal.utils import atomic_file
 
 
 def data_root(override: str | os.PathLike | None = None) -> Path:
@@ -84,30 +82,6 @@ def is_verified(path: Path, md5: str) -> bool:
         return False
     _verified.add(sig)
     return True
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Any]:
-    """Open a temp file beside `path` for binary writing; on success it is fsynced and renamed onto
-    `path`. Used for arrays too big to build as one bytes object first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    share(path)
-
-
-def share(path: Path) -> Path:
-    """Make a cache file readable by everyone, like an ordinary file (temp files start as 0600)."""
-    path.chmod(0o644)
-    return path
 
 
 def save_stamped_npz(path: Path, arrays: dict[str, np.ndarray], stamp: dict[str, Any]) -> Path:

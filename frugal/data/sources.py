@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from frugal.data.cache import (is_verified, load_stamped_npz, md5_hex,
-                               read_verified, save_stamped_npz, share, stamp_matches)
+                               read_verified, save_stamped_npz, stamp_matches)
 from frugal.data.errors import DataError
 from frugal.data.idx import parse_idx, read_idx
 from frugal.utils import atomic_write_bytes
@@ -199,7 +199,7 @@ def fetch_pinned(spec: PinnedSource, root: Path, force: bool = False) -> Path:
             raise DataError(f"{fname} from {spec.source} has md5 {got}, expected {md5}: the source "
                             f"is not the pinned release, so {spec.name} cannot be fetched")
     for fname, _ in spec.md5:
-        share(atomic_write_bytes(folder / fname, blobs[fname]))
+        atomic_write_bytes(folder / fname, blobs[fname])
     return folder
 
 
