@@ -102,6 +102,8 @@ def plot_tradeoffs(agg: list[dict[str, Any]], out: Path) -> list[Path]:
                 ax.errorbar(e[xkey], 100 * e["test_acc_mean"], yerr=100 * e["test_acc_std"], fmt="o", capsize=3,
                             label=f"{e['method']}: {e['variant']}" if e["variant"] != e["method"] else e["method"])
             ax.set_xscale("log")
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(lo, min(hi, 100.2))  # accuracy ends at 100%
             ax.set_title(task)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy %")
