@@ -1,0 +1,92 @@
+"""Speed of the block-sparse conv against the dense conv it replaces, on CPU, in one process.
+
+For each block density d, every example gets exactly round(d * blocks) blocks at random; the dense
+layer is one `F.conv2d` over the whole map. Both run under no_grad, alternately, and the medians of
+repeated calls are compared: speed-up = dense / sparse, ideal = 1 / d, efficiency = speed-up * d.
+
+    python -m frugal.benchmarks.sparse_conv --channels 64 --size 60 --batch 64 --block 10 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from frugal.measure import time_inference
+from frugal.saccade import BlockSparseConv2d
+from frugal.utils import resolve_device, versions
+
+
+def random_levels(b: int, gh: int, gw: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    """(b, gh, gw) with exactly round(density * gh * gw) blocks at level 1 per example, the rest 0."""
+    n = gh * gw
+    k = max(1, round(density * n))
+    order = torch.rand(b, n, generator=gen).argsort(dim=1)  # a random permutation per example
+    levels = torch.zeros(b, n, dtype=torch.long)
+    levels.scatter_(1, order[:, :k], 1)
+    return levels.view(b, gh, gw)  # (b, n) -> (b, gh, gw)
+
+
+class _Sparse(torch.nn.Module):
+    def __init__(self, conv: BlockSparseConv2d, levels: torch.Tensor):
+        super().__init__()
+        self.conv, self.levels = conv, levels
+
+    def forward(self, x):
+        return self.conv(x, self.levels)
+
+
+class _Dense(torch.nn.Module):
+    def __init__(self, conv: BlockSparseConv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        k = self.conv.kernel_sizes[0]
+        return F.conv2d(x, self.conv.weight[0], self.conv.bias[0], padding=k // 2)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--channels", type=int, default=64)
+    p.add_argument("--size", type=int, default=60)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--kernel", type=int, default=3)
+    p.add_argument("--block", type=int, nargs="+", default=[10, 12])
+    p.add_argument("--density", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = resolve_device(a.device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(a.batch, a.channels, a.size, a.size, generator=gen).to(device)
+    rows = []
+    for block in a.block:
+        conv = BlockSparseConv2d(a.channels, a.channels, block_size=block, kernel_sizes=(a.kernel,),
+                                 coords=False).to(device)
+        dense = _Dense(conv)
+        g = a.size // block
+        for d in a.density:
+            levels = random_levels(a.batch, g, g, d, gen).to(device)
+            sparse = _Sparse(conv, levels)
+            t_dense = time_inference(dense, x, repeats=a.repeats)
+            t_sparse = time_inference(sparse, x, repeats=a.repeats)
+            real_d = float((levels > 0).float().mean())
+            speedup = t_dense / t_sparse
+            rows.append({"block": block, "density": real_d, "dense_ms": 1e3 * t_dense, "sparse_ms": 1e3 * t_sparse,
+                         "speedup": speedup, "ideal": 1 / real_d, "efficiency": speedup * real_d})
+    out = {"benchmark": "sparse_conv", "channels": a.channels, "size": a.size, "batch": a.batch,
+           "kernel": a.kernel, "device": str(device), "threads": torch.get_num_threads(), "rows": rows,
+           "versions": versions()}
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
