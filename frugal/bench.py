@@ -3,7 +3,7 @@
 A method is a function `run(ctx, task, seed) -> list[row]` registered with `@register_method`.
 Rows are flat dicts of measured fields (see `frugal.measure.measure`) plus method, task, variant,
 seed. The spine registers only `baseline`; ideas register their methods from their own modules,
-which are found through the `frugal.methods` entry-point group (the spine never imports an idea).
+which are found through the `frugal.ideas` entry-point group (the spine never imports an idea).
 
 Results are written after every finished row, and each training run keeps its checkpoints, so a
 killed bench started again with the same --out continues where it stopped.
@@ -20,7 +20,6 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +27,7 @@ import torch
 
 from .data import KNOWN, load_task
 from .measure import measure
+from .plugins import load_ideas
 from .train import CHECKPOINT, TrainConfig, train
 from .utils import atomic_write_json, resolve_device, versions
 
@@ -59,9 +59,6 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
-_plugins_loaded = False
-
-
 def register_method(name: str, *, tasks: tuple[str, ...], default_tasks: tuple[str, ...] | None = None,
                     description: str = "") -> Callable:
     def deco(fn: Callable[[BenchContext, str, int], list[dict[str, Any]]]):
@@ -72,17 +69,8 @@ def register_method(name: str, *, tasks: tuple[str, ...], default_tasks: tuple[s
     return deco
 
 
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for ep in entry_points(group="frugal.methods"):
-        ep.load()  # importing the module registers its methods
-
-
 def list_methods() -> dict[str, Method]:
-    _load_plugins()
+    load_ideas()
     return dict(sorted(_METHODS.items()))
 
 

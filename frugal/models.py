@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .plugins import load_ideas
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -27,12 +29,13 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def list_models() -> list[str]:
+    load_ideas()
     return sorted(_MODELS)
 
 
 def describe_model(name: str) -> str:
     """The first line of the model factory's docstring."""
-    if name not in _MODELS:
+    if name not in list_models():
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     return (_MODELS[name].__doc__ or "").strip().split("\n")[0]
 
@@ -41,7 +44,7 @@ def create_model(name: str, *, in_channels: int = 1, image_size: tuple[int, int]
                  num_classes: int = 10, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, **kw) -> nn.Module:
     """Build a registered model for inputs of (in_channels, *image_size) and num_classes outputs."""
-    if name not in _MODELS:
+    if name not in list_models():
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     fn = _MODELS[name]
     allowed = set(inspect.signature(fn).parameters)

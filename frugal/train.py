@@ -1,6 +1,7 @@
 """The training loop: `train(cfg) -> Result`.
 
-One visible loop over epochs and batches, with a few hook points the ideas use:
+One visible loop over epochs and batches. A model may add terms to the loss with a method
+`extra_loss(x, logits, y) -> Tensor | None`; beyond that, a few hook points the ideas use:
 `extra_loss` (add a term to the loss), `after_backward` (between backward and the optimizer step),
 `end_of_epoch`, and `before_eval`. Every run writes a folder with the resolved config, metrics, the
 weights (safetensors), a log, and a checkpoint per epoch from which `resume=True` continues.
@@ -291,6 +292,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, hooks: Sequence[Hook] = (), 
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     dtype = next(model.parameters()).dtype
     show_bar = sys.stderr.isatty() if progress is None else progress
+    model_loss = getattr(model, "extra_loss", None)
 
     for epoch in range(start_epoch, cfg.epochs):
         state.epoch = epoch
@@ -312,6 +314,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, hooks: Sequence[Hook] = (), 
                 g["lr"] = cfg.lr * lr_factor(cfg, state.step, steps_per_epoch)
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if model_loss is not None:  # a model's own auxiliary terms (e.g. an attention policy's)
+                extra = model_loss(x, logits, y)
+                if extra is not None:
+                    loss = loss + extra
             for h in hooks:
                 extra = h.extra_loss(state, logits, x, y)
                 if extra is not None:

@@ -17,7 +17,11 @@ def test_every_model_runs_and_every_parameter_gets_a_gradient(name, shape):
     out = model(x)
     assert out.shape == (4, 7)
     assert torch.isfinite(out).all()
-    out.logsumexp(1).sum().backward()
+    loss = out.logsumexp(1).sum()
+    if hasattr(model, "extra_loss"):  # a model's own auxiliary losses are part of its training loss
+        extra = model.extra_loss(x, out, torch.randint(0, 7, (4,)))
+        loss = loss + (extra if extra is not None else 0)
+    loss.backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, f"{name}: {pname} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"

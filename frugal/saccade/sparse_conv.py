@@ -132,6 +132,15 @@ class BlockSparseConv2d(nn.Module):
             blocks[bi, yi, xi] = y.to(out.dtype)
         return out
 
+    def forward_dense(self, x: torch.Tensor, level: int = 1) -> torch.Tensor:
+        """Every block at `level`, as one ordinary F.conv2d over the whole map: the dense twin."""
+        k = self.kernel_sizes[level - 1]
+        if self.coords:
+            b, _, h, w = x.shape
+            x = torch.cat([x, coordinate_channels(h, w, device=x.device, dtype=x.dtype).expand(b, 2, h, w)], dim=1)
+        bias = self.bias[level - 1] if self.bias is not None else None
+        return F.conv2d(x, self.weight[level - 1], bias, padding=k // 2)
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, block_size={self.block_size}, "
                 f"kernel_sizes={self.kernel_sizes}, coords={self.coords}, bias={self.bias is not None}")

@@ -1,0 +1,81 @@
+"""The attention policy: a cheap net on a downsampled image that picks a level per block.
+
+Levels are 0 = skip, 1.. = the kernel sizes of the sparse stages (3x3, 5x5, ...). Two ways to train
+the discrete choice: a straight-through Gumbel-softmax estimator (Jang et al. 2017; the forward pass
+uses the hard choice, the backward pass the soft one), or REINFORCE (Williams 1992) with a learned
+baseline, as the location policy in "Recurrent Models of Visual Attention" (Mnih et al. 2014).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ESTIMATORS = ("gumbel", "reinforce")
+
+
+class AttentionPolicy(nn.Module):
+    """Downsample the image to 4 pixels per block, two conv-ReLU-pool steps down to the block grid,
+    then a 1x1 conv to per-block logits over the levels, and optionally a value head (the REINFORCE
+    baseline: the reward it predicts from the same features)."""
+
+    def __init__(self, in_channels: int, grid: tuple[int, int], n_levels: int, width: int = 16,
+                 value_head: bool = False):
+        super().__init__()
+        self.grid = grid
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.logits = nn.Conv2d(width, n_levels + 1, 1)
+        self.value = nn.Linear(width, 1) if value_head else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (B, C, H, W). Returns logits (B, L+1, gh, gw) and the baseline's predicted reward (B,),
+        or None without a value head."""
+        gh, gw = self.grid
+        small = F.adaptive_avg_pool2d(x, (4 * gh, 4 * gw))  # (B, C, 4gh, 4gw)
+        f = self.body(small)  # (B, width, gh, gw)
+        value = self.value(f.mean(dim=(2, 3))).squeeze(1) if self.value is not None else None
+        return self.logits(f), value
+
+
+@dataclass
+class Attention:
+    """What one forward pass chose, kept on the model for the losses and for explanations."""
+
+    logits: torch.Tensor  # (B, L+1, gh, gw)
+    levels: torch.Tensor  # (B, gh, gw) int64, 0 = skip
+    gate: torch.Tensor  # (B, gh, gw): 1 in the forward pass; carries the straight-through gradient
+    log_prob: torch.Tensor  # (B,) log-probability of the sampled levels (REINFORCE)
+    value: torch.Tensor | None  # (B,) the baseline's predicted reward (REINFORCE only)
+    expected_cost: torch.Tensor  # (B,) soft compute cost, as a fraction of the dense twin's
+
+
+def choose_levels(logits: torch.Tensor, value: torch.Tensor | None, level_costs: torch.Tensor, estimator: str,
+                  training: bool, tau: float = 1.0, fixed: torch.Tensor | None = None) -> Attention:
+    """Pick a level per block. Training: sample (Gumbel-max or categorical); evaluation: argmax.
+    `level_costs` (L+1,) is each level's compute relative to the dense twin's level (skip = 0)."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
+    probs = logits.softmax(dim=1)  # (B, L+1, gh, gw)
+    expected_cost = (probs * level_costs[None, :, None, None]).sum(1).mean(dim=(1, 2))  # (B,)
+    log_p = logits.log_softmax(dim=1)
+    if fixed is not None:
+        levels = fixed
+    elif not training:
+        levels = logits.argmax(dim=1)  # (B, gh, gw)
+    elif estimator == "gumbel":
+        g = -torch.empty_like(logits).exponential_().log()  # Gumbel(0, 1) noise
+        levels = (logits + g).argmax(dim=1)
+    else:
+        levels = torch.distributions.Categorical(logits=logits.permute(0, 2, 3, 1)).sample()  # (B, gh, gw)
+    gate = torch.ones(levels.shape, device=logits.device, dtype=logits.dtype)
+    if training and fixed is None and estimator == "gumbel":
+        soft = ((logits + g) / tau).softmax(dim=1)  # (B, L+1, gh, gw)
+        chosen = soft.gather(1, levels[:, None]).squeeze(1)  # (B, gh, gw)
+        gate = 1 + chosen - chosen.detach()  # value 1, gradient of the soft choice
+    log_prob = log_p.gather(1, levels[:, None]).squeeze(1).sum(dim=(1, 2))  # (B,)
+    return Attention(logits, levels, gate, log_prob, value, expected_cost)

@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from frugal.measure import count_macs
+from frugal.models import create_model
+from frugal.saccade import SaccadicCNN, auto_block_size
+
+
+def twins(image_size=(60, 60), **kw):
+    torch.manual_seed(0)
+    sacc = create_model("saccadic", image_size=image_size, **kw).eval()
+    dense = create_model("blockcnn", image_size=image_size).eval()
+    # give the saccadic net the dense twin's weights for level 1 and the shared layers
+    missing = sacc.load_state_dict(dense.state_dict(), strict=False).missing_keys
+    assert all(k.startswith("policy.") or ".1" in k for k in missing), missing  # only level 2 and the policy
+    return sacc, dense
+
+
+@pytest.mark.parametrize("image_size", [(60, 60), (28, 28), (50, 70)])
+def test_every_block_at_level_1_reproduces_the_dense_twin(image_size):
+    sacc, dense = twins(image_size)
+    gh, gw = sacc.grid
+    x = torch.randn(3, 1, *image_size)
+    sacc.fixed_levels = torch.ones(3, gh, gw, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(sacc(x), dense(x), atol=1e-4, rtol=1e-4)
+
+
+def test_macs_follow_the_attended_blocks():
+    sacc, dense = twins()
+    gh, gw = sacc.grid
+    x = torch.randn(2, 1, 60, 60)
+    policy_macs = count_macs(sacc.policy, torch.nn.functional.pad(x, sacc.pad))
+    head_macs = count_macs(torch.nn.Sequential(sacc.mix), torch.randn(1, 64, gh, gw)) + 64 * 10
+    sacc.fixed_levels = torch.zeros(2, gh, gw, dtype=torch.long)
+    assert count_macs(sacc, x) == policy_macs + head_macs  # all skipped: no stage work at all
+    sacc.fixed_levels = torch.ones(2, gh, gw, dtype=torch.long)
+    assert count_macs(sacc, x) == policy_macs + count_macs(dense, x)
+    half = torch.zeros(2, gh, gw, dtype=torch.long)
+    half[:, :, : gw // 2 + 1] = 1
+    stage_macs = count_macs(dense, x) - head_macs
+    sacc.fixed_levels = half
+    frac = (half > 0).float().mean().item()
+    assert count_macs(sacc, x) == pytest.approx(policy_macs + head_macs + frac * stage_macs)
+
+
+@pytest.mark.parametrize("estimator", ["gumbel", "reinforce"])
+def test_every_parameter_learns_under_each_estimator(estimator):
+    torch.manual_seed(0)
+    model = create_model("saccadic", image_size=(28, 28), estimator=estimator, consistency_weight=0.1).train()
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    logits = model(x)
+    (torch.nn.functional.cross_entropy(logits, y) + model.extra_loss(x, logits, y)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if name.startswith("policy."):
+            assert p.grad.abs().sum() > 0, f"{name}: the policy gets no learning signal"
+
+
+@pytest.mark.parametrize("estimator", ["gumbel", "reinforce"])
+def test_a_tighter_budget_makes_the_policy_attend_less(estimator):
+    torch.manual_seed(0)
+    model = create_model("saccadic", image_size=(28, 28), estimator=estimator, budget=0.05, cost_weight=5.0).train()
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    opt = torch.optim.Adam(model.policy.parameters(), lr=1e-2)
+
+    def attended():
+        with torch.no_grad():
+            model.eval()
+            model(x)
+            model.train()
+        return (model.attention.levels > 0).float().mean().item(), model.attention.expected_cost.mean().item()
+
+    frac0, cost0 = attended()
+    for _ in range(30):
+        logits = model(x)
+        loss = model.extra_loss(x, logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    frac1, cost1 = attended()
+    assert cost1 < cost0 - 0.2 and frac1 < frac0, (cost0, cost1, frac0, frac1)
+
+
+def test_eval_is_deterministic_and_training_samples():
+    torch.manual_seed(0)
+    model = create_model("saccadic", image_size=(28, 28))
+    x = torch.randn(4, 1, 28, 28)
+    model.eval()
+    a = model(x).detach()
+    la = model.attention.levels.clone()
+    assert torch.equal(model(x).detach(), a) and torch.equal(model.attention.levels, la)
+    model.train()
+    draws = {tuple(model(x) is not None and model.attention.levels.flatten().tolist()) for _ in range(5)}
+    assert len(draws) > 1  # Gumbel sampling explores
+
+
+def test_block_size_rules():
+    assert auto_block_size((28, 28)) == 4 and auto_block_size((60, 60)) == 12 and auto_block_size((100, 100)) == 20
+    with pytest.raises(ValueError, match="block_size must be a multiple of 4"):
+        SaccadicCNN(1, (60, 60), 10, block_size=10)
+    with pytest.raises(ValueError, match="unknown estimator 'ppo'"):
+        create_model("saccadic", estimator="ppo")
