@@ -78,6 +78,24 @@ def _cmd_measure(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(a: argparse.Namespace) -> int:
+    from .data import load_task
+    from .train import load_run, normalize
+    from .utils import resolve_device
+
+    device = resolve_device(a.device)
+    model, cfg, _ = load_run(a.run, device=device)
+    if not callable(getattr(model, "explain", None)):
+        raise ValueError(f"model {cfg.model!r} has no attention to explain; `frugal explain` works for "
+                         "models that choose where to look (saccadic, ram)")
+    data = load_task(a.data or cfg.task, data_dir=a.data_dir or cfg.data_dir)
+    images, labels = data.test.x[:a.n], data.test.y[:a.n]
+    x = normalize(images.to(device), data.mean, data.std, next(model.parameters()).dtype)
+    out = a.out or str(Path(a.run) / f"explain-{data.name}.png")
+    print(f"explanations: {model.explain(x, images, labels, out)}")
+    return 0
+
+
 def _cmd_bench(a: argparse.Namespace) -> int:
     from .bench import BenchConfig, bench
 
@@ -142,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto")
     m.add_argument("--data-dir")
 
+    e = sub.add_parser("explain", help="draw where an attention model looked, for each prediction")
+    e.add_argument("run", help="run folder of a saccadic or ram model")
+    e.add_argument("--data", help="task whose test images to explain (default: the run's task)")
+    e.add_argument("--n", type=int, default=16, help="how many test images")
+    e.add_argument("--out", help="PNG path (default: RUN/explain-TASK.png)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--data-dir")
+
     b = sub.add_parser("bench", help="the main job: methods x tasks x seeds, measured, with a report")
     b.add_argument("--quick", action="store_true", help="short training (under 10 minutes on 2 CPU cores)")
     b.add_argument("--budget", choices=["tiny", "quick", "full"], help=argparse.SUPPRESS)
@@ -161,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"data": _cmd_data, "models": _cmd_models, "train": _cmd_train, "measure": _cmd_measure,
-            "bench": _cmd_bench, "report": _cmd_report}
+            "explain": _cmd_explain, "bench": _cmd_bench, "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

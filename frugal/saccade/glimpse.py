@@ -10,11 +10,14 @@ trained with REINFORCE and a learned baseline); after the last glimpse a classif
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from frugal.models import InputCheck, register_model
+from frugal.saccade.explain import draw_glimpses
 
 
 class GlimpseSensor(nn.Module):
@@ -95,6 +98,15 @@ class RecurrentAttentionModel(nn.Module):
         self._log_probs = torch.stack(log_probs[:-1], 1) if len(log_probs) > 1 else None  # (B, N-1)
         self._values = torch.stack(values, 1)  # (B, N)
         return self.classifier(h)
+
+    @torch.no_grad()
+    def explain(self, x: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, path) -> Path:
+        """Predict x (normalised) and draw each glimpse path over `images` (uint8)."""
+        self.eval()
+        preds = self(x).argmax(1)
+        size = tuple(x.shape[2:])
+        boxes = [glimpse_boxes(t, size, self.sensor.patch, self.sensor.scales) for t in self.trajectory.cpu()]
+        return draw_glimpses(images.cpu(), boxes, labels.cpu(), preds.cpu(), path)
 
     def extra_loss(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """REINFORCE for the locations (reward 1 when the answer is right) with the learned baseline,

@@ -10,6 +10,7 @@ ordinary convolutions: the control the saccadic model must beat on speed at equa
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frugal.models import InputCheck, register_model
+from frugal.saccade.explain import draw_block_attention
 from frugal.saccade.policy import ESTIMATORS, Attention, AttentionPolicy, choose_levels
 from frugal.saccade.sparse_conv import BlockSparseConv2d
 
@@ -110,6 +112,16 @@ class SaccadicCNN(nn.Module):
                                  reduction="none").sum(1).mean()  # per block, averaged
             loss = loss + self.consistency_weight * (agree + agree_att)
         return loss
+
+    @torch.no_grad()
+    def explain(self, x: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, path) -> Path:
+        """Predict x (normalised) and draw which blocks got which kernel over `images` (uint8)."""
+        if self.dense:
+            raise ValueError("the dense twin attends to every block; there is no attention map to draw")
+        self.eval()
+        preds = self(x).argmax(1)
+        return draw_block_attention(images.cpu(), self.attention.levels.cpu(), self.block_size, labels.cpu(),
+                                    preds.cpu(), path, self.stages[0].kernel_sizes)
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, block_size={self.block_size}, estimator={self.estimator!r}, dense={self.dense}"

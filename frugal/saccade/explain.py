@@ -1,0 +1,87 @@
+"""Pictures of what the attention models looked at: every prediction with its explanation.
+
+For the saccadic CNN, each block is tinted by the level it got (none = skipped, blue = 3x3,
+orange = 5x5); for the glimpse model, each glimpse's squares (one per scale) and the path between
+them, numbered in order. Titles give the true label and the prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+LEVEL_COLOURS = [None, "tab:blue", "tab:orange", "tab:green", "tab:purple"]  # skip draws nothing
+
+
+def _grid(n: int, cols: int = 8):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes.flat, plt
+
+
+def _show(ax, img: torch.Tensor, label: int, pred: int) -> None:
+    im = img.permute(1, 2, 0).numpy()  # (H, W, C)
+    ax.imshow(im[..., 0] if im.shape[2] == 1 else im, cmap="gray", vmin=0, vmax=255)
+    ax.set_title(f"{label} -> {pred}", fontsize=8, color="black" if label == pred else "red")
+
+
+def _save(fig, plt, path: str | Path, title: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def draw_block_attention(images: torch.Tensor, levels: torch.Tensor, block_size: int, labels: torch.Tensor,
+                         preds: torch.Tensor, path: str | Path, kernel_sizes=(3, 5)) -> Path:
+    """images: (N, C, H, W) uint8; levels: (N, gh, gw). Writes a PNG grid and returns its path."""
+    from matplotlib.patches import Rectangle
+
+    fig, axes, plt = _grid(len(images))
+    for ax, img, lv, y, p in zip(axes, images, levels, labels.tolist(), preds.tolist()):
+        _show(ax, img, y, p)
+        for (r, c), level in zip(torch.cartesian_prod(torch.arange(lv.shape[0]), torch.arange(lv.shape[1])).tolist(),
+                                 lv.flatten().tolist()):
+            if level:
+                ax.add_patch(Rectangle((c * block_size - 0.5, r * block_size - 0.5), block_size, block_size,
+                                       facecolor=LEVEL_COLOURS[level], alpha=0.35, edgecolor=LEVEL_COLOURS[level]))
+    legend = ", ".join(f"{LEVEL_COLOURS[i + 1].removeprefix('tab:')} = {k}x{k}" for i, k in enumerate(kernel_sizes))
+    frac = (levels > 0).float().mean().item()
+    return _save(fig, plt, path, f"attended blocks ({legend}; untinted = skipped); {100 * frac:.0f}% attended")
+
+
+def draw_glimpses(images: torch.Tensor, boxes: list[list[list[tuple[int, int, int]]]], labels: torch.Tensor,
+                  preds: torch.Tensor, path: str | Path) -> Path:
+    """images: (N, C, H, W) uint8; boxes[i][t] = the squares (x0, y0, side) of glimpse t of image i."""
+    from matplotlib.patches import Rectangle
+
+    fig, axes, plt = _grid(len(images))
+    for ax, img, path_boxes, y, p in zip(axes, images, boxes, labels.tolist(), preds.tolist()):
+        _show(ax, img, y, p)
+        centres = []
+        for t, squares in enumerate(path_boxes):
+            for k, (x0, y0, side) in enumerate(squares):
+                ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), side, side, fill=False, lw=0.8,
+                                       edgecolor="tab:orange" if k == 0 else "tab:cyan", alpha=1.0 if k == 0 else 0.4))
+            x0, y0, side = squares[0]
+            centres.append((x0 + side / 2, y0 + side / 2))
+            ax.text(x0 + side / 2, y0 + side / 2, str(t + 1), color="yellow", fontsize=6, ha="center", va="center")
+        xs, ys = zip(*centres)
+        ax.plot(xs, ys, color="yellow", lw=0.7)
+        ax.set_xlim(-0.5, img.shape[2] - 0.5)
+        ax.set_ylim(img.shape[1] - 0.5, -0.5)
+    return _save(fig, plt, path, "glimpse paths (orange: finest patch; cyan: coarser ones; numbers: order)")
