@@ -44,6 +44,11 @@ class BenchContext:
     process_id: str = ""  # rows measured in the same process share it: their times are comparable
     quiet: bool = True  # no per-epoch lines on stderr
 
+    @property
+    def figures(self) -> Path:
+        """Where methods put pictures for the report (explanations, kernels, ...)."""
+        return self.out_dir / "figures"
+
     def run_dir(self, method: str, task: str, seed: int, variant: str = "") -> Path:
         name = f"{variant}-seed{seed}" if variant else f"seed{seed}"
         return self.out_dir / "runs" / method / task / name
@@ -114,8 +119,11 @@ def baseline_config(task: str, budget: str, seed: int, device: str = "auto", dat
     return TrainConfig(task=task, model=plan["model"], seed=seed, device=device, data_dir=data_dir, **kw)
 
 
-def train_and_measure(ctx: BenchContext, cfg: TrainConfig, run_dir: Path, **train_kw) -> dict[str, Any]:
-    """Train (resuming a run a killed bench left behind) and measure: the row fields of one model."""
+def train_and_measure(ctx: BenchContext, cfg: TrainConfig, run_dir: Path,
+                      extra: Callable[[torch.nn.Module, Any], dict[str, Any]] | None = None,
+                      **train_kw) -> dict[str, Any]:
+    """Train (resuming a run a killed bench left behind) and measure: the row fields of one model.
+    `extra(model, data)` may add a method's own measured fields (and write figures)."""
     resume = (run_dir / CHECKPOINT).exists()
     data = load_task(cfg.task, data_dir=ctx.data_dir, val_size=cfg.val_size)
     res = train(cfg, run_dir, resume=resume, data=data, quiet=ctx.quiet, progress=False, **train_kw)
@@ -124,6 +132,8 @@ def train_and_measure(ctx: BenchContext, cfg: TrainConfig, run_dir: Path, **trai
                   speed=ctx.budget != "tiny")
     row.update(val_acc=res.val_acc, train_seconds=res.train_seconds, epochs=cfg.epochs,
                model=cfg.model, run_dir=str(run_dir.relative_to(ctx.out_dir)))
+    if extra is not None:
+        row.update(extra(res.model, data))
     return row
 
 

@@ -205,6 +205,9 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     corr = corrupted_table(rows)
     if corr:
         sections.append(("Corrupted test suites (accuracy %, mean over seeds)", corr, []))
+    figures = sorted((out / "figures").glob("*.png")) if (out / "figures").exists() else []
+    if figures:
+        sections.append(("Figures", None, [f"figures/{p.name}" for p in figures]))
     if samples:
         sections.append(("Tasks", None, samples))
 

@@ -21,3 +21,18 @@ def test_explain_refuses_a_model_without_attention(tmp_path, capsys):
                  "--out", str(run)]) == 0
     assert main(["explain", str(run)]) == 2
     assert "has no attention to explain" in capsys.readouterr().err
+
+
+def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path):
+    import json
+
+    from frugal.bench import BenchConfig, bench
+
+    bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("saccade",), tasks=("digits",), seeds=1,
+                      device="cpu"), log=lambda s: None)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"blockcnn", "saccadic", "ram"}
+    assert 0 <= by["saccadic"]["attended_fraction"] <= 1 and "attended_fraction" not in by["blockcnn"]
+    md = (tmp_path / "report.md").read_text()
+    assert "## Figures" in md and "explain-digits-saccadic.png" in md and "explain-digits-ram.png" in md

@@ -14,3 +14,5 @@ from frugal.saccade.sparse_conv import BlockSparseConv2d, coordinate_channels, d
 __all__ = ["Attention", "AttentionPolicy", "BlockSparseConv2d", "GlimpseSensor", "RecurrentAttentionModel",
            "SaccadicCNN", "auto_block_size", "choose_levels", "coordinate_channels", "dense_reference",
            "glimpse_boxes"]
+
+from frugal.saccade import bench as _bench  # noqa: E402,F401  registers the bench method `saccade`
