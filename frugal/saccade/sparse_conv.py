@@ -54,27 +54,26 @@ def _axis_coordinate(i: torch.Tensor, n: int, dtype) -> torch.Tensor:
     return (2 * i.to(dtype) / (n - 1) - 1) if n > 1 else torch.zeros_like(i, dtype=dtype)
 
 
-def gather_tiles(x: torch.Tensor, bi: torch.Tensor, yi: torch.Tensor, xi: torch.Tensor,
+def gather_tiles(x_nhwc: torch.Tensor, bi: torch.Tensor, yi: torch.Tensor, xi: torch.Tensor,
                  block_size: int, halo: int, coords: bool) -> torch.Tensor:
     """One tile per chosen block: the block plus `halo` pixels on each side, zero outside the map,
-    with the two coordinate channels appended when `coords`: (n, C [+2], s + 2 halo, s + 2 halo).
+    with the two coordinate channels appended when `coords`: (n, C [+2], s + 2 halo, s + 2 halo),
+    channels-last in memory.
 
-    Reads only the chosen tiles (no padded copy of the whole map), so the cost follows the blocks."""
-    _, _, h, w = x.shape
-    ar = torch.arange(block_size + 2 * halo, device=x.device)
+    x_nhwc is the feature map as (B, H, W, C), so that each gathered pixel is one contiguous run of C
+    values. Only the chosen tiles are read (no padded copy of the map): the cost follows the blocks."""
+    _, h, w, _ = x_nhwc.shape
+    ar = torch.arange(block_size + 2 * halo, device=x_nhwc.device)
     rows = (yi * block_size - halo)[:, None] + ar  # (n, T) pixel rows, may fall outside the map
     cols = (xi * block_size - halo)[:, None] + ar  # (n, T)
     inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]  # (n, T, T)
     r, c = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
-    # advanced indices split by a slice: the indexed dims come first -> (n, T, T, C)
-    tiles = x[bi[:, None, None], :, r[:, :, None], c[:, None, :]]
-    parts = [tiles]
+    tiles = x_nhwc[bi[:, None, None], r[:, :, None], c[:, None, :]]  # (n, T, T, C)
     if coords:
         t = ar.numel()
-        cx = _axis_coordinate(c, w, x.dtype)[:, None, :].expand(-1, t, t)  # (n, T, T): x varies along columns
-        cy = _axis_coordinate(r, h, x.dtype)[:, :, None].expand(-1, t, t)  # (n, T, T): y varies along rows
-        parts.append(torch.stack([cx, cy], dim=-1))  # (n, T, T, 2)
-    tiles = torch.cat(parts, dim=-1) if coords else tiles  # (n, T, T, C')
+        cx = _axis_coordinate(c, w, x_nhwc.dtype)[:, None, :].expand(-1, t, t)  # (n, T, T): x varies along columns
+        cy = _axis_coordinate(r, h, x_nhwc.dtype)[:, :, None].expand(-1, t, t)  # (n, T, T): y varies along rows
+        tiles = torch.cat([tiles, torch.stack([cx, cy], dim=-1)], dim=-1)  # (n, T, T, C+2)
     tiles = tiles * inside[..., None].to(tiles.dtype)  # zero padding outside the map
     return tiles.permute(0, 3, 1, 2)  # (n, C', T, T), channels-last in memory
 
@@ -119,18 +118,21 @@ class BlockSparseConv2d(nn.Module):
         b, c, h, w = x.shape
         if c != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got {c}")
-        out = x.new_zeros(b, self.out_channels, h, w)
-        # a view of `out` with one (out, s, s) entry per block: writes through it land in `out`
-        blocks = out.view(b, self.out_channels, gh, s, gw, s).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, out, s, s)
+        # channels-last throughout: a free view when x is already channels-last (as this layer's
+        # output is), one copy otherwise
+        x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
+        out = x.new_zeros(b, h, w, self.out_channels)  # (B, H, W, out)
+        # a view of `out` with one (s, s, out) entry per block: writes through it land in `out`
+        blocks = out.view(b, gh, s, gw, s, self.out_channels).permute(0, 1, 3, 2, 4, 5)  # (B, gh, gw, s, s, out)
         for lvl, k in enumerate(self.kernel_sizes, start=1):
             bi, yi, xi = (levels == lvl).nonzero(as_tuple=True)  # (n,) each
             if bi.numel() == 0:
                 continue  # nothing chose this level: no work at all
-            tiles = gather_tiles(x, bi, yi, xi, s, k // 2, self.coords)  # (n, C', s+k-1, s+k-1)
+            tiles = gather_tiles(x_nhwc, bi, yi, xi, s, k // 2, self.coords)  # (n, C', s+k-1, s+k-1)
             bias = self.bias[lvl - 1] if self.bias is not None else None
             y = F.conv2d(tiles, self.weight[lvl - 1], bias)  # (n, out, s, s)
-            blocks[bi, yi, xi] = y.to(out.dtype)
-        return out
+            blocks[bi, yi, xi] = y.permute(0, 2, 3, 1).to(out.dtype)  # (n, s, s, out)
+        return out.permute(0, 3, 1, 2)  # (B, out, H, W), channels-last in memory
 
     def forward_dense(self, x: torch.Tensor, level: int = 1) -> torch.Tensor:
         """Every block at `level`, as one ordinary F.conv2d over the whole map: the dense twin."""
