@@ -16,6 +16,8 @@ import dataclasses
 import datetime as dt
 import fcntl
 import json
+import os
+import socket
 import sys
 import time
 import uuid
@@ -171,13 +173,32 @@ def _key(row: dict[str, Any]) -> tuple:
 @contextlib.contextmanager
 def _locked(results_path: Path):
     """An exclusive lock beside results.json, so that several bench processes (say one per task,
-    each with --threads 1) can share one --out folder without losing each other's rows."""
+    each with --threads 1) can share one --out folder without losing each other's rows; each run
+    is claimed by one process while it trains."""
     with open(results_path.with_name(".results.lock"), "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _claim_holder(claim: Path) -> str | None:
+    """'host pid' of a live bench process that claimed this run, or None. A claim left by a killed
+    process on this host is stale: the run is taken over and resumes from its checkpoint."""
+    try:
+        host, pid = claim.read_text().split()
+    except (FileNotFoundError, ValueError):
+        return None
+    if host != socket.gethostname():
+        return f"{host} {pid}"  # cannot check another machine's processes: assume it is running
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # exists, owned by someone else
+    return f"{host} {pid}"
 
 
 def _read_results(path: Path) -> dict[str, Any]:
@@ -239,14 +260,25 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     for task in dict.fromkeys(t for _, t, _ in plan):
         write_task_samples(out, task, data_dir=cfg.data_dir)
     for i, (m, task, seed) in enumerate(plan):
+        claim = out / "runs" / m.name / task / f".seed{seed}.claim"
         with _locked(results_path):
             done = {_key(r) for r in _read_results(results_path)["rows"]}
+            holder = _claim_holder(claim)
+            if (m.name, task, seed) not in done and holder is None:
+                claim.parent.mkdir(parents=True, exist_ok=True)
+                claim.write_text(f"{socket.gethostname()} {os.getpid()}\n")
         if (m.name, task, seed) in done:
             log(f"[{i + 1}/{len(plan)}] {m.name} {task} seed {seed}: done before, kept")
             continue
+        if holder is not None:
+            log(f"[{i + 1}/{len(plan)}] {m.name} {task} seed {seed}: being run by {holder}, left to it")
+            continue
         log(f"[{i + 1}/{len(plan)}] {m.name} {task} seed {seed} ...")
         t0 = time.perf_counter()
-        rows = m.run(ctx, task, seed)
+        try:
+            rows = m.run(ctx, task, seed)
+        finally:
+            claim.unlink(missing_ok=True)
         for r in rows:
             r.update(method=m.name, task=task, seed=seed, process_id=ctx.process_id)
             r.setdefault("variant", m.name)

@@ -96,3 +96,28 @@ def test_report_has_a_corrupted_suite_table_averaged_over_seeds(tmp_path):
     assert "| task | method | variant | seeds | rotate-s1 | stripe-s5 |" in text
     assert "| mnist | baseline | lenet5 | 2 | 90.5 | 50.0 |" in text
     assert "<td>90.5</td>" in html.read_text()
+
+
+def test_a_run_claimed_by_a_live_process_is_left_to_it_and_a_dead_claim_is_taken_over(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        claim = tmp_path / "runs" / "baseline" / "digits" / ".seed0.claim"
+        claim.parent.mkdir(parents=True)
+        claim.write_text(f"{socket.gethostname()} {sleeper.pid}\n")
+        cfg = BenchConfig(out=str(tmp_path), budget="tiny", tasks=("digits",), seeds=2, device="cpu")
+        logs = []
+        bench(cfg, log=logs.append)
+        rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+        assert [r["seed"] for r in rows] == [1]
+        assert any(f"being run by {socket.gethostname()} {sleeper.pid}" in s for s in logs)
+        assert claim.exists()  # another process's claim is not ours to remove
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    bench(cfg, log=lambda s: None)  # the claimer died: its run is taken over
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert sorted(r["seed"] for r in rows) == [0, 1] and not claim.exists()
