@@ -153,12 +153,8 @@ def dense_reference(conv: BlockSparseConv2d, x: torch.Tensor, levels: torch.Tens
     For tests and for measuring the speed-up; it does all the work the sparse version skips."""
     s = conv.block_size
     check_levels(levels, x, s, conv.n_levels)
-    b, _, h, w = x.shape
-    if conv.coords:
-        x = torch.cat([x, coordinate_channels(h, w, device=x.device, dtype=x.dtype).expand(b, 2, h, w)], dim=1)
     mask = levels.repeat_interleave(s, 1).repeat_interleave(s, 2)[:, None]  # (B, 1, H, W)
-    out = x.new_zeros(b, conv.out_channels, h, w)
-    for lvl, k in enumerate(conv.kernel_sizes, start=1):
-        bias = conv.bias[lvl - 1] if conv.bias is not None else None
-        out = torch.where(mask == lvl, F.conv2d(x, conv.weight[lvl - 1], bias, padding=k // 2), out)
+    out = x.new_zeros(x.shape[0], conv.out_channels, *x.shape[2:])
+    for lvl in range(1, conv.n_levels + 1):
+        out = torch.where(mask == lvl, conv.forward_dense(x, lvl), out)
     return out
