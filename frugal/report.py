@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -151,18 +152,31 @@ def write_task_samples(out: Path, task: str, n: int = 16, data_dir=None) -> Path
 
 
 def corrupted_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
-    """Accuracy % on each corrupted split, mean over seeds, one row per (task, method, variant)."""
+    """Accuracy % per corruption (a row) and severity (a column), mean over seeds, for each
+    (task, method, variant); splits named without a severity go in the "–" column."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         if r.get("corrupted"):
             groups[(r["task"], r["method"], r.get("variant", r["method"]))].append(r["corrupted"])
     if not groups:
         return None
-    names = sorted({k for cs in groups.values() for c in cs for k in c})
-    header = ["task", "method", "variant", "seeds"] + names
-    body = [[*key, str(len(cs))] + [f"{100 * np.mean([c[k] for c in cs if k in c]):.1f}"
-                                    if any(k in c for c in cs) else "–" for k in names]
-            for key, cs in sorted(groups.items())]
+
+    def split(name: str) -> tuple[str, str]:
+        m = re.fullmatch(r"(.+)-s(\d+)", name)
+        return (m.group(1), f"s{m.group(2)}") if m else (name, "–")
+
+    severities = sorted({split(k)[1] for cs in groups.values() for c in cs for k in c})
+    header = ["task", "method", "variant", "seeds", "corruption", *severities, "mean"]
+    body = []
+    for key, cs in sorted(groups.items()):
+        for corruption in sorted({split(k)[0] for c in cs for k in c}):
+            cells, accs = [], []
+            for sev in severities:
+                name = corruption if sev == "–" else f"{corruption}-{sev}"
+                vals = [c[name] for c in cs if name in c]
+                cells.append(f"{100 * np.mean(vals):.1f}" if vals else "–")
+                accs += vals[:1] and [float(np.mean(vals))]
+            body.append([*key, str(len(cs)), corruption, *cells, f"{100 * np.mean(accs):.1f}"])
     return header, body
 
 
@@ -194,8 +208,9 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     samples = [f"samples/{p.name}" for p in sorted((out / "samples").glob("*.png"))] if (out / "samples").exists() else []
     meta = results.get("meta", {})
     cfg, ver = meta.get("config", {}), meta.get("versions", {})
+    threads = ver.get("torch_threads", "?")
     intro = (f"Budget `{cfg.get('budget', '?')}`, device `{meta.get('device', '?')}`, "
-             f"{ver.get('torch_threads', '?')} threads, torch {ver.get('torch', '?')}; "
+             f"{threads} thread{'' if threads == '1' else 's'}, torch {ver.get('torch', '?')}; "
              f"updated {meta.get('updated', '?')}. Accuracy is on the test split, mean ± std over seeds; "
              "MACs are multiply-adds counted from the ops that ran; bytes are len() of real encodings; "
              "latency is a median at batch 1 on this machine, comparable only as a ratio within one process.")
@@ -204,7 +219,7 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     sections: list[tuple[str, tuple | None, list[str]]] = [("", table_rows(agg), []), ("Trade-offs", None, plots)]
     corr = corrupted_table(rows)
     if corr:
-        sections.append(("Corrupted test suites (accuracy %, mean over seeds)", corr, []))
+        sections.append(("Corrupted test suites (accuracy % by severity, mean over seeds)", corr, []))
     figures = sorted((out / "figures").glob("*.png")) if (out / "figures").exists() else []
     if figures:
         sections.append(("Figures", None, [f"figures/{p.name}" for p in figures]))

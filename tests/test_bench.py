@@ -93,8 +93,9 @@ def test_report_has_a_corrupted_suite_table_averaged_over_seeds(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     md, html = write_report(tmp_path)
     text = md.read_text()
-    assert "| task | method | variant | seeds | rotate-s1 | stripe-s5 |" in text
-    assert "| mnist | baseline | lenet5 | 2 | 90.5 | 50.0 |" in text
+    assert "| task | method | variant | seeds | corruption | s1 | s5 | mean |" in text
+    assert "| mnist | baseline | lenet5 | 2 | rotate | 90.5 | – | 90.5 |" in text
+    assert "| mnist | baseline | lenet5 | 2 | stripe | – | 50.0 | 50.0 |" in text
     assert "<td>90.5</td>" in html.read_text()
 
 
