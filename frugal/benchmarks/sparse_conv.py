@@ -60,12 +60,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--nchw", action="store_true",
+                   help="feed NCHW input; default channels-last, the layout a stack of sparse layers passes on")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(a.batch, a.channels, a.size, a.size, generator=gen).to(device)
+    if not a.nchw:
+        x = x.contiguous(memory_format=torch.channels_last)  # the dense conv gets the same layout
     rows = []
     for block in a.block:
         conv = BlockSparseConv2d(a.channels, a.channels, block_size=block, kernel_sizes=(a.kernel,),
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"block": block, "density": real_d, "dense_ms": 1e3 * t_dense, "sparse_ms": 1e3 * t_sparse,
                          "speedup": speedup, "ideal": 1 / real_d, "efficiency": speedup * real_d})
     out = {"benchmark": "sparse_conv", "channels": a.channels, "size": a.size, "batch": a.batch,
-           "kernel": a.kernel, "device": str(device), "threads": torch.get_num_threads(), "rows": rows,
+           "kernel": a.kernel, "layout": "NCHW" if a.nchw else "channels_last", "device": str(device), "threads": torch.get_num_threads(), "rows": rows,
            "versions": versions()}
     print(json.dumps(out, indent=2))
     return out
