@@ -42,11 +42,20 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["task"], r["method"], r.get("variant", r["method"]))].append(r)
-    # per (task, process): the baseline latency, for ratios taken within one process only
-    base_lat: dict[tuple, list[float]] = defaultdict(list)
+    # the baseline's latency per (task, process, seed): ratios are taken within one process only,
+    # against the baseline of the same seed where there is one, else the median over its seeds
+    base_lat: dict[tuple, float] = {}
     for r in rows:
         if r["method"] == "baseline" and "latency_ms" in r:
-            base_lat[(r["task"], r.get("process_id"))].append(r["latency_ms"])
+            base_lat[(r["task"], r.get("process_id"), r["seed"])] = r["latency_ms"]
+
+    def baseline_latency(r: dict) -> float | None:
+        same = base_lat.get((r["task"], r.get("process_id"), r["seed"]))
+        if same is not None:
+            return same
+        others = [v for (t, p, _), v in base_lat.items() if (t, p) == (r["task"], r.get("process_id"))]
+        return float(np.median(others)) if others else None
+
     out = []
     for (task, method, variant), rs in sorted(groups.items()):
         acc_m, acc_s = _mean_std([r["test_acc"] for r in rs])
@@ -56,8 +65,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             vals = [r[key] for r in rs if key in r]
             if vals:
                 e[key] = float(np.mean(vals))
-        ratios = [r["latency_ms"] / np.median(base_lat[(task, r.get("process_id"))]) for r in rs
-                  if "latency_ms" in r and base_lat.get((task, r.get("process_id")))]
+        ratios = [r["latency_ms"] / b for r in rs if "latency_ms" in r and (b := baseline_latency(r))]
         if ratios:
             e["latency_vs_baseline"] = float(np.mean(ratios))
         corr = [r["corrupted_mean_acc"] for r in rs if "corrupted_mean_acc" in r]

@@ -122,3 +122,13 @@ def test_a_run_claimed_by_a_live_process_is_left_to_it_and_a_dead_claim_is_taken
     bench(cfg, log=lambda s: None)  # the claimer died: its run is taken over
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert sorted(r["seed"] for r in rows) == [0, 1] and not claim.exists()
+
+
+def test_baseline_latency_ratio_is_one_and_others_pair_with_their_seed():
+    rows = [dict(task="t", method="baseline", seed=0, test_acc=0.9, latency_ms=2.0, process_id="a"),
+            dict(task="t", method="baseline", seed=1, test_acc=0.9, latency_ms=4.0, process_id="a"),
+            dict(task="t", method="idea", seed=0, test_acc=0.8, latency_ms=1.0, process_id="a"),
+            dict(task="t", method="idea", seed=1, test_acc=0.8, latency_ms=1.0, process_id="a")]
+    agg = {e["method"]: e for e in aggregate(rows)}
+    assert agg["baseline"]["latency_vs_baseline"] == 1.0
+    assert agg["idea"]["latency_vs_baseline"] == (1 / 2 + 1 / 4) / 2
