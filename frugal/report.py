@@ -183,7 +183,8 @@ def corrupted_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[st
                 name = corruption if sev == "–" else f"{corruption}-{sev}"
                 vals = [c[name] for c in cs if name in c]
                 cells.append(f"{100 * np.mean(vals):.1f}" if vals else "–")
-                accs += vals[:1] and [float(np.mean(vals))]
+                if vals:
+                    accs.append(float(np.mean(vals)))
             body.append([*key, str(len(cs)), corruption, *cells, f"{100 * np.mean(accs):.1f}"])
     return header, body
 
