@@ -24,7 +24,7 @@ TASKS = {
     "digits": dict(quick=dict(epochs=5), full=dict(epochs=30)),
 }
 TINY = dict(epochs=1, train_limit=256)
-# (variant, model, model options, training overrides); RAM learns its path slowly, so more epochs
+# (variant, model, model options, training overrides of the task plan)
 VARIANTS = [
     ("blockcnn", "blockcnn", {}, {}),
     ("saccadic", "saccadic", {"budget": 0.3}, {}),
