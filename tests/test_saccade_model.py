@@ -12,7 +12,7 @@ def twins(image_size=(60, 60), **kw):
     dense = create_model("blockcnn", image_size=image_size).eval()
     # give the saccadic net the dense twin's weights for level 1 and the shared layers
     missing = sacc.load_state_dict(dense.state_dict(), strict=False).missing_keys
-    assert all(k.startswith("policy.") or ".1" in k for k in missing), missing  # only level 2 and the policy
+    assert all(k.startswith("policy.") or ".1" in k or k == "steps" for k in missing), missing  # level 2, policy
     return sacc, dense
 
 
@@ -60,7 +60,8 @@ def test_every_parameter_learns_under_each_estimator(estimator):
 @pytest.mark.parametrize("estimator", ["gumbel", "reinforce"])
 def test_a_tighter_budget_makes_the_policy_attend_less(estimator):
     torch.manual_seed(0)
-    model = create_model("saccadic", image_size=(28, 28), estimator=estimator, budget=0.05, cost_weight=5.0).train()
+    model = create_model("saccadic", image_size=(28, 28), estimator=estimator, budget=0.05, cost_weight=5.0,
+                         budget_warmup=0, attend_init=0.5).train()
     x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
     opt = torch.optim.Adam(model.policy.parameters(), lr=1e-2)
 
@@ -104,3 +105,77 @@ def test_block_size_rules():
         SaccadicCNN(1, (60, 60), 10, block_size=10)
     with pytest.raises(ValueError, match="unknown estimator 'ppo'"):
         create_model("saccadic", estimator="ppo")
+
+
+def test_gumbel_training_pass_equals_the_sparse_pass_on_the_same_levels():
+    # training runs every level densely and masks (for the gradient); inference runs only the chosen
+    # blocks: for the same choice the two must agree
+    torch.manual_seed(0)
+    model = create_model("saccadic", image_size=(60, 60), attend_init=0.5).train()
+    x = torch.randn(4, 1, 60, 60)
+    train_out = model(x)
+    assert model.attention.weights.requires_grad  # the masked dense path ran
+    levels = model.attention.levels.clone()
+    assert (levels == 0).any() and (levels == 1).any() and (levels == 2).any()
+    model.eval()
+    model.fixed_levels = levels
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), train_out.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_the_task_loss_alone_teaches_the_policy_about_skipped_blocks():
+    # with the sparse pass a skipped block's output is 0 whatever its gate, so skipping got no task
+    # gradient and the policy collapsed to skipping everything; the masked pass must give one
+    torch.manual_seed(0)
+    model = create_model("saccadic", image_size=(28, 28), attend_init=0.5, cost_weight=0.0).train()
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    logits = model(x)
+    att = model.attention
+    att.logits.retain_grad()
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    skipped = att.levels == 0  # (B, gh, gw)
+    assert skipped.any()
+    grad_at_skipped = att.logits.grad.abs().sum(1)[skipped]  # (n,)
+    assert (grad_at_skipped > 0).float().mean() > 0.5
+
+
+def test_budget_warms_up_from_dense_to_the_target():
+    model = create_model("saccadic", image_size=(28, 28), budget=0.2, budget_warmup=10).train()
+    assert model.current_budget() == pytest.approx(1.0)
+    x, y = torch.randn(2, 1, 28, 28), torch.randint(0, 10, (2,))
+    seen = []
+    for _ in range(12):
+        seen.append(model.current_budget())
+        model.extra_loss(x, model(x), y)
+    assert seen[5] == pytest.approx(0.2 + 0.8 * 0.5) and seen[10] == pytest.approx(0.2) == seen[11]
+    assert all(a >= b for a, b in zip(seen, seen[1:]))
+    assert "steps" in model.state_dict()  # the warm-up survives a checkpoint and resume
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_every_example_attends_at_least_min_blocks(training):
+    torch.manual_seed(0)
+    model = create_model("saccadic", image_size=(60, 60), min_blocks=3, attend_init=0.5)
+    with torch.no_grad():
+        model.policy.logits.bias[0] = 20.0  # a policy that wants to skip everything
+    model.train(training)
+    model(torch.randn(5, 1, 60, 60))
+    att = model.attention
+    per_example = (att.levels > 0).flatten(1).sum(1)
+    assert per_example.tolist() == [3] * 5
+    # the forced blocks are the ones the policy was least willing to skip
+    margin = (att.logits[:, 1:].amax(1) - att.logits[:, 0]).flatten(1)  # (B, n)
+    chosen = (att.levels > 0).flatten(1)
+    assert torch.equal(chosen.nonzero()[:, 1].view(5, 3).sort(1).values, margin.topk(3, 1).indices.sort(1).values)
+
+
+def test_attend_init_sets_the_starting_probability_of_level_1():
+    model = create_model("saccadic", image_size=(28, 28), attend_init=0.8).eval()
+    model(torch.zeros(1, 1, 28, 28))
+    with torch.no_grad():
+        model.policy.logits.weight.zero_()
+        model(torch.randn(2, 1, 28, 28))
+    probs = model.attention.logits.softmax(1)
+    torch.testing.assert_close(probs[:, 1], torch.full_like(probs[:, 1], 0.8))
+    with pytest.raises(ValueError, match="attend_init is a probability"):
+        create_model("saccadic", attend_init=1.0)

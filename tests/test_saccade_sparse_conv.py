@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from frugal.measure import count_macs
-from frugal.saccade import BlockSparseConv2d, coordinate_channels, dense_reference
+from frugal.saccade import BlockSet, BlockSparseConv2d, coordinate_channels, dense_reference
 
 
 def random_levels(b, gh, gw, n_levels, gen):
@@ -104,3 +104,54 @@ def test_bad_level_values_and_kernels():
         conv(torch.zeros(1, 1, 8, 8), torch.zeros(1, 2, 2))
     with pytest.raises(ValueError, match="odd"):
         BlockSparseConv2d(1, 1, kernel_sizes=(4,))
+
+
+@pytest.mark.parametrize("grad", [True, False])  # without autograd the gathers reuse a workspace
+@pytest.mark.parametrize("coords", [True, False])
+@pytest.mark.parametrize("block", [4, 2, 1])  # a 5x5 halo of 2 reaches two blocks away when s = 1
+def test_a_stack_of_tile_layers_equals_the_stack_of_dense_map_layers(coords, block, grad):
+    # tiles hand tiles on; the halo of each comes from neighbouring tiles or zeros (skipped
+    # neighbours, the border): the result must match the dense-map form layer by layer
+    gen = torch.Generator().manual_seed(3)
+    first = BlockSparseConv2d(2, 5, block_size=block, kernel_sizes=(3, 5), coords=coords)
+    second = BlockSparseConv2d(5, 4, block_size=block, kernel_sizes=(3, 5), coords=coords)
+    x = torch.randn(3, 2, 3 * block, 4 * block, generator=gen)
+    levels = random_levels(3, 3, 4, 2, gen)
+    levels[0] = 0  # an example with nothing chosen
+    levels[1, 0, 0] = levels[1, 2, 3] = 2  # 5x5 at corners: halos outside the map
+    blocks = BlockSet(levels)
+    with torch.set_grad_enabled(grad):
+        t1 = F.relu(first.forward_tiles(x, blocks))  # from a dense map
+        t2 = second.forward_tiles(t1, blocks)  # from tiles
+        again = second.forward_tiles(t1 * 2, blocks)  # a second call must not disturb the first result
+    assert t2.shape == (blocks.n, block, block, 4)
+    d1 = F.relu(first(x, levels))
+    d2 = second(d1, levels)
+    torch.testing.assert_close(blocks.to_map(t1), d1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blocks.to_map(t2), d2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blocks.to_map(again), second(d1 * 2, levels), atol=1e-5, rtol=1e-5)
+
+
+def test_tile_gradients_match_the_dense_map_form():
+    gen = torch.Generator().manual_seed(4)
+    conv = BlockSparseConv2d(3, 2, block_size=4, kernel_sizes=(3, 5))
+    levels = random_levels(2, 2, 3, 2, gen)
+    blocks = BlockSet(levels)
+    tiles = torch.randn(blocks.n, 4, 4, 3, generator=gen, requires_grad=True)
+    g = torch.randn(blocks.n, 4, 4, 2, generator=gen)
+    (conv.forward_tiles(tiles, blocks) * g).sum().backward()
+    grads = [tiles.grad.clone()] + [p.grad.clone() for p in conv.parameters()]
+    conv.zero_grad()
+    x = blocks.to_map(tiles.detach()).requires_grad_(True)
+    (conv(x, levels) * blocks.to_map(g)).sum().backward()
+    per_tile = x.grad.permute(0, 2, 3, 1).reshape(2, 2, 4, 3, 4, 3).permute(0, 1, 3, 2, 4, 5)[
+        blocks.bi, blocks.yi, blocks.xi]  # (n, 4, 4, 3): the map's gradient on the chosen blocks
+    for a, b in zip(grads, [per_tile] + [p.grad for p in conv.parameters()]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_tile_input_of_the_wrong_shape_is_named():
+    conv = BlockSparseConv2d(3, 2, block_size=4)
+    blocks = BlockSet(torch.ones(1, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"expected a map \(1, 3, 8, 8\) or tiles \(4, 4, 4, 3\)"):
+        conv.forward_tiles(torch.zeros(4, 4, 4, 2), blocks)

@@ -17,10 +17,10 @@ from frugal.train import TrainConfig, normalize
 
 # Per task: training settings per budget (lr is the peak Adam learning rate per batch of 128).
 TASKS = {
-    "mnist": dict(quick=dict(epochs=2), full=dict(epochs=12)),
-    "translated-mnist-60": dict(quick=dict(epochs=2, train_limit=20000), full=dict(epochs=15)),
-    "cluttered-mnist-60": dict(quick=dict(epochs=2, train_limit=20000), full=dict(epochs=20)),
-    "cluttered-mnist-100": dict(quick=dict(epochs=2, train_limit=10000), full=dict(epochs=20)),
+    "mnist": dict(quick=dict(epochs=2), full=dict(epochs=8)),
+    "translated-mnist-60": dict(quick=dict(epochs=2, train_limit=20000), full=dict(epochs=10)),
+    "cluttered-mnist-60": dict(quick=dict(epochs=2, train_limit=20000), full=dict(epochs=12)),
+    "cluttered-mnist-100": dict(quick=dict(epochs=2, train_limit=10000), full=dict(epochs=10)),
     "digits": dict(quick=dict(epochs=5), full=dict(epochs=30)),
 }
 TINY = dict(epochs=1, train_limit=256)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from frugal.models import InputCheck, register_model
 from frugal.saccade.explain import draw_block_attention
 from frugal.saccade.policy import ESTIMATORS, Attention, AttentionPolicy, choose_levels
-from frugal.saccade.sparse_conv import BlockSparseConv2d
+from frugal.saccade.sparse_conv import BlockSet, BlockSparseConv2d
 
 N_STAGES = 3  # the block size halves with each stage, so it must be a multiple of 2 ** (N_STAGES - 1)
 
@@ -36,7 +36,8 @@ class SaccadicCNN(nn.Module):
     def __init__(self, in_channels: int, image_size: tuple[int, int], num_classes: int, width: int = 16,
                  block_size: int | None = None, kernel_sizes: Sequence[int] = (3, 5), estimator: str = "gumbel",
                  tau: float = 1.0, dense: bool = False, policy_width: int = 16, budget: float = 0.3,
-                 cost_weight: float = 1.0, consistency_weight: float = 0.0, noise_std: float = 0.5):
+                 cost_weight: float = 1.0, consistency_weight: float = 0.0, noise_std: float = 0.5,
+                 budget_warmup: int = 1000, attend_init: float = 0.9, min_blocks: int = 1):
         super().__init__()
         s = block_size or auto_block_size(image_size)
         step = 2 ** (N_STAGES - 1)
@@ -53,6 +54,9 @@ class SaccadicCNN(nn.Module):
         self.cost_weight = cost_weight  # weight of the compute above budget in the loss
         self.consistency_weight = consistency_weight  # weight of clean-vs-noisy agreement
         self.noise_std = noise_std  # Gaussian noise (normalised pixel units) for the consistency term
+        self.min_blocks = min_blocks  # blocks every example attends at least (its least skippable ones)
+        self.budget_warmup = budget_warmup  # training steps over which the budget falls from 1 (dense) to `budget`
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training steps seen, for the warm-up
         kernel_sizes = tuple(kernel_sizes[:1]) if dense else tuple(kernel_sizes)
         widths = [width * 2 ** i for i in range(N_STAGES)]
         cins = [in_channels] + widths[:-1]
@@ -61,6 +65,15 @@ class SaccadicCNN(nn.Module):
             for i, (cin, cout) in enumerate(zip(cins, widths)))
         self.policy = None if dense else AttentionPolicy(in_channels, self.grid, len(kernel_sizes), policy_width,
                                                          value_head=(estimator == "reinforce"))
+        if self.policy is not None:
+            if not 0 < attend_init < 1:
+                raise ValueError(f"attend_init is a probability in (0, 1), got {attend_init}")
+            # start attending nearly everywhere at 3x3 (the dense twin), so the policy learns what it can
+            # drop rather than having to discover blocks worth computing from a random start
+            n = len(kernel_sizes) + 1
+            with torch.no_grad():
+                self.policy.logits.bias.zero_()
+                self.policy.logits.bias[1] = math.log(attend_init * (n - 1) / (1 - attend_init))
         # compute of each level relative to the dense twin's 3x3 (level 1): skip = 0
         costs = [0.0] + [k * k / kernel_sizes[0] ** 2 for k in kernel_sizes]
         self.register_buffer("level_costs", torch.tensor(costs), persistent=False)
@@ -71,24 +84,55 @@ class SaccadicCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(self.check(x), self.pad)  # (B, C, gh*s, gw*s)
+        h = x
         if self.dense:
-            h = x
             for i, stage in enumerate(self.stages):
                 h = F.relu(stage.forward_dense(F.max_pool2d(h, 2) if i else h))
-        else:
-            logits, value = self.policy(x)
-            att = choose_levels(logits, value, self.level_costs, self.estimator, self.training, self.tau,
-                                fixed=self.fixed_levels)
-            self.attention = att
-            h = x
+            return self.fc(self._head(F.max_pool2d(h, self.stages[-1].block_size)))
+        logits, value = self.policy(x)
+        att = choose_levels(logits, value, self.level_costs, self.estimator, self.training, self.tau,
+                            fixed=self.fixed_levels, min_blocks=self.min_blocks)
+        self.attention = att
+        if att.weights.requires_grad:  # Gumbel training: masked dense stages (see _masked_stage)
             for i, stage in enumerate(self.stages):
-                h = F.relu(stage(F.max_pool2d(h, 2) if i else h, att.levels))
-                if att.gate.requires_grad:  # straight-through: value 1, gradient to the policy
-                    bs = stage.block_size
-                    h = h * att.gate.repeat_interleave(bs, 1).repeat_interleave(bs, 2)[:, None]
-        g = F.max_pool2d(h, self.stages[-1].block_size)  # (B, C, gh, gw): one vector per block
-        g = F.relu(self.mix(g))
-        return self.fc(g.amax(dim=(2, 3)))  # global max over blocks -> (B, classes)
+                h = self._masked_stage(stage, F.max_pool2d(h, 2) if i else h, att.weights)
+            return self.fc(self._head(F.max_pool2d(h, self.stages[-1].block_size)))
+        # only the chosen blocks are computed, handed from stage to stage as tiles
+        return self.fc(self._head(self._sparse_stages(x, att.levels)))
+
+    def _sparse_stages(self, x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """The stages on the chosen blocks only: (B, C, gh, gw) block vectors, zero where skipped."""
+        blocks = BlockSet(levels)
+        t = x  # the image; from the first stage on, tiles (n, s, s, C)
+        for i, stage in enumerate(self.stages):
+            if i:
+                n, s, _, c = t.shape
+                t = t.view(n, s // 2, 2, s // 2, 2, c).amax(dim=(2, 4))  # 2x2 max-pool inside each tile
+            t = F.relu(stage.forward_tiles(t, blocks))  # (n, s_i, s_i, C_i)
+        g = t.new_zeros(levels.shape[0], *blocks.grid, t.shape[-1])  # (B, gh, gw, C)
+        g[blocks.bi, blocks.yi, blocks.xi] = t.amax(dim=(1, 2))  # one vector per chosen block
+        return g.permute(0, 3, 1, 2)  # (B, C, gh, gw)
+
+    def _head(self, g: torch.Tensor) -> torch.Tensor:
+        """Block vectors (B, C, gh, gw) -> mixed with neighbours on the grid -> global max (B, C)."""
+        return F.relu(self.mix(g)).amax(dim=(2, 3))
+
+    @staticmethod
+    def _masked_stage(stage: BlockSparseConv2d, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Gumbel training: every level's conv-ReLU over the whole map, each block keeping the level it
+        chose. The forward value equals the sparse stage's (the weights are exactly 0 or 1), but a
+        skipped block still sees what each kernel would have given it, so the straight-through
+        gradient tells the policy what skipping cost; with the sparse stage a skipped block's
+        output is 0 whatever its weight, and the policy learns nothing but the compute term (and
+        collapses to skipping everything). The mask comes after the ReLU: ReLU's gradient at a
+        masked 0 would be 0 again. As in DynConv (Verelst & Tuytelaars 2020): dense while
+        training, sparse at inference."""
+        s = stage.block_size
+        out = 0
+        for lvl in range(1, stage.n_levels + 1):
+            m = weights[:, lvl].repeat_interleave(s, 1).repeat_interleave(s, 2)[:, None]  # (B, 1, H, W)
+            out = out + m * F.relu(stage.forward_dense(h, lvl))
+        return out
 
     def extra_loss(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """The policy's losses, added to the task loss by the training loop: compute above the
@@ -97,11 +141,13 @@ class SaccadicCNN(nn.Module):
         att = self.attention
         if self.dense or att is None:
             return None
-        loss = self.cost_weight * F.relu(att.expected_cost.mean() - self.budget)
+        budget = self.current_budget()
+        self.steps += 1
+        loss = self.cost_weight * F.relu(att.expected_cost.mean() - budget)
         if self.estimator == "reinforce":
             with torch.no_grad():
                 hard_cost = self.level_costs[att.levels].mean(dim=(1, 2))  # (B,) compute actually chosen
-                reward = -F.cross_entropy(logits, y, reduction="none") - self.cost_weight * F.relu(hard_cost - self.budget)
+                reward = -F.cross_entropy(logits, y, reduction="none") - self.cost_weight * F.relu(hard_cost - budget)
             advantage = reward - att.value.detach()
             loss = loss - (advantage * att.log_prob).mean() + F.mse_loss(att.value, reward)
         if self.consistency_weight > 0:
@@ -112,6 +158,14 @@ class SaccadicCNN(nn.Module):
                                  reduction="none").sum(1).mean()  # per block, averaged
             loss = loss + self.consistency_weight * (agree + agree_att)
         return loss
+
+    def current_budget(self) -> float:
+        """The budget of this training step: linear from 1 (the dense twin's compute) to `budget` over
+        the first `budget_warmup` steps, so features form before the policy starts dropping blocks."""
+        if self.budget_warmup <= 0:
+            return self.budget
+        left = max(0.0, 1.0 - int(self.steps) / self.budget_warmup)
+        return self.budget + (1.0 - self.budget) * left
 
     @torch.no_grad()
     def explain(self, x: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, path) -> Path:
@@ -131,11 +185,13 @@ class SaccadicCNN(nn.Module):
 def saccadic(in_channels: int = 1, image_size: tuple[int, int] = (60, 60), num_classes: int = 10,
              width: int = 16, block_size: int | None = None, estimator: str = "gumbel", tau: float = 1.0,
              budget: float = 0.3, cost_weight: float = 1.0, consistency_weight: float = 0.0,
-             noise_std: float = 0.5) -> nn.Module:
+             noise_std: float = 0.5, budget_warmup: int = 1000, attend_init: float = 0.9,
+             min_blocks: int = 1) -> nn.Module:
     """Saccadic CNN: a policy picks skip / 3x3 / 5x5 per block; convs run only on chosen blocks."""
     return SaccadicCNN(in_channels, image_size, num_classes, width=width, block_size=block_size,
                        estimator=estimator, tau=tau, budget=budget, cost_weight=cost_weight,
-                       consistency_weight=consistency_weight, noise_std=noise_std)
+                       consistency_weight=consistency_weight, noise_std=noise_std,
+                       budget_warmup=budget_warmup, attend_init=attend_init, min_blocks=min_blocks)
 
 
 @register_model

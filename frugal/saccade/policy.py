@@ -48,16 +48,20 @@ class Attention:
 
     logits: torch.Tensor  # (B, L+1, gh, gw)
     levels: torch.Tensor  # (B, gh, gw) int64, 0 = skip
-    gate: torch.Tensor  # (B, gh, gw): 1 in the forward pass; carries the straight-through gradient
+    weights: torch.Tensor  # (B, L+1, gh, gw) one-hot of `levels`; in Gumbel training it carries the
+    # straight-through gradient of the soft choice (value exactly 0 or 1 in the forward pass)
     log_prob: torch.Tensor  # (B,) log-probability of the sampled levels (REINFORCE)
     value: torch.Tensor | None  # (B,) the baseline's predicted reward (REINFORCE only)
     expected_cost: torch.Tensor  # (B,) soft compute cost, as a fraction of the dense twin's
 
 
 def choose_levels(logits: torch.Tensor, value: torch.Tensor | None, level_costs: torch.Tensor, estimator: str,
-                  training: bool, tau: float = 1.0, fixed: torch.Tensor | None = None) -> Attention:
+                  training: bool, tau: float = 1.0, fixed: torch.Tensor | None = None,
+                  min_blocks: int = 0) -> Attention:
     """Pick a level per block. Training: sample (Gumbel-max or categorical); evaluation: argmax.
-    `level_costs` (L+1,) is each level's compute relative to the dense twin's level (skip = 0)."""
+    `level_costs` (L+1,) is each level's compute relative to the dense twin's level (skip = 0).
+    An example that attends fewer than `min_blocks` blocks gets its `min_blocks` least-skippable
+    blocks (lowest skip logit margin) at their best non-skip level: a net that sees nothing can only guess."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
     probs = logits.softmax(dim=1)  # (B, L+1, gh, gw)
@@ -72,10 +76,27 @@ def choose_levels(logits: torch.Tensor, value: torch.Tensor | None, level_costs:
         levels = (logits + g).argmax(dim=1)
     else:
         levels = torch.distributions.Categorical(logits=logits.permute(0, 2, 3, 1)).sample()  # (B, gh, gw)
-    gate = torch.ones(levels.shape, device=logits.device, dtype=logits.dtype)
+    if fixed is None and min_blocks > 0:
+        levels = _ensure_min_blocks(levels, logits, min_blocks)
+    weights = F.one_hot(levels, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)  # (B, L+1, gh, gw)
     if training and fixed is None and estimator == "gumbel":
         soft = ((logits + g) / tau).softmax(dim=1)  # (B, L+1, gh, gw)
-        chosen = soft.gather(1, levels[:, None]).squeeze(1)  # (B, gh, gw)
-        gate = 1 + chosen - chosen.detach()  # value 1, gradient of the soft choice
+        weights = weights + soft - soft.detach()  # hard value, soft gradient
     log_prob = log_p.gather(1, levels[:, None]).squeeze(1).sum(dim=(1, 2))  # (B,)
-    return Attention(logits, levels, gate, log_prob, value, expected_cost)
+    return Attention(logits, levels, weights, log_prob, value, expected_cost)
+
+
+def _ensure_min_blocks(levels: torch.Tensor, logits: torch.Tensor, k: int) -> torch.Tensor:
+    b = levels.shape[0]
+    flat = levels.reshape(b, -1)  # (B, n)
+    k = min(k, flat.shape[1])
+    short = (flat > 0).sum(1) < k  # (B,) examples that attend too little
+    if not bool(short.any()):
+        return levels
+    lg = logits.reshape(b, logits.shape[1], -1)  # (B, L+1, n)
+    best_val, best_lvl = lg[:, 1:].max(dim=1)  # (B, n): the best non-skip level of each block
+    top = (best_val - lg[:, 0]).topk(k, dim=1).indices  # (B, k): blocks least willing to be skipped
+    forced = flat.clone()
+    forced.scatter_(1, top, (best_lvl + 1).gather(1, top))
+    forced = torch.where(flat > 0, flat, forced)  # blocks already attended keep their own level
+    return torch.where(short[:, None], forced, flat).reshape(levels.shape)

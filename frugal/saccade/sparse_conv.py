@@ -9,6 +9,12 @@ that a block knows where it is.
 
 The result equals a dense conv of the whole map (zero padding at the borders) kept only on the
 chosen blocks, which is what the tests check against `F.conv2d`.
+
+Two forms. `forward(x, levels)` takes and returns a dense map (zeros on skipped blocks). In a stack
+of sparse layers the dense map is waste: allocating and zeroing it costs as much as the conv on a
+quarter of the blocks. `forward_tiles(x, blocks)` returns only the chosen blocks, as tiles
+(n, s, s, C), and takes either a dense map or the previous layer's tiles; the halo of a tile is
+then read from its neighbours' tiles, or zeros where a neighbour was skipped.
 """
 
 from __future__ import annotations
@@ -63,19 +69,109 @@ def gather_tiles(x_nhwc: torch.Tensor, bi: torch.Tensor, yi: torch.Tensor, xi: t
     x_nhwc is the feature map as (B, H, W, C), so that each gathered pixel is one contiguous run of C
     values. Only the chosen tiles are read (no padded copy of the map): the cost follows the blocks."""
     _, h, w, _ = x_nhwc.shape
-    ar = torch.arange(block_size + 2 * halo, device=x_nhwc.device)
-    rows = (yi * block_size - halo)[:, None] + ar  # (n, T) pixel rows, may fall outside the map
-    cols = (xi * block_size - halo)[:, None] + ar  # (n, T)
-    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]  # (n, T, T)
-    r, c = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
-    tiles = x_nhwc[bi[:, None, None], r[:, :, None], c[:, None, :]]  # (n, T, T, C)
-    if coords:
-        t = ar.numel()
-        cx = _axis_coordinate(c, w, x_nhwc.dtype)[:, None, :].expand(-1, t, t)  # (n, T, T): x varies along columns
-        cy = _axis_coordinate(r, h, x_nhwc.dtype)[:, :, None].expand(-1, t, t)  # (n, T, T): y varies along rows
-        tiles = torch.cat([tiles, torch.stack([cx, cy], dim=-1)], dim=-1)  # (n, T, T, C+2)
+    rows, cols, inside = _tile_pixels(yi, xi, block_size, halo, h, w)
+    tiles = x_nhwc[bi[:, None, None], rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]  # (n, T, T, C)
     tiles = tiles * inside[..., None].to(tiles.dtype)  # zero padding outside the map
+    if coords:
+        tiles = _append_coordinates(tiles, yi, xi, block_size, halo, h, w)
     return tiles.permute(0, 3, 1, 2)  # (n, C', T, T), channels-last in memory
+
+
+def _tile_pixels(yi: torch.Tensor, xi: torch.Tensor, s: int, halo: int, h: int, w: int):
+    """Pixel rows (n, T) and columns (n, T) of each tile with its halo, and (n, T, T) inside the map."""
+    ar = torch.arange(s + 2 * halo, device=yi.device)
+    rows = (yi * s - halo)[:, None] + ar  # (n, T), may fall outside the map
+    cols = (xi * s - halo)[:, None] + ar  # (n, T)
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]  # (n, T, T)
+    return rows, cols, inside
+
+
+def _append_coordinates(tiles: torch.Tensor, yi: torch.Tensor, xi: torch.Tensor, s: int, halo: int,
+                        h: int, w: int) -> torch.Tensor:
+    """(n, T, T, C) -> (n, T, T, C+2): each pixel's normalised (x, y) in the h x w map, zero outside
+    it (as a dense conv pads the coordinate channels with zeros)."""
+    rows, cols, inside = _tile_pixels(yi, xi, s, halo, h, w)
+    t = rows.shape[1]
+    cx = _axis_coordinate(cols, w, tiles.dtype)[:, None, :].expand(-1, t, t)  # (n, T, T): x varies along columns
+    cy = _axis_coordinate(rows, h, tiles.dtype)[:, :, None].expand(-1, t, t)  # (n, T, T): y varies along rows
+    xy = torch.stack([cx, cy], dim=-1) * inside[..., None].to(tiles.dtype)  # (n, T, T, 2)
+    return torch.cat([tiles, xy], dim=-1)
+
+
+class BlockSet:
+    """The chosen blocks of a batch, shared by every sparse layer that uses the same level map.
+
+    `bi, yi, xi` (n,) are the chosen blocks (level > 0) in row-major order: tile j of every tile
+    tensor is block (bi[j], yi[j], xi[j]). `index` (B, gh, gw) maps a block to its tile, or to n,
+    the zero tile, where the block was skipped."""
+
+    def __init__(self, levels: torch.Tensor):
+        if levels.dim() != 3:
+            raise ValueError(f"levels must have shape (B, rows, cols), got {tuple(levels.shape)}")
+        self.levels = levels
+        b, gh, gw = levels.shape
+        self.grid = (gh, gw)
+        self.bi, self.yi, self.xi = (levels > 0).nonzero(as_tuple=True)  # (n,) each
+        self.n = self.bi.numel()
+        self.index = torch.full((b, gh, gw), self.n, dtype=torch.long, device=levels.device)
+        self.index[self.bi, self.yi, self.xi] = torch.arange(self.n, device=levels.device)
+        self.tile_levels = levels[self.bi, self.yi, self.xi]  # (n,)
+
+    def of_level(self, level: int) -> torch.Tensor:
+        """Positions (m,) in the tile list of the blocks at `level`."""
+        return (self.tile_levels == level).nonzero(as_tuple=True)[0]
+
+    def to_map(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Tiles (n, s, s, C) -> the dense map (B, C, gh*s, gw*s), zero on skipped blocks."""
+        (b, gh, gw), (s, c) = self.levels.shape, (tiles.shape[1], tiles.shape[3])
+        out = tiles.new_zeros(b, gh * s, gw * s, c)  # (B, H, W, C)
+        out.view(b, gh, s, gw, s, c).permute(0, 1, 3, 2, 4, 5)[self.bi, self.yi, self.xi] = tiles
+        return out.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last in memory
+
+    def __repr__(self) -> str:
+        return f"BlockSet(batch={self.levels.shape[0]}, grid={self.grid}, chosen={self.n})"
+
+
+def gather_tiles_from_tiles(tiles: torch.Tensor, blocks: BlockSet, sel: torch.Tensor, halo: int,
+                            workspace: "Workspace | None" = None) -> torch.Tensor:
+    """The tiles `sel` (m,) of a tile tensor (n, s, s, C), each grown by `halo` pixels read from its
+    neighbours' tiles (zeros for skipped neighbours and outside the map): (m, s + 2 halo, s + 2 halo, C).
+    With a `workspace` (inference only) the result lives in reused memory."""
+    n, s, _, c = tiles.shape
+    (gh, gw) = blocks.grid
+    p = torch.arange(-halo, s + halo, device=tiles.device)  # (T,) pixel offsets within the tile
+    shift, local = torch.div(p, s, rounding_mode="floor"), p.remainder(s)  # neighbour offset and its pixel
+    bi, yi, xi = blocks.bi[sel], blocks.yi[sel], blocks.xi[sel]  # (m,)
+    ny, nx = yi[:, None] + shift, xi[:, None] + shift  # (m, T) block row / column each pixel comes from
+    inside = ((ny >= 0) & (ny < gh))[:, :, None] & ((nx >= 0) & (nx < gw))[:, None, :]  # (m, T, T)
+    src = blocks.index[bi[:, None, None], ny.clamp(0, gh - 1)[:, :, None], nx.clamp(0, gw - 1)[:, None, :]]
+    src = torch.where(inside, src, n)  # (m, T, T): the tile each pixel comes from; n = zeros
+    flat = ((src * s + local[None, :, None]) * s + local[None, None, :]).view(-1)  # (m*T*T,) row in `store`
+    t = p.numel()
+    if workspace is None:
+        store = torch.cat([tiles, tiles.new_zeros(1, s, s, c)]).view(-1, c)  # last tile: the zeros
+        return store.index_select(0, flat).view(-1, t, t, c)  # (m, T, T, C)
+    store = workspace.get("store", ((n + 1) * s * s, c), tiles)
+    store[: n * s * s] = tiles.reshape(-1, c)
+    store[n * s * s:] = 0
+    out = workspace.get("tiles", (flat.numel(), c), tiles)
+    return torch.index_select(store, 0, flat, out=out).view(-1, t, t, c)  # (m, T, T, C)
+
+
+class Workspace:
+    """Reused scratch memory for inference. A fresh tensor of tens of MB costs a page fault per 4 kB
+    on every call (the allocator hands large blocks back to the system), about as much as the conv
+    on a quarter of the blocks; scratch that autograd never keeps can be reused instead."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        need = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < need or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[name] = torch.empty(need, dtype=like.dtype, device=like.device)
+        return buf[:need].view(shape)
 
 
 class BlockSparseConv2d(nn.Module):
@@ -97,6 +193,7 @@ class BlockSparseConv2d(nn.Module):
             nn.Parameter(torch.empty(out_channels, cin, k, k, device=device, dtype=dtype)) for k in self.kernel_sizes)
         self.bias = nn.ParameterList(
             nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) for _ in self.kernel_sizes) if bias else None
+        self._workspace = Workspace()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -133,6 +230,45 @@ class BlockSparseConv2d(nn.Module):
             y = F.conv2d(tiles, self.weight[lvl - 1], bias)  # (n, out, s, s)
             blocks[bi, yi, xi] = y.permute(0, 2, 3, 1).to(out.dtype)  # (n, s, s, out)
         return out.permute(0, 3, 1, 2)  # (B, out, H, W), channels-last in memory
+
+    def forward_tiles(self, x: torch.Tensor, blocks: BlockSet) -> torch.Tensor:
+        """x: a dense map (B, C, H, W), or the tiles (n, s, s, C) of the previous sparse layer on the
+        same blocks. Returns this layer's tiles (n, s, s, out), pre-activation, one per chosen block."""
+        s, (gh, gw) = self.block_size, blocks.grid
+        b = blocks.levels.shape[0]
+        if tuple(x.shape) == (b, self.in_channels, gh * s, gw * s):
+            check_levels(blocks.levels, x, s, self.n_levels)
+            from_tiles, x_nhwc = False, x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
+        elif tuple(x.shape) == (blocks.n, s, s, self.in_channels):
+            if blocks.n and int(blocks.tile_levels.max()) > self.n_levels:
+                raise ValueError(f"levels must be in 0..{self.n_levels} (0 = skip), got up to "
+                                 f"{int(blocks.tile_levels.max())}")
+            from_tiles, x_nhwc = True, x
+        else:
+            raise ValueError(f"expected a map {(b, self.in_channels, gh * s, gw * s)} or tiles "
+                             f"{(blocks.n, s, s, self.in_channels)} for {blocks}, got {tuple(x.shape)}")
+        # scratch for the gathered tiles: reused at inference, fresh when autograd keeps the tiles
+        workspace = self._workspace if not torch.is_grad_enabled() else None
+        out = None
+        for lvl, k in enumerate(self.kernel_sizes, start=1):
+            sel = blocks.of_level(lvl)  # (m,)
+            if sel.numel() == 0:
+                continue
+            if from_tiles:
+                tiles = gather_tiles_from_tiles(x_nhwc, blocks, sel, k // 2, workspace)  # (m, T, T, C)
+                if self.coords:
+                    tiles = _append_coordinates(tiles, blocks.yi[sel], blocks.xi[sel], s, k // 2, gh * s, gw * s)
+                tiles = tiles.permute(0, 3, 1, 2)  # (m, C', T, T), channels-last in memory
+            else:
+                tiles = gather_tiles(x_nhwc, blocks.bi[sel], blocks.yi[sel], blocks.xi[sel], s, k // 2, self.coords)
+            bias = self.bias[lvl - 1] if self.bias is not None else None
+            y = F.conv2d(tiles, self.weight[lvl - 1], bias).permute(0, 2, 3, 1)  # (m, s, s, out)
+            if sel.numel() == blocks.n:
+                return y.contiguous()  # one level for every tile: already in tile order (a view if channels-last)
+            if out is None:
+                out = x.new_empty(blocks.n, s, s, self.out_channels)  # every chosen tile gets written
+            out[sel] = y.to(out.dtype)
+        return out if out is not None else x.new_empty(0, s, s, self.out_channels)
 
     def forward_dense(self, x: torch.Tensor, level: int = 1) -> torch.Tensor:
         """Every block at `level`, as one ordinary F.conv2d over the whole map: the dense twin."""
