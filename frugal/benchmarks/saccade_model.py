@@ -1,0 +1,94 @@
+"""Whole-model speed of a trained saccadic CNN against its trained dense twin, in one process.
+
+Both models classify the same real test images: error on the test set, multiply-adds per image
+counted from the ops that ran (so the saccadic count already reflects the blocks it skipped, and
+includes its policy), the fraction of blocks attended, and the median wall-clock of one batch,
+the two models timed alternately round after round so that drifts in machine load hit both.
+
+    python -m frugal.benchmarks.saccade_model --sparse RUN_DIR --dense RUN_DIR --batch 64 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from frugal.measure import count_macs
+from frugal.train import evaluate, load_run, normalize
+from frugal.data import load_task
+from frugal.utils import resolve_device, versions
+
+
+@torch.no_grad()
+def attended_fraction(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> float:
+    """Mean fraction of blocks the policy attends over the images x (normalised)."""
+    model.eval()
+    total = 0.0
+    for xb in x.split(batch):
+        model(xb)
+        total += float((model.attention.levels > 0).float().sum())
+    return total / (x.shape[0] * model.grid[0] * model.grid[1])
+
+
+@torch.no_grad()
+def alternate_timing(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median seconds of model(x) for each model, timed in turn within each round."""
+    for m in models.values():
+        m.eval()
+        m(x)  # warm-up: allocations, kernel selection
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            m(x)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()  # note: without it the call returns before the work is done
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sparse", required=True, help="run folder of a trained saccadic model")
+    p.add_argument("--dense", required=True, help="run folder of its trained dense twin (blockcnn)")
+    p.add_argument("--batch", type=int, default=64, help="images per timed call")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = resolve_device(a.device)
+    (sparse, s_cfg, _), (dense, d_cfg, _) = load_run(a.sparse, device), load_run(a.dense, device)
+    if s_cfg.task != d_cfg.task:
+        raise SystemExit(f"the two runs were trained on different tasks ({s_cfg.task} vs {d_cfg.task}); "
+                         "compare a saccadic model with the dense twin of the same task")
+    if not hasattr(sparse, "attention") or getattr(sparse, "dense", True):
+        raise SystemExit(f"{a.sparse} is not a saccadic model (model {s_cfg.model!r})")
+    data = load_task(s_cfg.task, data_dir=s_cfg.data_dir, val_size=s_cfg.val_size)
+    dtype = next(sparse.parameters()).dtype
+    x = normalize(data.test.x[: a.batch].to(device), data.mean, data.std, dtype)  # real test images
+    out: dict = {"benchmark": "saccade_model", "task": s_cfg.task, "batch": a.batch, "device": str(device),
+                 "threads": torch.get_num_threads(), "models": {}}
+    for name, model, cfg in (("saccadic", sparse, s_cfg), ("dense", dense, d_cfg)):
+        acc = evaluate(model, data.test, data.mean, data.std, device)[0]
+        out["models"][name] = {"run": a.sparse if name == "saccadic" else a.dense, "model": cfg.model,
+                               "test_error": 1 - acc, "macs": count_macs(model, x)}
+    out["models"]["saccadic"]["attended_fraction"] = attended_fraction(
+        sparse, normalize(data.test.x.to(device), data.mean, data.std, dtype))
+    t = alternate_timing({"saccadic": sparse, "dense": dense}, x, a.rounds)
+    for name, sec in t.items():
+        out["models"][name]["ms_per_batch"] = 1e3 * sec
+    out["speedup"] = t["dense"] / t["saccadic"]
+    out["macs_ratio"] = out["models"]["saccadic"]["macs"] / out["models"]["dense"]["macs"]
+    out["versions"] = versions()
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

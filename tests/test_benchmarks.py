@@ -1,0 +1,53 @@
+"""The benchmark scripts run end to end on tiny inputs and print what they measured."""
+
+import json
+
+import pytest
+import torch
+
+from frugal.benchmarks import saccade_model, sparse_conv
+from frugal.measure import count_macs
+from frugal.train import TrainConfig, load_run, normalize, train
+from frugal.data import load_task
+
+
+def test_sparse_conv_benchmark_times_both_forms(capsys):
+    out = sparse_conv.main(["--channels", "4", "--size", "8", "--batch", "2", "--block", "4",
+                            "--density", "1", "0.5", "--repeats", "2", "--threads", "1"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["rows"] == out["rows"]
+    assert {(r["form"], r["density"]) for r in out["rows"]} == {(f, d) for f in ("map", "tiles") for d in (1.0, 0.5)}
+    for r in out["rows"]:
+        assert r["dense_ms"] > 0 and r["sparse_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
+        assert r["efficiency"] == pytest.approx(r["speedup"] * r["density"])
+
+
+@pytest.fixture(scope="module")
+def twin_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("twins")
+    runs = {}
+    for model in ("saccadic", "blockcnn"):
+        cfg = TrainConfig(task="digits", model=model, epochs=1, train_limit=128, seed=0, device="cpu")
+        train(cfg, root / model, quiet=True, progress=False)
+        runs[model] = root / model
+    return runs
+
+
+def test_saccade_model_benchmark_measures_both_models(twin_runs, capsys):
+    out = saccade_model.main(["--sparse", str(twin_runs["saccadic"]), "--dense", str(twin_runs["blockcnn"]),
+                              "--batch", "16", "--rounds", "2", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out)["speedup"] == pytest.approx(out["speedup"])
+    sparse, _, _ = load_run(twin_runs["saccadic"])
+    data = load_task("digits")
+    x = normalize(data.test.x[:16], data.mean, data.std, torch.float32)
+    assert out["models"]["saccadic"]["macs"] == count_macs(sparse, x)  # from the ops that ran
+    assert out["macs_ratio"] == pytest.approx(out["models"]["saccadic"]["macs"] / out["models"]["dense"]["macs"])
+    assert 0 <= out["models"]["saccadic"]["attended_fraction"] <= 1
+    for m in out["models"].values():
+        assert 0 <= m["test_error"] <= 1 and m["ms_per_batch"] > 0
+
+
+def test_saccade_model_benchmark_refuses_a_model_that_is_not_saccadic(twin_runs):
+    with pytest.raises(SystemExit, match="is not a saccadic model"):
+        saccade_model.main(["--sparse", str(twin_runs["blockcnn"]), "--dense", str(twin_runs["blockcnn"])])
