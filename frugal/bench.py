@@ -63,15 +63,18 @@ class Method:
     tasks: tuple[str, ...]  # tasks the method knows how to run
     default_tasks: tuple[str, ...]  # tasks run when --tasks is not given
     description: str = ""
+    fields: tuple[tuple[str, str, str], ...] = ()  # the method's own row fields: (key, header, format)
 
 
 _METHODS: dict[str, Method] = {}
 def register_method(name: str, *, tasks: tuple[str, ...], default_tasks: tuple[str, ...] | None = None,
-                    description: str = "") -> Callable:
+                    description: str = "", fields: tuple[tuple[str, str, str], ...] = ()) -> Callable:
+    """`fields` names the numeric fields a method adds to its rows, as (key, table header, format),
+    e.g. ("attended_fraction", "blocks attended", "{:.1%}"); the report tabulates their means."""
     def deco(fn: Callable[[BenchContext, str, int], list[dict[str, Any]]]):
         if name in _METHODS:
             raise ValueError(f"bench method {name!r} is registered twice")
-        _METHODS[name] = Method(name, fn, tuple(tasks), tuple(default_tasks or tasks), description)
+        _METHODS[name] = Method(name, fn, tuple(tasks), tuple(default_tasks or tasks), description, tuple(fields))
         return fn
     return deco
 

@@ -95,6 +95,27 @@ def table_rows(agg: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def method_tables(rows: list[dict[str, Any]]) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
+    """Per registered method that declares its own fields: a table of their means over seeds."""
+    from frugal.bench import list_methods  # the registry, with the ideas loaded
+
+    out = []
+    for name, m in list_methods().items():
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for r in rows:
+            if r["method"] == name and any(k in r for k, _, _ in m.fields):
+                groups[(r["task"], r.get("variant", name))].append(r)
+        if not groups:
+            continue
+        header = ["task", "variant", "seeds"] + [h for _, h, _ in m.fields]
+        body = []
+        for (task, variant), rs in sorted(groups.items()):
+            means = {k: float(np.mean([r[k] for r in rs if k in r])) for k, _, _ in m.fields if any(k in r for r in rs)}
+            body.append([task, variant, str(len(rs))] + [_fmt(means, k, f) for k, _, f in m.fields])
+        out.append((f"Method `{name}`: its own measurements (mean over seeds)", (header, body)))
+    return out
+
+
 def plot_tradeoffs(agg: list[dict[str, Any]], out: Path) -> list[Path]:
     """Per task, accuracy vs MACs and accuracy vs bytes (log x), one marker per (method, variant)."""
     import matplotlib
@@ -226,6 +247,7 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
 
     # sections: (title, table or None, images)
     sections: list[tuple[str, tuple | None, list[str]]] = [("", table_rows(agg), []), ("Trade-offs", None, plots)]
+    sections += [(title, table, []) for title, table in method_tables(rows)]
     corr = corrupted_table(rows)
     if corr:
         sections.append(("Corrupted test suites (accuracy % by severity, mean over seeds)", corr, []))

@@ -132,3 +132,19 @@ def test_baseline_latency_ratio_is_one_and_others_pair_with_their_seed():
     agg = {e["method"]: e for e in aggregate(rows)}
     assert agg["baseline"]["latency_vs_baseline"] == 1.0
     assert agg["idea"]["latency_vs_baseline"] == (1 / 2 + 1 / 4) / 2
+
+
+def test_a_method_s_own_fields_get_a_table_of_means(tmp_path):
+    from frugal.report import method_tables
+
+    name = "test-own-fields"
+    register_method(name, tasks=("digits",), fields=(("kept", "fraction kept", "{:.1%}"),))(lambda ctx, t, s: [])
+    rows = [{"method": name, "task": "digits", "variant": "v", "seed": s, "test_acc": 0.5, "kept": k}
+            for s, k in ((0, 0.2), (1, 0.4))]
+    rows.append({"method": "baseline", "task": "digits", "variant": "convnet", "seed": 0, "test_acc": 0.9})
+    tables = dict(method_tables(rows))
+    header, body = tables[f"Method `{name}`: its own measurements (mean over seeds)"]
+    assert header == ["task", "variant", "seeds", "fraction kept"] and body == [["digits", "v", "2", "30.0%"]]
+    (tmp_path / "results.json").write_text(json.dumps({"rows": rows}))
+    md, _ = write_report(tmp_path)
+    assert "| digits | v | 2 | 30.0% |" in md.read_text()

@@ -36,3 +36,17 @@ def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path)
     assert 0 <= by["saccadic"]["attended_fraction"] <= 1 and "attended_fraction" not in by["blockcnn"]
     md = (tmp_path / "report.md").read_text()
     assert "## Figures" in md and "explain-digits-saccadic.png" in md and "explain-digits-ram.png" in md
+    assert "blocks attended (test)" in md  # the method's own field gets its table
+
+
+@pytest.mark.parametrize("name", ["saccadic", "ram"])
+def test_explain_leaves_the_model_in_the_mode_it_found(tmp_path, name):
+    import torch
+
+    from frugal.models import create_model
+
+    model = create_model(name, image_size=(28, 28)).train()
+    x = torch.randn(2, 1, 28, 28)
+    model.explain(x, torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long),
+                  tmp_path / "e.png")
+    assert model.training and (tmp_path / "e.png").stat().st_size > 0

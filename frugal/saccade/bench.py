@@ -53,7 +53,8 @@ def attention_stats(model: torch.nn.Module, data, ctx: BenchContext, variant: st
 
 @register_method("saccade", tasks=tuple(TASKS),
                  default_tasks=("mnist", "translated-mnist-60", "cluttered-mnist-60", "cluttered-mnist-100"),
-                 description="saccadic CNN and glimpse model against the dense twin of the same backbone")
+                 description="saccadic CNN and glimpse model against the dense twin of the same backbone",
+                 fields=(("attended_fraction", "blocks attended (test)", "{:.1%}"),))
 def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     rows = []
     plan = TINY if ctx.budget == "tiny" else TASKS[task][ctx.budget]

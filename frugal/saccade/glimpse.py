@@ -102,8 +102,10 @@ class RecurrentAttentionModel(nn.Module):
     @torch.no_grad()
     def explain(self, x: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, path) -> Path:
         """Predict x (normalised) and draw each glimpse path over `images` (uint8)."""
+        was_training = self.training
         self.eval()
         preds = self(x).argmax(1)
+        self.train(was_training)
         size = tuple(x.shape[2:])
         boxes = [glimpse_boxes(t, size, self.sensor.patch, self.sensor.scales) for t in self.trajectory.cpu()]
         return draw_glimpses(images.cpu(), boxes, labels.cpu(), preds.cpu(), path)

@@ -173,8 +173,10 @@ class SaccadicCNN(nn.Module):
         """Predict x (normalised) and draw which blocks got which kernel over `images` (uint8)."""
         if self.dense:
             raise ValueError("the dense twin attends to every block; there is no attention map to draw")
+        was_training = self.training
         self.eval()
         preds = self(x).argmax(1)
+        self.train(was_training)
         return draw_block_attention(images.cpu(), self.attention.levels.cpu(), self.block_size, labels.cpu(),
                                     preds.cpu(), path, self.stages[0].kernel_sizes)
 
