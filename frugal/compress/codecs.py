@@ -1,0 +1,241 @@
+"""Lossy codes for one weight tensor. Each codec turns a tensor into self-contained bytes (its
+parameters, then entropy-coded integer symbols) and back; `decode(encode(w))` is the tensor the
+training loop continues from, and its size is `len(encode(w))`, never an estimate.
+
+- `uniform`: round(w / step), the symbols range-coded (a dead zone of |w| < step / 2 becomes 0).
+- `prune`: the `fraction` of weights smallest in magnitude set to 0, the rest uniform-quantised.
+- `kmeans`: weight sharing as in Deep Compression (Han et al. 2016): up to k float32 centroids and
+  a range-coded cluster index per weight; 0 is always one of the centroids, so pruned weights stay 0.
+- `dct`: JPEG for kernels. An orthonormal DCT-II over each kernel's spatial axes (over 8x8 blocks of
+  an fc matrix), coefficients of frequency u + v >= `cutoff` dropped, the rest uniform-quantised;
+  smooth kernels become a few small integers.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from frugal.compress.entropy import CodecError, decode_symbols, encode_symbols
+
+FC_BLOCK = 8  # side of the blocks an fc matrix is cut into for the DCT
+
+
+def dct_matrix(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """(n, n) orthonormal DCT-II: row k is the k-th basis vector, so X = C @ x and x = C.T @ X."""
+    i = torch.arange(n, dtype=dtype, device=device)
+    c = torch.cos(math.pi * (2 * i[None, :] + 1) * i[:, None] / (2 * n)) * math.sqrt(2 / n)  # (k, i)
+    c[0] /= math.sqrt(2)
+    return c
+
+
+def dct2(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal 2-D DCT-II over the last two axes (as scipy.fft.dctn(x, axes=(-2, -1), norm='ortho'))."""
+    ch = dct_matrix(x.shape[-2], x.dtype, x.device)
+    cw = dct_matrix(x.shape[-1], x.dtype, x.device)
+    return ch @ x @ cw.T
+
+
+def idct2(c: torch.Tensor) -> torch.Tensor:
+    ch = dct_matrix(c.shape[-2], c.dtype, c.device)
+    cw = dct_matrix(c.shape[-1], c.dtype, c.device)
+    return ch.T @ c @ cw
+
+
+def to_blocks(w: torch.Tensor) -> torch.Tensor:
+    """The 2-D pictures the DCT runs on: a conv weight (O, I, kh, kw) as O*I kernels (kh, kw);
+    an fc weight (O, I), zero-padded to multiples of 8, as 8x8 blocks; a vector as one row."""
+    if w.dim() >= 3:
+        return w.reshape(-1, *w.shape[-2:])  # (O*I, kh, kw)
+    m = w.reshape(1, -1) if w.dim() == 1 else w
+    o, i = m.shape
+    b = FC_BLOCK
+    po, pi = -o % b, -i % b
+    m = torch.nn.functional.pad(m, (0, pi, 0, po))  # (O', I')
+    return m.reshape(m.shape[0] // b, b, m.shape[1] // b, b).permute(0, 2, 1, 3).reshape(-1, b, b)  # (nb, 8, 8)
+
+
+def from_blocks(blocks: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if len(shape) >= 3:
+        return blocks.reshape(shape)
+    o, i = (1, shape[0]) if len(shape) == 1 else shape
+    b = FC_BLOCK
+    go, gi = math.ceil(o / b), math.ceil(i / b)
+    m = blocks.reshape(go, gi, b, b).permute(0, 2, 1, 3).reshape(go * b, gi * b)  # (O', I')
+    return m[:o, :i].reshape(shape)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Base: `encode(w) -> bytes`, `decode(bytes, shape) -> float32 tensor`."""
+
+    name = "codec"
+
+    def encode(self, w: torch.Tensor) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def roundtrip(self, w: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(decoded tensor, bytes): what the training loop loads, and what it costs."""
+        data = self.encode(w)
+        return self.decode(data, tuple(w.shape)).to(w.device, w.dtype), len(data)
+
+
+def _header(fmt: str, data: bytes, what: str) -> tuple[tuple, int]:
+    size = struct.calcsize(fmt)
+    if len(data) < size:
+        raise CodecError(f"{what} data of {len(data)} bytes is shorter than its {size}-byte header: truncated")
+    return struct.unpack_from(fmt, data), size
+
+
+def _symbols(data: bytes, pos: int, n: int, what: str) -> np.ndarray:
+    s, end = decode_symbols(data, pos)
+    if s.size != n:
+        raise CodecError(f"{what} data holds {s.size} values, the tensor needs {n}")
+    if end != len(data):
+        raise CodecError(f"{what} data has {len(data) - end} unexpected trailing bytes")
+    return s
+
+
+def _check_step(step: float) -> None:
+    if not (step > 0 and math.isfinite(step)):
+        raise ValueError(f"quantisation step must be a positive finite number, got {step}")
+
+
+@dataclass(frozen=True)
+class Uniform(Codec):
+    step: float  # quantisation step, in weight units
+
+    name = "uniform"
+
+    def __post_init__(self):
+        _check_step(self.step)
+
+    def encode(self, w: torch.Tensor) -> bytes:
+        q = torch.round(w.detach().double().cpu() / np.float32(self.step)).long().numpy()
+        return struct.pack("<f", self.step) + encode_symbols(q)
+
+    def decode(self, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        (step,), pos = _header("<f", data, self.name)
+        q = _symbols(data, pos, math.prod(shape), self.name)
+        return (torch.from_numpy(q).double() * step).float().reshape(shape)
+
+
+@dataclass(frozen=True)
+class Prune(Codec):
+    fraction: float  # share of weights, smallest in magnitude, set to 0
+    step: float  # quantisation step of the survivors
+
+    name = "prune"
+
+    def __post_init__(self):
+        if not 0 <= self.fraction < 1:
+            raise ValueError(f"prune fraction must be in [0, 1), got {self.fraction}")
+        _check_step(self.step)
+
+    def encode(self, w: torch.Tensor) -> bytes:
+        w = w.detach().double().cpu().reshape(-1)
+        k = int(self.fraction * w.numel())
+        if k:
+            w = w.clone()
+            w[w.abs().argsort()[:k]] = 0.0
+        return Uniform(self.step).encode(w)
+
+    def decode(self, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        return Uniform(self.step).decode(data, shape)
+
+
+@dataclass(frozen=True)
+class KMeans(Codec):
+    k: int  # number of shared values, 0 included
+    iters: int = 20  # Lloyd iterations
+
+    name = "kmeans"
+
+    def __post_init__(self):
+        if not 2 <= self.k <= 65536:
+            raise ValueError(f"kmeans needs 2..65536 clusters, got {self.k}")
+
+    def encode(self, w: torch.Tensor) -> bytes:
+        x = w.detach().double().cpu().reshape(-1).numpy()
+        k = min(self.k, max(2, np.unique(x).size + 1))
+        # linear initialisation over the range (Han et al. found it best for weight sharing); in 1-D
+        # the nearest centroid is found by binary search between midpoints: O(n log k) time, O(n) memory
+        c = np.linspace(x.min(), x.max(), k - 1) if x.size else np.zeros(k - 1)
+        for _ in range(self.iters):
+            idx = _nearest(x, c)
+            n = np.bincount(idx, minlength=c.size)
+            sums = np.bincount(idx, weights=x, minlength=c.size)
+            c = np.sort(np.where(n > 0, sums / np.maximum(n, 1), c))
+        centroids = np.unique(np.concatenate([[0.0], c]).astype(np.float32))  # sorted, 0 included exactly
+        idx = _nearest(x, centroids.astype(np.float64))
+        return struct.pack("<H", centroids.size) + centroids.astype("<f4").tobytes() + encode_symbols(idx)
+
+    def decode(self, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        (k,), pos = _header("<H", data, self.name)
+        if len(data) < pos + 4 * k:
+            raise CodecError(f"{self.name} data ends inside its {k} centroids: truncated")
+        centroids = np.frombuffer(data[pos:pos + 4 * k], dtype="<f4").astype(np.float32)
+        idx = _symbols(data, pos + 4 * k, math.prod(shape), self.name)
+        if idx.size and (idx.min() < 0 or idx.max() >= k):
+            raise CodecError(f"{self.name} data refers to centroid {int(idx.max())} of {k}: damaged")
+        return torch.from_numpy(centroids[idx].copy()).reshape(shape)
+
+
+@dataclass(frozen=True)
+class DCT(Codec):
+    step: float  # quantisation step of the coefficients (orthonormal: same units as the weights)
+    cutoff: int = 0  # keep coefficients with u + v < cutoff; 0 keeps all
+
+    name = "dct"
+
+    def __post_init__(self):
+        _check_step(self.step)
+        if self.cutoff < 0:
+            raise ValueError(f"dct cutoff must be >= 0, got {self.cutoff}")
+
+    def _keep(self, h: int, w: int) -> torch.Tensor:
+        u, v = torch.arange(h)[:, None], torch.arange(w)[None, :]
+        return (u + v < self.cutoff) if self.cutoff else torch.ones(h, w, dtype=torch.bool)  # (h, w)
+
+    def encode(self, w: torch.Tensor) -> bytes:
+        blocks = to_blocks(w.detach().double().cpu())  # (n, h, w)
+        keep = self._keep(*blocks.shape[1:])
+        coef = dct2(blocks)[:, keep]  # (n, kept): dropped frequencies are not stored at all
+        q = torch.round(coef / np.float32(self.step)).long().numpy()
+        return struct.pack("<fH", self.step, self.cutoff) + encode_symbols(q)
+
+    def decode(self, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        (step, cutoff), pos = _header("<fH", data, self.name)
+        empty = to_blocks(torch.zeros(shape, dtype=torch.float64))  # (n, h, w)
+        keep = DCT(1.0, cutoff)._keep(*empty.shape[1:])
+        q = _symbols(data, pos, empty.shape[0] * int(keep.sum()), self.name)
+        coef = empty.clone()
+        coef[:, keep] = torch.from_numpy(q).double().reshape(empty.shape[0], -1) * step
+        return from_blocks(idct2(coef), shape).float()
+
+
+def _nearest(x: np.ndarray, sorted_c: np.ndarray) -> np.ndarray:
+    """Index of the nearest of the sorted values `sorted_c` for each x."""
+    return np.searchsorted((sorted_c[1:] + sorted_c[:-1]) / 2, x)
+
+
+CODECS = {c.name: c for c in (Uniform, Prune, KMeans, DCT)}
+
+
+def codec_from_spec(spec: dict) -> Codec:
+    """{"codec": "dct", "step": 0.01, "cutoff": 3} -> DCT(step=0.01, cutoff=3)."""
+    spec = dict(spec)
+    name = spec.pop("codec", None)
+    if name not in CODECS:
+        raise ValueError(f"unknown codec {name!r}; known: {', '.join(CODECS)}")
+    try:
+        return CODECS[name](**spec)
+    except TypeError as e:
+        raise ValueError(f"bad parameters for codec {name!r}: {e}") from e

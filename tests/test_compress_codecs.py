@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+import scipy.fft
+import torch
+
+from frugal.compress.codecs import (DCT, KMeans, Prune, Uniform, codec_from_spec, dct2, from_blocks, idct2,
+                                    to_blocks)
+from frugal.compress.entropy import CodecError, decode_symbols, encode_symbols, entropy_bits
+
+
+def test_dct_matches_scipy_and_inverts():
+    x = torch.randn(7, 5, 5, dtype=torch.float64)
+    ref = scipy.fft.dctn(x.numpy(), axes=(-2, -1), norm="ortho")  # independent oracle
+    np.testing.assert_allclose(dct2(x).numpy(), ref, atol=1e-12)
+    np.testing.assert_allclose(idct2(dct2(x)).numpy(), x.numpy(), atol=1e-12)
+    y = torch.randn(3, 8, 3, dtype=torch.float64)  # not square
+    np.testing.assert_allclose(dct2(y).numpy(), scipy.fft.dctn(y.numpy(), axes=(-2, -1), norm="ortho"), atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (6, 1, 3, 3), (10, 84), (120, 400), (17,), (8, 8)])
+def test_blocks_round_trip(shape):
+    w = torch.randn(shape, dtype=torch.float64)
+    blocks = to_blocks(w)
+    assert blocks.dim() == 3
+    assert torch.equal(from_blocks(blocks, shape), w)
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 5, 5), (30, 70), (50,)])
+def test_uniform_is_rounding_to_the_step(shape):
+    w = torch.randn(shape) * 0.1
+    step = 0.01
+    out, n = Uniform(step).roundtrip(w)
+    s32 = float(np.float32(step))
+    expected = (np.round(w.double().numpy() / s32) * s32).astype(np.float32)  # numpy reference
+    assert np.array_equal(out.numpy(), expected) and n == len(Uniform(step).encode(w))
+
+
+def test_dct_codec_against_scipy_quantisation():
+    w = torch.randn(8, 4, 5, 5) * 0.1
+    step, cutoff = 0.005, 4
+    out, _ = DCT(step, cutoff).roundtrip(w)
+    s32 = float(np.float32(step))
+    coef = scipy.fft.dctn(w.double().numpy(), axes=(-2, -1), norm="ortho")
+    u, v = np.meshgrid(np.arange(5), np.arange(5), indexing="ij")
+    coef = np.where(u + v < cutoff, np.round(coef / s32) * s32, 0.0)
+    expected = scipy.fft.idctn(coef, axes=(-2, -1), norm="ortho")
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-6)
+    # smooth kernels cost far less than noise at the same step
+    smooth = torch.outer(torch.hann_window(7, periodic=False), torch.hann_window(7, periodic=False)).expand(16, 4, 7, 7)
+    noise = torch.randn(16, 4, 7, 7) * smooth.std()
+    assert len(DCT(0.01, 6).encode(smooth)) * 2 < len(DCT(0.01, 6).encode(noise))
+
+
+def test_prune_zeros_the_smallest_fraction():
+    w = torch.randn(1000)
+    out, _ = Prune(0.7, 1e-4).roundtrip(w)
+    assert (out == 0).float().mean() >= 0.7
+    kept = out != 0
+    assert w.abs()[kept].min() >= w.abs()[~kept].max()  # exactly the largest survive
+
+
+def test_kmeans_shares_at_most_k_values_and_keeps_zero():
+    torch.manual_seed(0)
+    w = torch.randn(64, 32) * 0.1
+    out, _ = KMeans(8).roundtrip(w)
+    vals = out.unique()
+    assert vals.numel() <= 8 and (vals == 0).any()
+    # each weight went to its nearest shared value
+    d = (w.reshape(-1, 1) - vals.reshape(1, -1)).abs()
+    assert torch.allclose(d.min(1).values, (w.reshape(-1) - out.reshape(-1)).abs())
+
+
+@pytest.mark.parametrize("codec", [Uniform(0.02), Prune(0.5, 0.02), KMeans(16), DCT(0.02, 3), DCT(0.02)])
+def test_decode_of_encode_is_deterministic_and_exact(codec):
+    w = torch.randn(5, 2, 3, 3) * 0.2
+    data = codec.encode(w)
+    a, b = codec.decode(data, tuple(w.shape)), codec.decode(data, tuple(w.shape))
+    assert torch.equal(a, b) and a.dtype == torch.float32
+    assert codec.encode(a) == codec.encode(a)  # encoding is deterministic too
+
+
+def test_entropy_coder_round_trips_and_approaches_the_entropy():
+    rng = np.random.default_rng(0)
+    s = np.round(rng.laplace(0, 3, 50_000)).astype(np.int64)
+    data = encode_symbols(s)
+    out, end = decode_symbols(data)
+    assert np.array_equal(out, s) and end == len(data)
+    bound = entropy_bits(s) / 8
+    assert bound < len(data) < 1.01 * bound + 200  # within 1 % plus the histogram
+    # pinned: a fixed input codes to a fixed size (any change of format or model shows here)
+    assert len(encode_symbols(np.array([0, 1, 0, 2, 0, 0, 1, -3] * 10))) == 30
+
+
+@pytest.mark.parametrize("symbols", [np.zeros(0, np.int64), np.full(7, -5), np.array([3]), np.array([0, 2**19])])
+def test_entropy_coder_edge_cases(symbols):
+    out, end = decode_symbols(encode_symbols(symbols))
+    assert np.array_equal(out, symbols)
+
+
+def test_damaged_streams_are_refused():
+    data = encode_symbols(np.arange(100) % 7)
+    for cut in (1, 3, 10, len(data) - 1):
+        with pytest.raises(CodecError):
+            decode_symbols(data[:cut])
+    with pytest.raises(CodecError, match="alphabet"):
+        decode_symbols(bytes([5, 0, 0xFF, 0xFF, 0xFF, 0x7F]))
+    with pytest.raises(CodecError, match="histogram counts"):
+        decode_symbols(bytes([5, 0, 2, 1, 1]) + b"\x00" * 8)
+    with pytest.raises(ValueError, match="span"):
+        encode_symbols(np.array([0, 2**21]))
+    with pytest.raises(CodecError, match="trailing"):
+        Uniform(0.1).decode(Uniform(0.1).encode(torch.zeros(4)) + b"x", (4,))
+    with pytest.raises(CodecError, match="holds 4 values"):
+        Uniform(0.1).decode(Uniform(0.1).encode(torch.zeros(4)), (5,))
+
+
+def test_codec_specs_and_bad_parameters():
+    assert codec_from_spec({"codec": "dct", "step": 0.01, "cutoff": 3}) == DCT(0.01, 3)
+    with pytest.raises(ValueError, match="unknown codec 'jpeg'; known: uniform, prune, kmeans, dct"):
+        codec_from_spec({"codec": "jpeg"})
+    with pytest.raises(ValueError, match="bad parameters for codec 'uniform'"):
+        codec_from_spec({"codec": "uniform", "quality": 3})
+    with pytest.raises(ValueError, match="positive finite"):
+        Uniform(0.0)
+    with pytest.raises(ValueError, match="prune fraction"):
+        Prune(1.0, 0.1)
