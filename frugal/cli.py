@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -117,7 +118,22 @@ def _cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+# Commands the ideas add: name -> (help, add_arguments(parser), run(namespace) -> exit code)
+_IDEA_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def register_command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                     run: Callable[[argparse.Namespace], int]) -> None:
+    """An idea's own subcommand (e.g. `frugal compress`), parsed and error-handled like the rest."""
+    if name in _IDEA_COMMANDS or name in COMMANDS:
+        raise ValueError(f"command {name!r} is registered twice")
+    _IDEA_COMMANDS[name] = (help, add_arguments, run)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .plugins import load_ideas
+
+    load_ideas()
     p = argparse.ArgumentParser(prog="frugal", description="Cheaper CNNs, measured against a standard CNN.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -183,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="rebuild report.md and report.html from DIR/results.json")
     r.add_argument("dir")
+
+    for name, (help_text, add_arguments, _) in sorted(_IDEA_COMMANDS.items()):
+        add_arguments(sub.add_parser(name, help=help_text))
     return p
 
 
@@ -192,8 +211,9 @@ COMMANDS = {"data": _cmd_data, "models": _cmd_models, "train": _cmd_train, "meas
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    run = COMMANDS.get(a.cmd) or _IDEA_COMMANDS[a.cmd][2]
     try:
-        return COMMANDS[a.cmd](a)
+        return run(a)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         # bad input and missing data end with the message alone: it says what was wrong and the fix
         print(f"frugal {a.cmd}: error: {e}", file=sys.stderr)

@@ -3,11 +3,15 @@ decodable, entropy-coded bytes.
 
 `codecs` holds the codes (uniform quantisation, magnitude pruning, k-means weight sharing, a
 JPEG-like DCT code for kernels); `entropy` the range coder they share (`constriction`, with the
-symbols' histogram stored in the stream).
+symbols' histogram stored in the stream); `container` the `.frugal` model file.
 """
 
 from frugal.compress.codecs import CODECS, DCT, Codec, KMeans, Prune, Uniform, codec_from_spec, dct2, idct2
+from frugal.compress.container import ModelFileError, decode_model, encode_model, read_model_file, write_model_file
 from frugal.compress.entropy import CodecError, decode_symbols, encode_symbols, entropy_bits
 
-__all__ = ["CODECS", "DCT", "Codec", "CodecError", "KMeans", "Prune", "Uniform", "codec_from_spec", "dct2",
-           "decode_symbols", "encode_symbols", "entropy_bits", "idct2"]
+from frugal.compress import cli as _cli  # noqa: E402,F401  registers `frugal compress` and `frugal eval`
+
+__all__ = ["CODECS", "DCT", "Codec", "CodecError", "KMeans", "ModelFileError", "Prune", "Uniform", "codec_from_spec", "dct2",
+           "decode_model", "decode_symbols", "encode_model", "encode_symbols", "entropy_bits", "idct2",
+           "read_model_file", "write_model_file"]

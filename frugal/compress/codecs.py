@@ -95,9 +95,10 @@ def _header(fmt: str, data: bytes, what: str) -> tuple[tuple, int]:
 
 
 def _symbols(data: bytes, pos: int, n: int, what: str) -> np.ndarray:
-    s, end = decode_symbols(data, pos)
-    if s.size != n:
-        raise CodecError(f"{what} data holds {s.size} values, the tensor needs {n}")
+    try:
+        s, end = decode_symbols(data, pos, expected=n)
+    except CodecError as e:
+        raise CodecError(f"{what}: {e}") from None
     if end != len(data):
         raise CodecError(f"{what} data has {len(data) - end} unexpected trailing bytes")
     return s
@@ -226,7 +227,23 @@ def _nearest(x: np.ndarray, sorted_c: np.ndarray) -> np.ndarray:
     return np.searchsorted((sorted_c[1:] + sorted_c[:-1]) / 2, x)
 
 
-CODECS = {c.name: c for c in (Uniform, Prune, KMeans, DCT)}
+@dataclass(frozen=True)
+class Raw(Codec):
+    """Lossless: the float32 values as they are (the reference every lossy code is measured against)."""
+
+    name = "raw"
+
+    def encode(self, w: torch.Tensor) -> bytes:
+        return w.detach().cpu().float().numpy().astype("<f4").tobytes()
+
+    def decode(self, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        n = math.prod(shape)
+        if len(data) != 4 * n:
+            raise CodecError(f"raw data of {len(data)} bytes for {n} float32 values ({4 * n} bytes)")
+        return torch.from_numpy(np.frombuffer(data, dtype="<f4").astype(np.float32)).reshape(shape)
+
+
+CODECS = {c.name: c for c in (Raw, Uniform, Prune, KMeans, DCT)}
 
 
 def codec_from_spec(spec: dict) -> Codec:

@@ -81,11 +81,14 @@ def encode_symbols(symbols: np.ndarray) -> bytes:
     return bytes(out) + words.astype("<u4").tobytes()
 
 
-def decode_symbols(buf: bytes | memoryview, pos: int = 0) -> tuple[np.ndarray, int]:
-    """(int64 symbols, position after the stream) from `buf` at `pos`."""
+def decode_symbols(buf: bytes | memoryview, pos: int = 0, expected: int | None = None) -> tuple[np.ndarray, int]:
+    """(int64 symbols, position after the stream) from `buf` at `pos`. With `expected`, a stream of
+    another length is refused before anything is allocated for it."""
     import constriction
 
     n, pos = read_varint(buf, pos)
+    if expected is not None and n != expected:
+        raise CodecError(f"stream holds {n} values, {expected} expected: the data is damaged or for another tensor")
     if n == 0:
         return np.zeros(0, dtype=np.int64), pos
     u, pos = read_varint(buf, pos)

@@ -1,0 +1,170 @@
+"""The compressed model file: one self-contained `.frugal` file a model can be rebuilt from.
+
+Layout (all integers little-endian):
+
+    b"FRGL"            magic
+    u8                 format version (FORMAT_VERSION)
+    varint + bytes     header: zstd-compressed JSON {"spec": model spec, "meta": {...},
+                       "tensors": [[name, shape, codec spec, payload length], ...]}
+    bytes              the tensors' payloads, in header order (each codec's own bytes)
+    u32                CRC-32 of everything before it
+
+Reading checks, in order, the size, the magic, the version and the checksum, then the header's
+structure, then that every tensor matches the rebuilt model's shape, then decodes each tensor. Any
+failure raises `ModelFileError` naming what was wrong; nothing half-read is ever returned.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from frugal.compress.codecs import Codec, Raw, codec_from_spec
+from frugal.compress.entropy import CodecError, read_varint, write_varint
+from frugal.measure import weight_tensors
+from frugal.utils import atomic_write_bytes
+
+MAGIC = b"FRGL"
+FORMAT_VERSION = 1
+MAX_HEADER = 1 << 24  # decompressed header bytes: bounds what a damaged file can make us allocate
+
+
+class ModelFileError(ValueError):
+    """A file that is not a readable frugal model file."""
+
+
+def encode_model(model: nn.Module, spec: dict[str, Any], codecs: dict[str, Codec] | None = None,
+                 meta: dict[str, Any] | None = None) -> bytes:
+    """The file's bytes. `codecs` maps state-dict names to codecs; tensors not named are stored raw."""
+    import zstandard
+
+    codecs = codecs or {}
+    tensors = weight_tensors(model)
+    unknown = set(codecs) - set(tensors)
+    if unknown:
+        raise ValueError(f"codecs given for tensors the model does not have: {sorted(unknown)}")
+    entries, payloads = [], []
+    for name, t in tensors.items():
+        codec = codecs.get(name, Raw())
+        data = codec.encode(t)
+        entries.append([name, list(t.shape), {"codec": codec.name, **_params(codec)}, len(data)])
+        payloads.append(data)
+    header = json.dumps({"spec": spec, "meta": meta or {}, "tensors": entries}, separators=(",", ":")).encode()
+    zheader = zstandard.ZstdCompressor(level=19).compress(header)
+    out = bytearray(MAGIC)
+    out.append(FORMAT_VERSION)
+    write_varint(out, len(zheader))
+    out += zheader
+    for p in payloads:
+        out += p
+    out += struct.pack("<I", zlib.crc32(out))
+    return bytes(out)
+
+
+def _params(codec: Codec) -> dict[str, Any]:
+    return {k: getattr(codec, k) for k in codec.__dataclass_fields__}
+
+
+def write_model_file(path: str | Path, model: nn.Module, spec: dict[str, Any],
+                     codecs: dict[str, Codec] | None = None, meta: dict[str, Any] | None = None) -> int:
+    """Write atomically; returns the file's size in bytes."""
+    data = encode_model(model, spec, codecs, meta)
+    atomic_write_bytes(Path(path), data)
+    return len(data)
+
+
+def decode_model(data: bytes, device=None) -> tuple[nn.Module, dict[str, Any]]:
+    """(model with the decoded weights, {"spec", "meta", "tensors"}) from a file's bytes."""
+    import zstandard
+
+    from frugal.train import build_model  # the spine rebuilds architectures from their spec
+
+    if len(data) < len(MAGIC) + 1 + 1 + 4:
+        raise ModelFileError(f"{len(data)} bytes is too short to be a frugal model file")
+    if data[:4] != MAGIC:
+        raise ModelFileError(f"not a frugal model file (starts with {data[:4]!r}, expected {MAGIC!r})")
+    if data[4] != FORMAT_VERSION:
+        raise ModelFileError(f"format version {data[4]} is not the one this frugal reads ({FORMAT_VERSION}); "
+                             "use the frugal version that wrote it")
+    (crc,) = struct.unpack("<I", data[-4:])
+    if zlib.crc32(data[:-4]) != crc:
+        raise ModelFileError("checksum mismatch: the file is damaged or truncated")
+    body = memoryview(data)[:-4]
+    try:
+        n, pos = read_varint(body, 5)
+    except CodecError as e:
+        raise ModelFileError(f"header length unreadable: {e}") from None
+    if pos + n > len(body):
+        raise ModelFileError(f"header of {n} bytes runs past the end of the file: damaged")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(bytes(body[pos:pos + n]), max_output_size=MAX_HEADER)
+        header = json.loads(raw)
+    except (zstandard.ZstdError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"header does not decode ({e}): the file is damaged") from None
+    pos += n
+    entries = _check_header(header)
+    if pos + sum(e[3] for e in entries) != len(body):
+        raise ModelFileError(f"payload lengths ({sum(e[3] for e in entries)} bytes) do not fill the "
+                             f"{len(body) - pos} bytes after the header: damaged")
+    try:
+        model = build_model(header["spec"], device=device)
+    except Exception as e:  # any failure to rebuild means the spec is not usable
+        raise ModelFileError(f"cannot rebuild the model from the file's spec ({e})") from None
+    expected = weight_tensors(model)
+    names = [e[0] for e in entries]
+    if sorted(names) != sorted(expected):
+        raise ModelFileError(f"the file's tensors {sorted(set(names) ^ set(expected))} do not match the "
+                             f"model {header['spec'].get('name')!r}")
+    state = {}
+    for name, shape, cspec, length in entries:
+        if tuple(shape) != tuple(expected[name].shape):
+            raise ModelFileError(f"tensor {name!r} has shape {tuple(shape)} in the file, "
+                                 f"{tuple(expected[name].shape)} in the model")
+        try:
+            codec = codec_from_spec(cspec)
+            state[name] = codec.decode(bytes(body[pos:pos + length]), tuple(shape))
+        except (CodecError, ValueError, TypeError) as e:
+            raise ModelFileError(f"tensor {name!r} does not decode: {e}") from None
+        if not bool(state[name].isfinite().all()):
+            raise ModelFileError(f"tensor {name!r} decodes to non-finite values: the file is damaged")
+        pos += length
+    missing = model.load_state_dict({k: v.to(expected[k].device, expected[k].dtype) for k, v in state.items()},
+                                    strict=False).missing_keys
+    if set(missing) & set(expected):  # only integer book-keeping may be left at its initial value
+        raise ModelFileError(f"tensors missing from the file: {sorted(set(missing) & set(expected))}")
+    return model, header
+
+
+def _check_header(h: Any) -> list[list]:
+    if not isinstance(h, dict) or not {"spec", "meta", "tensors"} <= h.keys():
+        raise ModelFileError("header lacks spec, meta or tensors: not a frugal model file")
+    if not isinstance(h["spec"], dict) or not isinstance(h["tensors"], list):
+        raise ModelFileError("header spec or tensor list has the wrong type: damaged")
+    for e in h["tensors"]:
+        ok = (isinstance(e, list) and len(e) == 4 and isinstance(e[0], str) and isinstance(e[1], list)
+              and all(isinstance(d, int) and 0 <= d < 1 << 31 for d in e[1]) and isinstance(e[2], dict)
+              and isinstance(e[3], int) and e[3] >= 0 and math.prod(e[1]) < 1 << 31)
+        if not ok:
+            raise ModelFileError(f"tensor entry {str(e)[:80]} is malformed: damaged")
+    return h["tensors"]
+
+
+def read_model_file(path: str | Path, device=None) -> tuple[nn.Module, dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}; write one with `frugal compress RUN -o {path}`")
+    return decode_model(path.read_bytes(), device=device)
+
+
+def model_file_size(model: nn.Module, spec: dict[str, Any], codecs: dict[str, Codec] | None = None) -> int:
+    return len(encode_model(model, spec, codecs))
+
+
+__all__ = ["FORMAT_VERSION", "MAGIC", "ModelFileError", "decode_model", "encode_model", "model_file_size",
+           "read_model_file", "write_model_file"]

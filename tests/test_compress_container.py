@@ -1,0 +1,119 @@
+import random
+import struct
+import time
+import zlib
+
+import pytest
+import torch
+
+from frugal.compress.codecs import DCT, KMeans, Uniform
+from frugal.compress.container import FORMAT_VERSION, ModelFileError, decode_model, encode_model
+from frugal.models import create_model
+
+SPEC = {"name": "convnet", "in_channels": 1, "image_size": [8, 8], "num_classes": 10, "kw": {}}
+
+
+def model_and_codecs():
+    torch.manual_seed(0)
+    model = create_model("convnet", in_channels=1, image_size=(8, 8), num_classes=10).eval()
+    convs = [k for k, v in model.state_dict().items() if v.dim() == 4]
+    fc = [k for k, v in model.state_dict().items() if v.dim() == 2]
+    codecs = {convs[0]: DCT(0.02, 3), convs[1]: KMeans(16), fc[0]: Uniform(0.01)}
+    return model, codecs
+
+
+def test_a_file_decodes_to_the_codec_outputs_and_identical_logits():
+    model, codecs = model_and_codecs()
+    data = encode_model(model, SPEC, codecs, meta={"test_acc": 0.5})
+    decoded, header = decode_model(data)
+    assert header["meta"] == {"test_acc": 0.5}
+    expected = create_model("convnet", in_channels=1, image_size=(8, 8), num_classes=10).eval()
+    state = model.state_dict()
+    for name, codec in codecs.items():
+        state[name] = codec.roundtrip(state[name])[0]  # what each codec gives back on its own
+    expected.load_state_dict(state)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(decoded.eval()(x), expected(x))
+    raw, _ = decode_model(encode_model(model, SPEC))  # no codecs: every tensor raw, lossless
+    with torch.no_grad():
+        assert torch.equal(raw.eval()(x), model(x))
+    assert len(data) < len(encode_model(model, SPEC))
+
+
+def _refix_crc(data: bytes) -> bytes:
+    return data[:-4] + struct.pack("<I", zlib.crc32(data[:-4]))
+
+
+def test_bad_files_are_refused_with_what_is_wrong():
+    model, codecs = model_and_codecs()
+    data = encode_model(model, SPEC, codecs)
+    cases = [
+        (data[:3], "too short"),
+        (b"PK\x03\x04" + data[4:], "not a frugal model file"),
+        (data[:4] + bytes([FORMAT_VERSION + 1]) + data[5:], "format version 2"),
+        (data[:-10], "checksum mismatch"),
+        (data[:40] + bytes([data[40] ^ 1]) + data[41:], "checksum mismatch"),
+    ]
+    for bad, msg in cases:
+        with pytest.raises(ModelFileError, match=msg):
+            decode_model(bad)
+    other = create_model("lenet300", in_channels=1, image_size=(8, 8), num_classes=10)
+    with pytest.raises(ModelFileError, match="do not match the model 'convnet'"):
+        decode_model(encode_model(other, SPEC))  # lenet300's weights under convnet's spec
+    with pytest.raises(ValueError, match="codecs given for tensors the model does not have"):
+        encode_model(model, SPEC, {"nope.weight": Uniform(0.1)})
+
+
+def test_fuzzed_files_give_a_clear_error_or_a_model_never_a_crash_or_a_hang():
+    # mutations with the checksum fixed up, so they reach the header and codec parsers
+    model, codecs = model_and_codecs()
+    data = encode_model(model, SPEC, codecs)
+    rng = random.Random(0)
+    outcomes = {"error": 0, "decoded": 0}
+    slowest = 0.0
+    for _ in range(1500):
+        b = bytearray(data[:-4])
+        for _ in range(rng.randint(1, 4)):
+            kind, i = rng.random(), rng.randrange(5, len(b))
+            if kind < 0.6:
+                b[i] ^= 1 << rng.randrange(8)  # bit flip
+            elif kind < 0.8:
+                b[i] = rng.randrange(256)  # byte replaced
+            elif kind < 0.9:
+                del b[i:i + rng.randint(1, 16)]  # bytes dropped
+            else:
+                b[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))  # bytes inserted
+        t0 = time.perf_counter()
+        try:
+            decode_model(_refix_crc(bytes(b) + b"\0\0\0\0"))
+            outcomes["decoded"] += 1  # a payload bit flip can still decode: to other, finite weights
+        except ModelFileError:
+            outcomes["error"] += 1
+        slowest = max(slowest, time.perf_counter() - t0)
+    assert outcomes["error"] > 500 and slowest < 2.0, (outcomes, slowest)
+    print(outcomes, f"slowest {slowest:.3f} s")
+
+
+def test_compress_and_eval_commands_reproduce_the_accuracy(tmp_path, capsys):
+    import json
+
+    from frugal.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--task", "digits", "--model", "convnet", "--epochs", "1", "--device", "cpu",
+                 "--out", str(run)]) == 0
+    capsys.readouterr()
+    f = tmp_path / "m.frugal"
+    assert main(["compress", str(run), "-o", str(f), "--codec", '{"codec": "dct", "step": 0.02, "cutoff": 3}',
+                 "--device", "cpu"]) == 0
+    written = json.loads(capsys.readouterr().out)
+    assert written["bytes"] == f.stat().st_size
+    assert main(["eval", str(f), "--device", "cpu"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["reproduced"] is True and ev["test_acc"] == written["test_acc"]
+    f.write_bytes(f.read_bytes()[:-7])
+    assert main(["eval", str(f)]) == 2
+    assert "checksum mismatch" in capsys.readouterr().err
+    assert main(["compress", str(run), "-o", str(f), "--codec", "dct"]) == 2
+    assert "--codec must be a JSON object" in capsys.readouterr().err
