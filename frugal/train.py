@@ -125,6 +125,8 @@ class Hook:
 
     def after_backward(self, state: TrainState) -> None: ...
 
+    def after_step(self, state: TrainState) -> None: ...
+
     def end_of_epoch(self, state: TrainState) -> None: ...
 
     def before_eval(self, state: TrainState) -> None: ...
@@ -333,6 +335,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, hooks: Sequence[Hook] = (), 
             for h in hooks:
                 h.after_backward(state)
             optimizer.step()
+            for h in hooks:
+                h.after_step(state)
             state.step += 1
             loss_sum += loss.detach() * len(idx)
             correct += (logits.detach().argmax(1) == y).sum()

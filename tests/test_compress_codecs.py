@@ -124,3 +124,13 @@ def test_codec_specs_and_bad_parameters():
         Uniform(0.0)
     with pytest.raises(ValueError, match="prune fraction"):
         Prune(1.0, 0.1)
+
+
+@pytest.mark.parametrize("codec", [Uniform(0.03), Prune(0.6, 0.03), KMeans(8), DCT(0.03), DCT(0.03, 3)])
+@pytest.mark.parametrize("shape", [(6, 3, 5, 5), (10, 100), (13, 84), (50,)])
+def test_codes_are_idempotent(codec, shape):
+    # what training in the loop leaves behind must be exactly what the file decodes to
+    torch.manual_seed(1)
+    once, _ = codec.roundtrip(torch.randn(shape) * 0.2)
+    twice, _ = codec.roundtrip(once)
+    assert torch.equal(once, twice)

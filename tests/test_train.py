@@ -94,6 +94,9 @@ def test_hooks_are_called_at_their_points(tmp_path):
             assert all(p.grad is not None for p in s.model.parameters())
             calls.append("b")
 
+        def after_step(self, s):
+            calls.append(f"s{s.step}")  # after the optimizer's step, before the step counter moves
+
         def before_eval(self, s):
             calls.append("e")
 
@@ -102,7 +105,7 @@ def test_hooks_are_called_at_their_points(tmp_path):
 
     train(TrainConfig(epochs=2, train_limit=128, **DIGITS), tmp_path, hooks=[Rec()], quiet=True)
     # 2 steps per epoch, before_eval before each validation and before the final test
-    assert calls == ["b", "b", "e", "end0", "b", "b", "e", "end1", "e"]
+    assert calls == ["b", "s0", "b", "s1", "e", "end0", "b", "s2", "b", "s3", "e", "end1", "e"]
 
 
 def test_resume_refuses_a_different_config(tmp_path):

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 from frugal.cli import register_command
-
-CHOSEN = "compression.json"  # in a run folder: the codec per tensor that training in the loop chose
+from frugal.compress.loop import CHOSEN  # in a run folder: the codec per tensor that training in the loop chose
 
 
 def _add_compress(p: argparse.ArgumentParser) -> None:

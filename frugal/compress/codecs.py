@@ -6,9 +6,12 @@ training loop continues from, and its size is `len(encode(w))`, never an estimat
 - `prune`: the `fraction` of weights smallest in magnitude set to 0, the rest uniform-quantised.
 - `kmeans`: weight sharing as in Deep Compression (Han et al. 2016): up to k float32 centroids and
   a range-coded cluster index per weight; 0 is always one of the centroids, so pruned weights stay 0.
-- `dct`: JPEG for kernels. An orthonormal DCT-II over each kernel's spatial axes (over 8x8 blocks of
-  an fc matrix), coefficients of frequency u + v >= `cutoff` dropped, the rest uniform-quantised;
-  smooth kernels become a few small integers.
+- `dct`: JPEG for kernels. An orthonormal DCT-II over each kernel's spatial axes (over blocks of up
+  to 8x8 of an fc matrix), coefficients of frequency u + v >= `cutoff` dropped, the rest
+  uniform-quantised; smooth kernels become a few small integers.
+
+Every code is idempotent: encoding a decoded tensor again gives back the same tensor, so a model
+trained with compression in the loop is exactly what its compressed file decodes to.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from frugal.compress.entropy import CodecError, decode_symbols, encode_symbols
 
-FC_BLOCK = 8  # side of the blocks an fc matrix is cut into for the DCT
+FC_BLOCK = 8  # largest side of the blocks an fc matrix is cut into for the DCT
 
 
 def dct_matrix(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
@@ -46,27 +49,31 @@ def idct2(c: torch.Tensor) -> torch.Tensor:
     return ch.T @ c @ cw
 
 
+def _block_side(n: int) -> int:
+    """The largest divisor of n that is at most FC_BLOCK: blocks tile the side exactly, with no
+    padding, so decoding then encoding again gives back the same coefficients (the code is idempotent)."""
+    return max(d for d in range(1, min(n, FC_BLOCK) + 1) if n % d == 0)
+
+
 def to_blocks(w: torch.Tensor) -> torch.Tensor:
-    """The 2-D pictures the DCT runs on: a conv weight (O, I, kh, kw) as O*I kernels (kh, kw);
-    an fc weight (O, I), zero-padded to multiples of 8, as 8x8 blocks; a vector as one row."""
+    """The 2-D pictures the DCT runs on: a conv weight (O, I, kh, kw) as O*I kernels (kh, kw); an
+    fc weight (O, I) cut into bo x bi blocks (each side the largest divisor of O, I up to 8); a vector
+    as a one-row matrix."""
     if w.dim() >= 3:
         return w.reshape(-1, *w.shape[-2:])  # (O*I, kh, kw)
     m = w.reshape(1, -1) if w.dim() == 1 else w
     o, i = m.shape
-    b = FC_BLOCK
-    po, pi = -o % b, -i % b
-    m = torch.nn.functional.pad(m, (0, pi, 0, po))  # (O', I')
-    return m.reshape(m.shape[0] // b, b, m.shape[1] // b, b).permute(0, 2, 1, 3).reshape(-1, b, b)  # (nb, 8, 8)
+    bo, bi = _block_side(o), _block_side(i)
+    return m.reshape(o // bo, bo, i // bi, bi).permute(0, 2, 1, 3).reshape(-1, bo, bi)  # (nb, bo, bi)
 
 
 def from_blocks(blocks: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if len(shape) >= 3:
         return blocks.reshape(shape)
     o, i = (1, shape[0]) if len(shape) == 1 else shape
-    b = FC_BLOCK
-    go, gi = math.ceil(o / b), math.ceil(i / b)
-    m = blocks.reshape(go, gi, b, b).permute(0, 2, 1, 3).reshape(go * b, gi * b)  # (O', I')
-    return m[:o, :i].reshape(shape)
+    bo, bi = _block_side(o), _block_side(i)
+    m = blocks.reshape(o // bo, i // bi, bo, bi).permute(0, 2, 1, 3).reshape(o, i)  # (O, I)
+    return m.reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,10 @@ class Codec:
 
     def decode(self, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         raise NotImplementedError
+
+    def spec(self) -> dict:
+        """{"codec": name, **parameters}: what `codec_from_spec` rebuilds it from."""
+        return {"codec": self.name, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
 
     def roundtrip(self, w: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(decoded tensor, bytes): what the training loop loads, and what it costs."""
@@ -165,7 +176,12 @@ class KMeans(Codec):
 
     def encode(self, w: torch.Tensor) -> bytes:
         x = w.detach().double().cpu().reshape(-1).numpy()
-        k = min(self.k, max(2, np.unique(x).size + 1))
+        values = np.unique(np.concatenate([[0.0], x]))
+        if values.size <= self.k:  # already shared (e.g. decoded by this codec): keep the values exactly
+            idx = np.searchsorted(values, x)
+            centroids = values.astype(np.float32)
+            return struct.pack("<H", centroids.size) + centroids.astype("<f4").tobytes() + encode_symbols(idx)
+        k = self.k
         # linear initialisation over the range (Han et al. found it best for weight sharing); in 1-D
         # the nearest centroid is found by binary search between midpoints: O(n log k) time, O(n) memory
         c = np.linspace(x.min(), x.max(), k - 1) if x.size else np.zeros(k - 1)

@@ -53,7 +53,7 @@ def encode_model(model: nn.Module, spec: dict[str, Any], codecs: dict[str, Codec
     for name, t in tensors.items():
         codec = codecs.get(name, Raw())
         data = codec.encode(t)
-        entries.append([name, list(t.shape), {"codec": codec.name, **_params(codec)}, len(data)])
+        entries.append([name, list(t.shape), codec.spec(), len(data)])
         payloads.append(data)
     header = json.dumps({"spec": spec, "meta": meta or {}, "tensors": entries}, separators=(",", ":")).encode()
     zheader = zstandard.ZstdCompressor(level=19).compress(header)
@@ -65,10 +65,6 @@ def encode_model(model: nn.Module, spec: dict[str, Any], codecs: dict[str, Codec
         out += p
     out += struct.pack("<I", zlib.crc32(out))
     return bytes(out)
-
-
-def _params(codec: Codec) -> dict[str, Any]:
-    return {k: getattr(codec, k) for k in codec.__dataclass_fields__}
 
 
 def write_model_file(path: str | Path, model: nn.Module, spec: dict[str, Any],

@@ -1,0 +1,180 @@
+"""Compression in the training loop: every few epochs each weight tensor is replaced by the
+decoded output of the lossy code that scores best on (loss increase) + lambda x (its bytes), and
+training goes on from there. The last epoch always ends with a round, so the trained model *is*
+its compressed file: `frugal compress RUN` writes exactly those weights.
+
+The score of a candidate code for a tensor is measured, not estimated: the tensor is replaced by
+decode(encode(w)), the loss is measured on `score_examples` validation images (carved from the
+training set, never trained on), and the size is len(encode(w)). Tensors are chosen one after
+another, each against the loss left by the choices before it (a greedy pass in layer order).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from frugal.compress.codecs import DCT, Codec, KMeans, Prune, Uniform, dct2, from_blocks, idct2, to_blocks
+from frugal.measure import weight_tensors
+from frugal.train import Hook, TrainState, normalize
+from frugal.utils import atomic_write_json
+
+CHOSEN = "compression.json"  # written into the run folder after every round
+MASKS = ("fixed", "reopen")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    every: int = 2  # epochs between rounds; the last epoch always ends with one
+    lam: float = 0.01  # score = loss increase (nats per example) + lam x kilobytes of the tensor's code
+    codecs: tuple[str, ...] = ("uniform", "prune", "kmeans", "dct")  # families tried on each weight tensor
+    steps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)  # quantisation steps, in units of the tensor's std
+    prune_fractions: tuple[float, ...] = (0.5, 0.75, 0.9)  # for `prune`, each at every step
+    kmeans_k: tuple[int, ...] = (4, 8, 16, 32)  # shared values for `kmeans`
+    dct_cutoffs: tuple[int, ...] = (0, 2, 3, 4)  # for `dct`: keep u + v < cutoff (0 keeps all), at every step
+    small_step: float = 0.05  # biases and other 1-D tensors: uniform at this many stds, no search
+    score_examples: int = 2000  # validation images the loss is measured on
+    masks: str = "fixed"  # fixed: what a round zeroed (weights, or DCT frequencies) stays zero; reopen: may regrow
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1 epoch, got {self.every}")
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if self.masks not in MASKS:
+            raise ValueError(f"masks must be one of {MASKS}, got {self.masks!r}")
+        unknown = set(self.codecs) - {"uniform", "prune", "kmeans", "dct"}
+        if unknown:
+            raise ValueError(f"unknown codec families {sorted(unknown)}; known: uniform, prune, kmeans, dct")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoopConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown compression setting(s) {sorted(unknown)}; known: "
+                             f"{', '.join(cls.__dataclass_fields__)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def candidates(w: torch.Tensor, cfg: LoopConfig) -> list[Codec]:
+    """The grid of codes tried on one weight tensor; steps scale with the tensor's spread."""
+    std = float(w.detach().float().std()) or 1e-3
+    out: list[Codec] = []
+    for q in cfg.steps:
+        step = q * std
+        if "uniform" in cfg.codecs:
+            out.append(Uniform(step))
+        if "prune" in cfg.codecs:
+            out += [Prune(f, step) for f in cfg.prune_fractions]
+        if "dct" in cfg.codecs:
+            out += [DCT(step, c) for c in cfg.dct_cutoffs]
+    if "kmeans" in cfg.codecs:
+        out += [KMeans(k) for k in cfg.kmeans_k]
+    return out
+
+
+class CompressInTheLoop(Hook):
+    """The training hook. After a run, `rounds` holds per round: the epoch, each tensor's chosen
+    code and bytes, and the validation accuracy after the swap."""
+
+    def __init__(self, cfg: LoopConfig = LoopConfig()):
+        self.cfg = cfg
+        self.rounds: list[dict[str, Any]] = []
+        self.chosen: dict[str, dict[str, Any]] = {}
+        self._masks: dict[str, tuple[str, Any]] = {}  # tensor -> ("zeros", bool mask) or ("dct", cutoff)
+
+    # -- the hook points ------------------------------------------------------------------------
+
+    def end_of_epoch(self, state: TrainState) -> None:
+        done = state.epoch + 1
+        if done % self.cfg.every == 0 or done == state.cfg.epochs:
+            self.compress(state)
+
+    @torch.no_grad()
+    def after_step(self, state: TrainState) -> None:
+        if self.cfg.masks != "fixed" or not self._masks:
+            return
+        params = dict(state.model.named_parameters())
+        for name, (kind, arg) in self._masks.items():
+            p = params.get(name)
+            if p is None:
+                continue
+            if kind == "zeros":
+                p.masked_fill_(arg.to(p.device), 0.0)
+            else:  # keep only the frequencies the code kept: project onto them
+                blocks = dct2(to_blocks(p.double()))
+                blocks[:, ~DCT(1.0, arg)._keep(*blocks.shape[1:]).to(p.device)] = 0.0
+                p.copy_(from_blocks(idct2(blocks), tuple(p.shape)).to(p.dtype))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "chosen": self.chosen, "masks": self._masks}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.rounds, self.chosen, self._masks = d["rounds"], d["chosen"], d["masks"]
+
+    # -- one round --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def compress(self, state: TrainState) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        model, data, device = state.model, state.data, state.device
+        was_training = model.training
+        model.eval()
+        n = min(self.cfg.score_examples, len(data.val))
+        dtype = next(model.parameters()).dtype
+        x = normalize(data.val.x[:n].to(device), data.mean, data.std, dtype)
+        y = data.val.y[:n].to(device)
+
+        def loss() -> float:
+            return sum(F.cross_entropy(model(xb), yb, reduction="sum").item()
+                       for xb, yb in zip(x.split(500), y.split(500))) / n
+
+        params = dict(model.named_parameters())
+        before = loss()
+        current = before
+        chosen, sizes = {}, {}
+        for name, w in weight_tensors(model).items():
+            p = params.get(name)
+            if p is None:
+                continue  # buffers (e.g. batch-norm statistics) stay as they are
+            original = p.detach().clone()
+            if p.dim() < 2:
+                std = float(original.float().std()) if original.numel() > 1 else abs(float(original.float().mean()))
+                options = [Uniform(max(self.cfg.small_step * std, 1e-6))]
+            else:
+                options = candidates(original, self.cfg)
+            best = None
+            for codec in options:
+                decoded, nbytes = codec.roundtrip(original)
+                p.copy_(decoded)
+                after = loss() if len(options) > 1 else current
+                score = (after - current) + self.cfg.lam * nbytes / 1024
+                if best is None or score < best[0]:
+                    best = (score, codec, decoded, nbytes, after)
+            _, codec, decoded, nbytes, after = best
+            p.copy_(decoded)
+            current = after
+            chosen[name], sizes[name] = codec.spec(), nbytes
+            if isinstance(codec, DCT) and codec.cutoff:
+                self._masks[name] = ("dct", codec.cutoff)
+            elif p.dim() >= 2:
+                self._masks[name] = ("zeros", (decoded == 0).cpu())
+        val_loss = loss()
+        correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x.split(500), y.split(500)))
+        model.train(was_training)
+        record = {"epoch": state.epoch + 1, "loss_before": before, "loss_after": val_loss, "val_acc_after": correct / n,
+                  "bytes": sum(sizes.values()), "tensor_bytes": sizes, "codecs": chosen,
+                  "seconds": time.perf_counter() - t0}
+        self.rounds.append(record)
+        self.chosen = chosen
+        atomic_write_json(state.run_dir / CHOSEN, {"codecs": chosen, "loop": asdict(self.cfg), "rounds": self.rounds})
+        state.log(f"compression round at epoch {record['epoch']}: {record['bytes']:,} bytes of codes, "
+                  f"val loss {before:.4f} -> {val_loss:.4f}, val acc {correct / n:.4f} ({record['seconds']:.1f}s)")
+        return record
+
+
+__all__ = ["CHOSEN", "CompressInTheLoop", "LoopConfig", "candidates"]

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+
+from frugal.compress.codecs import codec_from_spec
+from frugal.compress.loop import CHOSEN, CompressInTheLoop, LoopConfig
+from frugal.data import load_task
+from frugal.train import TrainConfig, TrainState, train
+
+CFG = dict(task="digits", model="lenet300", seed=0, device="cpu", optimizer="adam", lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("loop") / "run"
+    hook = CompressInTheLoop(LoopConfig(every=2, lam=0.05, steps=(0.1, 0.3), kmeans_k=(8,), dct_cutoffs=(0, 3)))
+    res = train(TrainConfig(epochs=3, **CFG), run, hooks=[hook], quiet=True, progress=False)
+    return run, hook, res
+
+
+def test_rounds_run_every_k_epochs_and_at_the_end(trained):
+    run, hook, _ = trained
+    assert [r["epoch"] for r in hook.rounds] == [2, 3]
+    saved = json.loads((run / CHOSEN).read_text())
+    assert saved["codecs"] == hook.chosen and len(saved["rounds"]) == 2
+    for r in hook.rounds:
+        assert r["bytes"] == sum(r["tensor_bytes"].values()) > 0
+
+
+def test_the_trained_model_is_exactly_what_its_codes_decode_to(trained):
+    _, hook, res = trained
+    state = res.model.state_dict()
+    for name, spec in hook.chosen.items():
+        decoded, _ = codec_from_spec(spec).roundtrip(state[name])
+        assert torch.equal(decoded, state[name]), name
+
+
+def test_the_compressed_file_reproduces_the_run_accuracy(trained, tmp_path, capsys):
+    from frugal.cli import main
+
+    run, _, res = trained
+    f = tmp_path / "m.frugal"
+    assert main(["compress", str(run), "-o", str(f), "--device", "cpu"]) == 0  # uses compression.json
+    capsys.readouterr()
+    assert main(["eval", str(f), "--device", "cpu"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["test_acc"] == res.test_acc and ev["reproduced"]
+
+
+def _state(model, run_dir):
+    data = load_task("digits")
+    cfg = TrainConfig(epochs=1, **CFG)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return TrainState(cfg, model, opt, data, torch.device("cpu"), run_dir, log=lambda s: None)
+
+
+def test_a_larger_lambda_never_gives_a_larger_code(trained, tmp_path):
+    import copy
+
+    _, _, res = trained
+    sizes = []
+    for lam in (0.0, 0.01, 0.1, 1.0, 10.0):
+        m = copy.deepcopy(res.model)  # every lambda starts from the same weights
+        hook = CompressInTheLoop(LoopConfig(lam=lam, steps=(0.05, 0.2, 0.8), kmeans_k=(4, 16), dct_cutoffs=(0, 2)))
+        sizes.append(hook.compress(_state(m, tmp_path))["bytes"])
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0], sizes
+
+
+@pytest.mark.parametrize("masks", ["fixed", "reopen"])
+def test_fixed_masks_keep_pruned_weights_at_zero(trained, tmp_path, masks):
+    import copy
+
+    m = copy.deepcopy(trained[2].model)
+    hook = CompressInTheLoop(LoopConfig(codecs=("prune",), prune_fractions=(0.9,), steps=(0.01,), masks=masks))
+    state = _state(m, tmp_path)
+    hook.compress(state)
+    w = m.hidden[0].weight
+    zeros = (w == 0).clone()
+    assert zeros.float().mean() >= 0.9
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    for _ in range(3):
+        state.optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        state.optimizer.step()
+        hook.after_step(state)
+    regrown = (w[zeros] != 0).any().item()
+    assert regrown == (masks == "reopen")
+
+
+def test_bad_loop_settings_are_named():
+    with pytest.raises(ValueError, match="masks must be one of"):
+        LoopConfig(masks="frozen")
+    with pytest.raises(ValueError, match="unknown codec families \\['jpeg'\\]"):
+        LoopConfig(codecs=("jpeg",))
+    with pytest.raises(ValueError, match="unknown compression setting"):
+        LoopConfig.from_dict({"lambda": 1})
