@@ -85,7 +85,9 @@ class Codec:
     def encode(self, w: torch.Tensor) -> bytes:
         raise NotImplementedError
 
-    def decode(self, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    @classmethod
+    def decode(cls, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        """The bytes carry the code's parameters: decoding needs only the codec's name and the shape."""
         raise NotImplementedError
 
     def spec(self) -> dict:
@@ -133,9 +135,10 @@ class Uniform(Codec):
         q = torch.round(w.detach().double().cpu() / np.float32(self.step)).long().numpy()
         return struct.pack("<f", self.step) + encode_symbols(q)
 
-    def decode(self, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-        (step,), pos = _header("<f", data, self.name)
-        q = _symbols(data, pos, math.prod(shape), self.name)
+    @classmethod
+    def decode(cls, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        (step,), pos = _header("<f", data, cls.name)
+        q = _symbols(data, pos, math.prod(shape), cls.name)
         return (torch.from_numpy(q).double() * step).float().reshape(shape)
 
 
@@ -159,8 +162,9 @@ class Prune(Codec):
             w[w.abs().argsort()[:k]] = 0.0
         return Uniform(self.step).encode(w)
 
-    def decode(self, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-        return Uniform(self.step).decode(data, shape)
+    @classmethod
+    def decode(cls, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        return Uniform.decode(data, shape)  # pruned weights are uniform symbols with many zeros
 
 
 @dataclass(frozen=True)
@@ -194,14 +198,15 @@ class KMeans(Codec):
         idx = _nearest(x, centroids.astype(np.float64))
         return struct.pack("<H", centroids.size) + centroids.astype("<f4").tobytes() + encode_symbols(idx)
 
-    def decode(self, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-        (k,), pos = _header("<H", data, self.name)
+    @classmethod
+    def decode(cls, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        (k,), pos = _header("<H", data, cls.name)
         if len(data) < pos + 4 * k:
-            raise CodecError(f"{self.name} data ends inside its {k} centroids: truncated")
+            raise CodecError(f"{cls.name} data ends inside its {k} centroids: truncated")
         centroids = np.frombuffer(data[pos:pos + 4 * k], dtype="<f4").astype(np.float32)
-        idx = _symbols(data, pos + 4 * k, math.prod(shape), self.name)
+        idx = _symbols(data, pos + 4 * k, math.prod(shape), cls.name)
         if idx.size and (idx.min() < 0 or idx.max() >= k):
-            raise CodecError(f"{self.name} data refers to centroid {int(idx.max())} of {k}: damaged")
+            raise CodecError(f"{cls.name} data refers to centroid {int(idx.max())} of {k}: damaged")
         return torch.from_numpy(centroids[idx].copy()).reshape(shape)
 
 
@@ -228,11 +233,12 @@ class DCT(Codec):
         q = torch.round(coef / np.float32(self.step)).long().numpy()
         return struct.pack("<fH", self.step, self.cutoff) + encode_symbols(q)
 
-    def decode(self, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-        (step, cutoff), pos = _header("<fH", data, self.name)
+    @classmethod
+    def decode(cls, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        (step, cutoff), pos = _header("<fH", data, cls.name)
         empty = to_blocks(torch.zeros(shape, dtype=torch.float64))  # (n, h, w)
         keep = DCT(1.0, cutoff)._keep(*empty.shape[1:])
-        q = _symbols(data, pos, empty.shape[0] * int(keep.sum()), self.name)
+        q = _symbols(data, pos, empty.shape[0] * int(keep.sum()), cls.name)
         coef = empty.clone()
         coef[:, keep] = torch.from_numpy(q).double().reshape(empty.shape[0], -1) * step
         return from_blocks(idct2(coef), shape).float()
@@ -252,7 +258,8 @@ class Raw(Codec):
     def encode(self, w: torch.Tensor) -> bytes:
         return w.detach().cpu().float().numpy().astype("<f4").tobytes()
 
-    def decode(self, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    @classmethod
+    def decode(cls, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         n = math.prod(shape)
         if len(data) != 4 * n:
             raise CodecError(f"raw data of {len(data)} bytes for {n} float32 values ({4 * n} bytes)")
@@ -260,6 +267,13 @@ class Raw(Codec):
 
 
 CODECS = {c.name: c for c in (Raw, Uniform, Prune, KMeans, DCT)}
+
+
+def decode_tensor(codec_name: str, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    """Decode bytes written by the codec named `codec_name`."""
+    if codec_name not in CODECS:
+        raise CodecError(f"unknown codec {codec_name!r}; known: {', '.join(CODECS)}")
+    return CODECS[codec_name].decode(data, shape)
 
 
 def codec_from_spec(spec: dict) -> Codec:

@@ -5,7 +5,8 @@ Layout (all integers little-endian):
     b"FRGL"            magic
     u8                 format version (FORMAT_VERSION)
     varint + bytes     header: zstd-compressed JSON {"spec": model spec, "meta": {...},
-                       "tensors": [[name, shape, codec spec, payload length], ...]}
+                       "tensors": [[name, shape, codec name, payload length], ...]} (each payload
+                       carries its code's parameters)
     bytes              the tensors' payloads, in header order (each codec's own bytes)
     u32                CRC-32 of everything before it
 
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from frugal.compress.codecs import Codec, Raw, codec_from_spec
+from frugal.compress.codecs import Codec, Raw, decode_tensor
 from frugal.compress.entropy import CodecError, read_varint, write_varint
 from frugal.measure import weight_tensors
 from frugal.utils import atomic_write_bytes
@@ -53,7 +54,7 @@ def encode_model(model: nn.Module, spec: dict[str, Any], codecs: dict[str, Codec
     for name, t in tensors.items():
         codec = codecs.get(name, Raw())
         data = codec.encode(t)
-        entries.append([name, list(t.shape), codec.spec(), len(data)])
+        entries.append([name, list(t.shape), codec.name, len(data)])
         payloads.append(data)
     header = json.dumps({"spec": spec, "meta": meta or {}, "tensors": entries}, separators=(",", ":")).encode()
     zheader = zstandard.ZstdCompressor(level=19).compress(header)
@@ -118,13 +119,12 @@ def decode_model(data: bytes, device=None) -> tuple[nn.Module, dict[str, Any]]:
         raise ModelFileError(f"the file's tensors {sorted(set(names) ^ set(expected))} do not match the "
                              f"model {header['spec'].get('name')!r}")
     state = {}
-    for name, shape, cspec, length in entries:
+    for name, shape, codec_name, length in entries:
         if tuple(shape) != tuple(expected[name].shape):
             raise ModelFileError(f"tensor {name!r} has shape {tuple(shape)} in the file, "
                                  f"{tuple(expected[name].shape)} in the model")
         try:
-            codec = codec_from_spec(cspec)
-            state[name] = codec.decode(bytes(body[pos:pos + length]), tuple(shape))
+            state[name] = decode_tensor(codec_name, bytes(body[pos:pos + length]), tuple(shape))
         except (CodecError, ValueError, TypeError) as e:
             raise ModelFileError(f"tensor {name!r} does not decode: {e}") from None
         if not bool(state[name].isfinite().all()):
@@ -144,7 +144,7 @@ def _check_header(h: Any) -> list[list]:
         raise ModelFileError("header spec or tensor list has the wrong type: damaged")
     for e in h["tensors"]:
         ok = (isinstance(e, list) and len(e) == 4 and isinstance(e[0], str) and isinstance(e[1], list)
-              and all(isinstance(d, int) and 0 <= d < 1 << 31 for d in e[1]) and isinstance(e[2], dict)
+              and all(isinstance(d, int) and 0 <= d < 1 << 31 for d in e[1]) and isinstance(e[2], str)
               and isinstance(e[3], int) and e[3] >= 0 and math.prod(e[1]) < 1 << 31)
         if not ok:
             raise ModelFileError(f"tensor entry {str(e)[:80]} is malformed: damaged")
