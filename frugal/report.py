@@ -65,6 +65,10 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             vals = [r[key] for r in rs if key in r]
             if vals:
                 e[key] = float(np.mean(vals))
+        # the size to plot: a method's real compressed file where it wrote one, else zstd of the fp32 weights
+        sizes = [r.get("file_bytes", r.get("zstd_bytes")) for r in rs]
+        if all(v is not None for v in sizes):
+            e["plot_bytes"] = float(np.mean(sizes))
         ratios = [r["latency_ms"] / b for r in rs if "latency_ms" in r and (b := baseline_latency(r))]
         if ratios:
             e["latency_vs_baseline"] = float(np.mean(ratios))
@@ -122,15 +126,26 @@ def plot_tradeoffs(agg: list[dict[str, Any]], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .bench import list_methods
+
+    methods = list_methods()
+    refs: dict[str, list] = defaultdict(list)  # task -> published points of the methods in this report
+    for name in sorted({e["method"] for e in agg}):
+        for task, points in ((methods[name].references or {}) if name in methods else {}).items():
+            refs[task] += points
     written = []
     tasks = sorted({e["task"] for e in agg})
     for xkey, xlabel, fname in [("macs", "multiply-adds per image", "acc_vs_macs.png"),
-                                ("zstd_bytes", "bytes of weights (zstd)", "acc_vs_bytes.png")]:
+                                ("plot_bytes", "bytes (compressed file, else zstd of fp32)", "acc_vs_bytes.png")]:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
         for ax, task in zip(axes[0], tasks):
             for e in (e for e in agg if e["task"] == task and e.get(xkey)):
                 ax.errorbar(e[xkey], 100 * e["test_acc_mean"], yerr=100 * e["test_acc_std"], fmt="o", capsize=3,
                             label=f"{e['method']}: {e['variant']}" if e["variant"] != e["method"] else e["method"])
+            if xkey == "plot_bytes":
+                for label, acc, size in refs.get(task, []):
+                    ax.plot(size, 100 * acc, "k*", markersize=8)
+                    ax.annotate(label, (size, 100 * acc), fontsize=6, xytext=(3, 3), textcoords="offset points")
             ax.set_xscale("log")
             lo, hi = ax.get_ylim()
             ax.set_ylim(lo, min(hi, 100.2))  # accuracy ends at 100%

@@ -1,0 +1,138 @@
+"""Bench method `compress`: compression in the training loop against the same net trained plainly
+and against a plain control, each measured by the size of its real `.frugal` file.
+
+Per (task, model, seed):
+- `dense`: plain training; its file stores every tensor raw (float32).
+- `loop λ=...`: the same training with `CompressInTheLoop` at each lambda; the file holds the
+  codes the last round chose, and decodes to exactly the trained weights.
+- `torch-prune λ=...`: the control at matched sparsity. The dense net is pruned with
+  `torch.nn.utils.prune.global_unstructured` (L1) to the share of zero weights the loop model of
+  that lambda ended with, fine-tuned with the mask for the same epochs as one loop round, then
+  uniform-quantised (step 0.05 x each tensor's std) and written with the same range coder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from frugal.bench import BenchContext, register_method, train_and_measure
+from frugal.compress.codecs import Uniform
+from frugal.compress.container import encode_model
+from frugal.compress.loop import CompressInTheLoop, LoopConfig
+from frugal.data import load_task
+from frugal.measure import measure
+from frugal.train import TrainConfig, model_spec, train
+from frugal.utils import atomic_write_bytes
+
+# Per task: (model, training settings per budget). lr is Adam's peak rate per batch of 128.
+PLANS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "mnist": [("lenet5", dict(quick=dict(epochs=4), full=dict(epochs=20))),
+              ("lenet300", dict(quick=dict(epochs=4), full=dict(epochs=20)))],
+    "fashion-mnist": [("resnet", dict(quick=dict(epochs=4), full=dict(epochs=15)))],
+    "digits": [("lenet300", dict(quick=dict(epochs=10), full=dict(epochs=30)))],
+}
+TINY = dict(epochs=2, train_limit=256)
+LAMBDAS = (0.003, 0.03, 0.3)  # loss increase (nats per example) worth one kilobyte of code
+CONTROL_STEP = 0.05  # the control's quantisation step, in units of each tensor's std
+
+# Published points (accuracy, bytes) drawn on the report's accuracy-vs-bytes plots: Deep Compression
+# (Han et al. 2016), EPR (Oktay et al. 2020), MIRACLE (Havasi et al. 2019).
+PUBLISHED = {
+    "mnist": [("LeNet-5 Deep Compression", 0.9926, 44_000), ("LeNet-5 EPR", 0.990, 2_840),
+              ("LeNet-5 MIRACLE", 0.9904, 1_520), ("LeNet-300-100 Deep Compression", 0.9842, 27_000),
+              ("LeNet-300-100 EPR", 0.981, 8_560)],
+}
+
+
+def _weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def zero_fraction(model: nn.Module) -> float:
+    ws = [getattr(m, n) for m, n in _weights(model)]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+def file_row(model: nn.Module, spec: dict, codecs: dict, path: Path) -> dict[str, Any]:
+    blob = encode_model(model, spec, codecs)
+    atomic_write_bytes(path, blob)
+    return {"file_bytes": len(blob), "zero_fraction": zero_fraction(model)}
+
+
+def torch_prune_control(ctx: BenchContext, base: TrainConfig, dense_dir: Path, sparsity: float,
+                        epochs: int, run_dir: Path) -> dict[str, Any]:
+    """Prune the trained dense net to `sparsity`, fine-tune with the mask, quantise, write the file."""
+    import torch.nn.utils.prune as prune
+    from safetensors.torch import load_file
+
+    from frugal.train import WEIGHTS, build_model
+
+    data = load_task(base.task, data_dir=ctx.data_dir, val_size=base.val_size)
+    spec = model_spec(base, data)
+    model = build_model(spec, device=ctx.device)
+    model.load_state_dict(load_file(str(dense_dir / WEIGHTS), device=str(ctx.device)))
+    params = _weights(model)
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=sparsity)
+    cfg = TrainConfig(**{**base.to_dict(), "epochs": epochs, "warmup_epochs": 0.0,
+                         "lr": base.lr / 10})  # fine-tuning: a tenth of the training rate
+    res = train(cfg, run_dir, resume=(run_dir / "checkpoint.pt").exists(), model=model, data=data,
+                quiet=ctx.quiet, progress=False)
+    for m, name in params:
+        prune.remove(m, name)  # make the zeros permanent: plain weights again
+    state = res.model.state_dict()
+    codecs = {k: Uniform(max(CONTROL_STEP * float(v.float().std()), 1e-6))
+              for k, v in state.items() if v.is_floating_point() and v.numel() > 1}
+    with torch.no_grad():
+        for k, c in codecs.items():
+            state[k].copy_(c.roundtrip(state[k])[0])  # the file's weights: measured as they decode
+    row = measure(res.model, data, ctx.device, data_dir=ctx.data_dir, speed=False)
+    row.update(file_row(res.model, spec, codecs, run_dir / "model.frugal"), train_seconds=res.train_seconds,
+               epochs=epochs, model=base.model, run_dir=str(run_dir.relative_to(ctx.out_dir)),
+               target_sparsity=sparsity)
+    return row
+
+
+@register_method("compress", tasks=tuple(PLANS), default_tasks=("mnist", "fashion-mnist"),
+                 description="compression in the training loop vs plain training and torch pruning, in real file bytes",
+                 fields=(("file_bytes", "file bytes", "{:,.0f}"), ("zero_fraction", "zero weights", "{:.1%}")),
+                 references=PUBLISHED)
+def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
+    rows = []
+    for model_name, plan in PLANS[task]:
+        settings = {"optimizer": "adam", "lr": 1e-3, **(TINY if ctx.budget == "tiny" else plan[ctx.budget])}
+        base = TrainConfig(task=task, model=model_name, seed=seed, device=str(ctx.device), data_dir=ctx.data_dir,
+                           **settings)
+        every = max(1, base.epochs // 4)
+        data = load_task(task, data_dir=ctx.data_dir, val_size=base.val_size)
+        spec = model_spec(base, data)
+
+        dense_dir = ctx.run_dir("compress", task, seed, f"{model_name}-dense")
+        row = train_and_measure(ctx, base, dense_dir, extra=lambda m, d: file_row(
+            m, spec, {}, dense_dir / "model.frugal"))
+        rows.append({**row, "variant": f"{model_name} dense"})
+
+        for lam in LAMBDAS:
+            run_dir = ctx.run_dir("compress", task, seed, f"{model_name}-loop-{lam:g}")
+            hook = CompressInTheLoop(LoopConfig(every=every, lam=lam))
+
+            def chosen_file(m, d, run_dir=run_dir, hook=hook):
+                from frugal.compress.codecs import codec_from_spec
+
+                codecs = {k: codec_from_spec(v) for k, v in hook.chosen.items()}
+                out = file_row(m, spec, codecs, run_dir / "model.frugal")
+                out["rounds"] = json.dumps([{k: r[k] for k in ("epoch", "bytes", "val_acc_after")}
+                                            for r in hook.rounds])
+                return out
+
+            row = train_and_measure(ctx, base, run_dir, extra=chosen_file, hooks=[hook])
+            rows.append({**row, "variant": f"{model_name} loop λ={lam:g}", "lam": lam})
+            sparsity = row["zero_fraction"]
+            ctrl_dir = ctx.run_dir("compress", task, seed, f"{model_name}-torch-prune-{lam:g}")
+            ctrl = torch_prune_control(ctx, base, dense_dir, sparsity, every, ctrl_dir)
+            rows.append({**ctrl, "variant": f"{model_name} torch-prune λ={lam:g}", "lam": lam})
+    return rows
