@@ -10,6 +10,7 @@ from frugal.compress.codecs import CODECS, DCT, Codec, KMeans, Prune, Uniform, c
 from frugal.compress.container import ModelFileError, decode_model, encode_model, read_model_file, write_model_file
 from frugal.compress.entropy import CodecError, decode_symbols, encode_symbols, entropy_bits
 
+from frugal.compress import genes as _genes  # noqa: E402,F401  registers the model `genes_lenet5`
 from frugal.compress import bench as _bench  # noqa: E402,F401  registers the bench method `compress`
 from frugal.compress import cli as _cli  # noqa: E402,F401  registers `frugal compress` and `frugal eval`
 
