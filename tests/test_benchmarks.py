@@ -51,3 +51,13 @@ def test_saccade_model_benchmark_measures_both_models(twin_runs, capsys):
 def test_saccade_model_benchmark_refuses_a_model_that_is_not_saccadic(twin_runs):
     with pytest.raises(SystemExit, match="is not a saccadic model"):
         saccade_model.main(["--sparse", str(twin_runs["blockcnn"]), "--dense", str(twin_runs["blockcnn"])])
+
+
+def test_codec_speed_benchmark_writes_and_reads_whole_files(capsys):
+    from frugal.benchmarks import codec_speed
+
+    out = codec_speed.main(["--width", "4", "--repeats", "1"])
+    assert json.loads(capsys.readouterr().out)["params"] == out["params"]
+    assert {r["codec"]["codec"] for r in out["rows"]} == {"uniform", "prune", "kmeans", "dct"}
+    for r in out["rows"]:
+        assert r["bytes"] > 0 and r["encode_s"] > 0 and r["decode_s"] > 0

@@ -186,13 +186,16 @@ class KMeans(Codec):
             centroids = values.astype(np.float32)
             return struct.pack("<H", centroids.size) + centroids.astype("<f4").tobytes() + encode_symbols(idx)
         k = self.k
-        # linear initialisation over the range (Han et al. found it best for weight sharing); in 1-D
-        # the nearest centroid is found by binary search between midpoints: O(n log k) time, O(n) memory
-        c = np.linspace(x.min(), x.max(), k - 1) if x.size else np.zeros(k - 1)
+        # linear initialisation over the range (Han et al. found it best for weight sharing). In 1-D,
+        # Lloyd's step needs only the sorted values and their prefix sums: each cluster is a run of
+        # the sorted values between midpoints, found by binary search: O(k log n) per iteration
+        xs = np.sort(x)
+        csum = np.concatenate([[0.0], np.cumsum(xs)])
+        c = np.linspace(xs[0], xs[-1], k - 1)
         for _ in range(self.iters):
-            idx = _nearest(x, c)
-            n = np.bincount(idx, minlength=c.size)
-            sums = np.bincount(idx, weights=x, minlength=c.size)
+            cuts = np.concatenate([[0], np.searchsorted(xs, (c[1:] + c[:-1]) / 2), [xs.size]])  # (k,) run bounds
+            n = np.diff(cuts)
+            sums = csum[cuts[1:]] - csum[cuts[:-1]]
             c = np.sort(np.where(n > 0, sums / np.maximum(n, 1), c))
         centroids = np.unique(np.concatenate([[0.0], c]).astype(np.float32))  # sorted, 0 included exactly
         idx = _nearest(x, centroids.astype(np.float64))
