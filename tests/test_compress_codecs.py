@@ -3,8 +3,8 @@ import pytest
 import scipy.fft
 import torch
 
-from frugal.compress.codecs import (DCT, KMeans, Prune, Uniform, codec_from_spec, dct2, from_blocks, idct2,
-                                    to_blocks)
+from frugal.compress.codecs import (DCT, KMeans, Prune, Structured, Uniform, codec_from_spec, dct2, from_blocks,
+                                    idct2, to_blocks)
 from frugal.compress.entropy import CodecError, decode_symbols, encode_symbols, entropy_bits
 
 
@@ -59,6 +59,21 @@ def test_prune_zeros_the_smallest_fraction():
     assert w.abs()[kept].min() >= w.abs()[~kept].max()  # exactly the largest survive
 
 
+def test_structured_drops_whole_units_of_smallest_norm():
+    torch.manual_seed(0)
+    w = torch.randn(20, 10, 3, 3) * torch.linspace(0.1, 2, 20)[:, None, None, None]  # row norms grow with o
+    out, n = Structured(0.5, 0.2, 1e-3).roundtrip(w)
+    rows_kept = out.flatten(1).abs().sum(1) > 0
+    assert rows_kept.tolist() == [False] * 10 + [True] * 10  # the 10 weakest rows went
+    assert (out.abs().sum((0, 2, 3)) == 0).sum() == 2  # and 2 of the 10 input units
+    kept = out != 0
+    torch.testing.assert_close(out[kept], w[kept], atol=5e-4, rtol=0)
+    big = torch.randn(400, 300)
+    assert len(Structured(0.7, 0.7, 0.05).encode(big)) < len(Prune(0.91, 0.05).encode(big))  # same density
+    with pytest.raises(ValueError, match="2 or more dimensions"):
+        Structured(0.5, 0.5, 0.1).encode(torch.zeros(5))
+
+
 def test_kmeans_shares_at_most_k_values_and_keeps_zero():
     torch.manual_seed(0)
     w = torch.randn(64, 32) * 0.1
@@ -70,7 +85,8 @@ def test_kmeans_shares_at_most_k_values_and_keeps_zero():
     assert torch.allclose(d.min(1).values, (w.reshape(-1) - out.reshape(-1)).abs())
 
 
-@pytest.mark.parametrize("codec", [Uniform(0.02), Prune(0.5, 0.02), KMeans(16), DCT(0.02, 3), DCT(0.02)])
+@pytest.mark.parametrize("codec", [Uniform(0.02), Prune(0.5, 0.02), KMeans(16), DCT(0.02, 3), DCT(0.02),
+                                   Structured(0.5, 0.25, 0.02)])
 def test_decode_of_encode_is_deterministic_and_exact(codec):
     w = torch.randn(5, 2, 3, 3) * 0.2
     data = codec.encode(w)
@@ -116,7 +132,7 @@ def test_damaged_streams_are_refused():
 
 def test_codec_specs_and_bad_parameters():
     assert codec_from_spec({"codec": "dct", "step": 0.01, "cutoff": 3}) == DCT(0.01, 3)
-    with pytest.raises(ValueError, match="unknown codec 'jpeg'; known: raw, uniform, prune, kmeans, dct"):
+    with pytest.raises(ValueError, match="unknown codec 'jpeg'; known: raw, uniform, prune, structured, kmeans, dct"):
         codec_from_spec({"codec": "jpeg"})
     with pytest.raises(ValueError, match="bad parameters for codec 'uniform'"):
         codec_from_spec({"codec": "uniform", "quality": 3})
@@ -126,8 +142,9 @@ def test_codec_specs_and_bad_parameters():
         Prune(1.0, 0.1)
 
 
-@pytest.mark.parametrize("codec", [Uniform(0.03), Prune(0.6, 0.03), KMeans(8), DCT(0.03), DCT(0.03, 3)])
-@pytest.mark.parametrize("shape", [(6, 3, 5, 5), (10, 100), (13, 84), (50,)])
+@pytest.mark.parametrize("codec, shape", [
+    (c, s) for c in (Uniform(0.03), Prune(0.6, 0.03), KMeans(8), DCT(0.03), DCT(0.03, 3), Structured(0.5, 0.3, 0.03))
+    for s in ((6, 3, 5, 5), (10, 100), (13, 84), (50,)) if not (isinstance(c, Structured) and len(s) < 2)])
 def test_codes_are_idempotent(codec, shape):
     # what training in the loop leaves behind must be exactly what the file decodes to
     torch.manual_seed(1)

@@ -4,6 +4,8 @@ training loop continues from, and its size is `len(encode(w))`, never an estimat
 
 - `uniform`: round(w / step), the symbols range-coded (a dead zone of |w| < step / 2 becomes 0).
 - `prune`: the `fraction` of weights smallest in magnitude set to 0, the rest uniform-quantised.
+- `structured`: whole output and input units of smallest norm dropped; two bit masks and the
+  surviving block, uniform-quantised.
 - `kmeans`: weight sharing as in Deep Compression (Han et al. 2016): up to k float32 centroids and
   a range-coded cluster index per weight; 0 is always one of the centroids, so pruned weights stay 0.
 - `dct`: JPEG for kernels. An orthonormal DCT-II over each kernel's spatial axes (over blocks of up
@@ -253,6 +255,57 @@ def _nearest(x: np.ndarray, sorted_c: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Structured(Codec):
+    """Structured pruning: whole output units (rows: dim 0) and whole input units (dim 1, with their
+    kernels) of smallest L2 norm are dropped; two bit masks say which survived, and only the surviving
+    block is uniform-quantised and range-coded. Positions cost O(rows + inputs) bits, not one symbol
+    per weight, which is where unstructured pruning spends most of its bytes at high sparsity."""
+
+    rows: float  # share of output units dropped
+    inputs: float  # share of input units dropped (of those still read by a kept row)
+    step: float  # quantisation step of the survivors
+
+    name = "structured"
+
+    def __post_init__(self):
+        if not (0 <= self.rows < 1 and 0 <= self.inputs < 1):
+            raise ValueError(f"structured fractions must be in [0, 1), got rows={self.rows}, inputs={self.inputs}")
+        _check_step(self.step)
+
+    def encode(self, w: torch.Tensor) -> bytes:
+        if w.dim() < 2:
+            raise ValueError(f"structured pruning needs a weight of 2 or more dimensions, got shape {tuple(w.shape)}")
+        m = w.detach().double().cpu().reshape(w.shape[0], w.shape[1], -1)  # (O, I, k)
+        o, i, _ = m.shape
+        keep_rows = torch.ones(o, dtype=torch.bool)
+        keep_rows[m.pow(2).sum((1, 2)).argsort()[: int(self.rows * o)]] = False
+        keep_in = torch.ones(i, dtype=torch.bool)
+        keep_in[m[keep_rows].pow(2).sum((0, 2)).argsort()[: int(self.inputs * i)]] = False
+        kept = m[keep_rows][:, keep_in]  # (o', i', k)
+        q = torch.round(kept / np.float32(self.step)).long().numpy()
+        masks = np.packbits(np.concatenate([keep_rows.numpy(), keep_in.numpy()])).tobytes()
+        return struct.pack("<f", self.step) + masks + encode_symbols(q)
+
+    @classmethod
+    def decode(cls, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        if len(shape) < 2:
+            raise CodecError(f"{cls.name} data for a tensor of shape {shape}: needs 2 or more dimensions")
+        (step,), pos = _header("<f", data, cls.name)
+        o, i, k = shape[0], shape[1], math.prod(shape[2:])
+        nmask = (o + i + 7) // 8
+        if len(data) < pos + nmask:
+            raise CodecError(f"{cls.name} data ends inside its unit masks: truncated")
+        bits = np.unpackbits(np.frombuffer(data[pos:pos + nmask], dtype=np.uint8))[: o + i].astype(bool)
+        keep_rows, keep_in = torch.from_numpy(bits[:o].copy()), torch.from_numpy(bits[o:].copy())
+        n_kept = int(keep_rows.sum()) * int(keep_in.sum()) * k
+        q = _symbols(data, pos + nmask, n_kept, cls.name)
+        m = torch.zeros(o, i, k, dtype=torch.float64)
+        block = torch.from_numpy(q).double().reshape(int(keep_rows.sum()), int(keep_in.sum()), k) * step
+        m[keep_rows.nonzero()[:, 0][:, None], keep_in.nonzero()[:, 0][None, :]] = block
+        return m.float().reshape(shape)
+
+
+@dataclass(frozen=True)
 class Raw(Codec):
     """Lossless: the float32 values as they are (the reference every lossy code is measured against)."""
 
@@ -269,7 +322,7 @@ class Raw(Codec):
         return torch.from_numpy(np.frombuffer(data, dtype="<f4").astype(np.float32)).reshape(shape)
 
 
-CODECS = {c.name: c for c in (Raw, Uniform, Prune, KMeans, DCT)}
+CODECS = {c.name: c for c in (Raw, Uniform, Prune, Structured, KMeans, DCT)}
 
 
 def decode_tensor(codec_name: str, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:

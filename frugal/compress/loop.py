@@ -18,12 +18,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from frugal.compress.codecs import DCT, Codec, KMeans, Prune, Uniform, dct2, from_blocks, idct2, to_blocks
+from frugal.compress.codecs import DCT, Codec, KMeans, Prune, Structured, Uniform, dct2, from_blocks, idct2, to_blocks
 from frugal.measure import weight_tensors
 from frugal.train import Hook, TrainState, normalize
 from frugal.utils import atomic_write_json
 
 CHOSEN = "compression.json"  # written into the run folder after every round
+FAMILIES = ("uniform", "prune", "structured", "kmeans", "dct")
 MASKS = ("fixed", "reopen")
 
 
@@ -31,9 +32,10 @@ MASKS = ("fixed", "reopen")
 class LoopConfig:
     every: int = 2  # epochs between rounds; the last epoch always ends with one
     lam: float = 0.01  # score = loss increase (nats per example) + lam x kilobytes of the tensor's code
-    codecs: tuple[str, ...] = ("uniform", "prune", "kmeans", "dct")  # families tried on each weight tensor
+    codecs: tuple[str, ...] = ("uniform", "prune", "structured", "kmeans", "dct")  # families tried per weight tensor
     steps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)  # quantisation steps, in units of the tensor's std
-    prune_fractions: tuple[float, ...] = (0.5, 0.75, 0.9)  # for `prune`, each at every step
+    prune_fractions: tuple[float, ...] = (0.5, 0.75, 0.9, 0.97)  # for `prune`, each at every step
+    structured_fractions: tuple[tuple[float, float], ...] = ((0.25, 0.0), (0.5, 0.25), (0.75, 0.5))  # (rows, inputs)
     kmeans_k: tuple[int, ...] = (4, 8, 16, 32)  # shared values for `kmeans`
     dct_cutoffs: tuple[int, ...] = (0, 2, 3, 4)  # for `dct`: keep u + v < cutoff (0 keeps all), at every step
     small_step: float = 0.05  # biases and other 1-D tensors: uniform at this many stds, no search
@@ -47,9 +49,9 @@ class LoopConfig:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if self.masks not in MASKS:
             raise ValueError(f"masks must be one of {MASKS}, got {self.masks!r}")
-        unknown = set(self.codecs) - {"uniform", "prune", "kmeans", "dct"}
+        unknown = set(self.codecs) - set(FAMILIES)
         if unknown:
-            raise ValueError(f"unknown codec families {sorted(unknown)}; known: uniform, prune, kmeans, dct")
+            raise ValueError(f"unknown codec families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoopConfig":
@@ -57,7 +59,10 @@ class LoopConfig:
         if unknown:
             raise ValueError(f"unknown compression setting(s) {sorted(unknown)}; known: "
                              f"{', '.join(cls.__dataclass_fields__)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        def tup(v):
+            return tuple(tup(x) for x in v) if isinstance(v, list) else v
+
+        return cls(**{k: tup(v) for k, v in d.items()})
 
 
 def candidates(w: torch.Tensor, cfg: LoopConfig) -> list[Codec]:
@@ -70,6 +75,8 @@ def candidates(w: torch.Tensor, cfg: LoopConfig) -> list[Codec]:
             out.append(Uniform(step))
         if "prune" in cfg.codecs:
             out += [Prune(f, step) for f in cfg.prune_fractions]
+        if "structured" in cfg.codecs:
+            out += [Structured(r, i, step) for r, i in cfg.structured_fractions]
         if "dct" in cfg.codecs:
             out += [DCT(step, c) for c in cfg.dct_cutoffs]
     if "kmeans" in cfg.codecs:
