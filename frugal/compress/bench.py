@@ -5,6 +5,8 @@ Per (task, model, seed):
 - `dense`: plain training; its file stores every tensor raw (float32).
 - `loop λ=...`: the same training with `CompressInTheLoop` at each lambda; the file holds the
   codes the last round chose, and decodes to exactly the trained weights.
+- `genes_lenet5` (mnist): LeNet-5 whose conv2 and fc1 are written by generators, trained plainly
+  and in the loop: its file holds the generators, to set against lenet5's weights at equal accuracy.
 - `torch-prune λ=...`: the control at matched sparsity. The dense net is pruned with
   `torch.nn.utils.prune.global_unstructured` (L1) to the share of zero weights the loop model of
   that lambda ended with, fine-tuned with the mask for the same epochs as one loop round, then
@@ -32,7 +34,8 @@ from frugal.utils import atomic_write_bytes
 # Per task: (model, training settings per budget). lr is Adam's peak rate per batch of 128.
 PLANS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "mnist": [("lenet5", dict(quick=dict(epochs=4), full=dict(epochs=20))),
-              ("lenet300", dict(quick=dict(epochs=4), full=dict(epochs=20)))],
+              ("lenet300", dict(quick=dict(epochs=4), full=dict(epochs=20))),
+              ("genes_lenet5", dict(quick=dict(epochs=4), full=dict(epochs=20)))],
     "fashion-mnist": [("resnet", dict(quick=dict(epochs=4), full=dict(epochs=15)))],
     "digits": [("lenet300", dict(quick=dict(epochs=10), full=dict(epochs=30)))],
 }
@@ -54,7 +57,8 @@ def _weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 def zero_fraction(model: nn.Module) -> float:
-    ws = [getattr(m, n) for m, n in _weights(model)]
+    """Share of zeros among the parameters of two or more dimensions (what pruning acts on)."""
+    ws = [p for p in model.parameters() if p.dim() >= 2]
     return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
 
 
@@ -131,6 +135,8 @@ def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]
 
             row = train_and_measure(ctx, base, run_dir, extra=chosen_file, hooks=[hook])
             rows.append({**row, "variant": f"{model_name} loop λ={lam:g}", "lam": lam})
+            if model_name.startswith("genes"):
+                continue  # pruning the generators' parameters is not the control for genes: lenet5 is
             sparsity = row["zero_fraction"]
             ctrl_dir = ctx.run_dir("compress", task, seed, f"{model_name}-torch-prune-{lam:g}")
             ctrl = torch_prune_control(ctx, base, dense_dir, sparsity, every, ctrl_dir)
