@@ -97,7 +97,7 @@ class GeneLeNet5(nn.Module):
     are written by generators; conv1 and fc2 are small and stay direct."""
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], num_classes: int, emb: int = 8,
-                 hidden: int = 32):
+                 hidden: int = 16):
         super().__init__()
         self.check = InputCheck(in_channels, image_size)
         h, w = image_size
@@ -123,6 +123,6 @@ class GeneLeNet5(nn.Module):
 
 @register_model
 def genes_lenet5(in_channels: int = 1, image_size: tuple[int, int] = (28, 28), num_classes: int = 10,
-                 emb: int = 8, hidden: int = 32) -> nn.Module:
+                 emb: int = 8, hidden: int = 16) -> nn.Module:
     """LeNet-5 with conv2 and fc1 written by compact generators ("genes")."""
     return GeneLeNet5(in_channels, image_size, num_classes, emb=emb, hidden=hidden)
