@@ -1,0 +1,181 @@
+"""Constrained kernels: conv layers whose k x k kernels have fewer degrees of freedom by construction.
+
+Every kind stays an `nn.Conv2d` (so counting, pruning and export tools still see a Conv2d): its
+`weight` is registered with `torch.nn.utils.parametrize` as a transform of a smaller tensor of free
+coefficients, and the forward pass is the ordinary `F.conv2d`. Two families:
+
+- Linear subspaces, weight = coefficients @ basis. The symmetries are partitions of the k x k
+  pixels into classes of pixels that must be equal (`lr` mirror left-right, `ud` up-down, `lrud`
+  both, `c4` 90-degree rotations, `d4` rotations and mirrors, `radial` equal distance from the
+  centre); the basis is the normalised indicator of each class, so projecting a kernel onto the
+  class is averaging over each set of tied pixels. `dct<m>`: the m lowest-frequency orthonormal
+  DCT-II basis kernels (zigzag order, as in Harmonic Networks, Ulicny et al. 2019).
+- `rank<r>` (separable): weight = sum of r outer products u v^T; rank 1 is a flattened (1-D x 1-D)
+  kernel. Projection is the truncated SVD.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.parametrize as parametrize
+
+SYMMETRIES = ("lr", "ud", "lrud", "c4", "d4", "radial")
+
+
+def kind_names() -> list[str]:
+    return [*SYMMETRIES, "dct<m> (e.g. dct3)", "rank<r> (e.g. rank1)"]
+
+
+def pixel_classes(k: int, kind: str) -> list[list[int]]:
+    """Partition of the k*k pixels (row-major) into classes tied by the symmetry `kind`."""
+    if kind not in SYMMETRIES:
+        raise ValueError(f"unknown symmetry {kind!r}; known: {', '.join(SYMMETRIES)}")
+    idx = torch.arange(k * k).reshape(k, k)
+    if kind == "radial":
+        c = (k - 1) / 2
+        ys, xs = torch.meshgrid(torch.arange(k) - c, torch.arange(k) - c, indexing="ij")
+        d2 = (4 * (ys ** 2 + xs ** 2)).round().long()  # squared distance x 4: exact for half-integers
+        return [idx[d2 == v].tolist() for v in d2.unique().tolist()]
+    maps = [idx]
+    if kind in ("lr", "lrud", "d4"):
+        maps.append(idx.flip(1))
+    if kind in ("ud", "lrud", "d4"):
+        maps.append(idx.flip(0))
+    if kind in ("c4", "d4"):
+        maps += [torch.rot90(idx, r) for r in (1, 2, 3)]
+    # close under composition: the orbit of each pixel is found by repeated application (union-find)
+    parent = list(range(k * k))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for m in maps:
+        for a, b in zip(idx.flatten().tolist(), m.flatten().tolist()):
+            parent[find(a)] = find(b)
+    classes: dict[int, list[int]] = {}
+    for p in range(k * k):
+        classes.setdefault(find(p), []).append(p)
+    return sorted(classes.values())
+
+
+def symmetry_basis(k: int, kind: str) -> torch.Tensor:
+    """(k*k, m) orthonormal basis of the kernels with that symmetry: one column per pixel class."""
+    classes = pixel_classes(k, kind)
+    b = torch.zeros(k * k, len(classes), dtype=torch.float64)
+    for j, cls in enumerate(classes):
+        b[cls, j] = 1 / math.sqrt(len(cls))
+    return b
+
+
+def dct_basis(k: int, m: int) -> torch.Tensor:
+    """(k*k, m): the m lowest-frequency orthonormal 2-D DCT-II basis kernels, ordered by u + v, then u."""
+    if not 1 <= m <= k * k:
+        raise ValueError(f"a {k}x{k} kernel has 1..{k * k} DCT coefficients, got {m}")
+    i = torch.arange(k, dtype=torch.float64)
+    c = torch.cos(math.pi * (2 * i[None, :] + 1) * i[:, None] / (2 * k)) * math.sqrt(2 / k)  # (freq, pos)
+    c[0] /= math.sqrt(2)
+    order = sorted(((u, v) for u in range(k) for v in range(k)), key=lambda t: (t[0] + t[1], t[0]))[:m]
+    return torch.stack([torch.outer(c[u], c[v]).flatten() for u, v in order], dim=1)  # (k*k, m)
+
+
+class SubspaceKernel(nn.Module):
+    """weight (O, I, k, k) = coefficients (O, I, m) @ basis^T: a parametrization for nn.Conv2d."""
+
+    def __init__(self, basis: torch.Tensor, k: int):
+        super().__init__()
+        self.k = k
+        self.register_buffer("basis", basis.to(torch.get_default_dtype()), persistent=False)  # (k*k, m)
+
+    def forward(self, coef: torch.Tensor) -> torch.Tensor:
+        o, i, _ = coef.shape
+        return (coef @ self.basis.to(coef.dtype).T).reshape(o, i, self.k, self.k)  # (O, I, k, k)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        """The coefficients of the projection of `weight` onto the subspace (the basis is orthonormal)."""
+        o, i = weight.shape[:2]
+        return weight.reshape(o, i, -1) @ self.basis.to(weight.dtype)  # (O, I, m)
+
+
+class SeparableKernel(nn.Module):
+    """weight (O, I, k, k) = sum over r of u_r v_r^T, with u, v of shape (O, I, r, k)."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("oirh,oirw->oihw", u, v)
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best rank-r approximation (truncated SVD), split evenly between u and v."""
+        U, S, Vh = torch.linalg.svd(weight.double())  # (O, I, k, k), (O, I, k), (O, I, k, k)
+        r = self.rank
+        s = S[..., :r].sqrt()  # (O, I, r)
+        u = (U[..., :, :r] * s[..., None, :]).transpose(-1, -2)  # (O, I, r, k)
+        v = Vh[..., :r, :] * s[..., :, None]  # (O, I, r, k)
+        return u.to(weight.dtype).contiguous(), v.to(weight.dtype).contiguous()
+
+
+def parametrization_for(kind: str, k: int) -> nn.Module:
+    """The parametrization of a k x k kernel of the given kind."""
+    if kind in SYMMETRIES:
+        return SubspaceKernel(symmetry_basis(k, kind), k)
+    m = re.fullmatch(r"dct(\d+)", kind)
+    if m:
+        return SubspaceKernel(dct_basis(k, int(m.group(1))), k)
+    m = re.fullmatch(r"rank(\d+)", kind)
+    if m:
+        r = int(m.group(1))
+        if not 1 <= r <= k:
+            raise ValueError(f"a {k}x{k} kernel has rank 1..{k}, got {kind!r}")
+        return SeparableKernel(r)
+    raise ValueError(f"unknown kernel kind {kind!r}; known: {', '.join(kind_names())}")
+
+
+def constrain_conv(conv: nn.Conv2d, kind: str, rescale: bool = False) -> nn.Conv2d:
+    """Constrain one conv in place: its weight becomes the projection of the current weight onto
+    the kind, and from then on a transform of the free coefficients. With `rescale` (for a fresh,
+    untrained layer) the projection is scaled back to the original weight's norm, so that the
+    initialisation keeps its variance; projecting a random kernel onto a symmetry loses energy."""
+    kh, kw = conv.kernel_size
+    if kh != kw:
+        raise ValueError(f"constrained kernels are square; this conv has {kh}x{kw}")
+    before = conv.weight.detach().norm()
+    parametrize.register_parametrization(conv, "weight", parametrization_for(kind, kh))
+    if rescale:
+        with torch.no_grad():
+            originals = list(conv.parametrizations.weight.parameters())
+            scale = float(before / conv.weight.norm().clamp_min(1e-12)) ** (1 / len(originals))
+            for p in originals:  # weight is linear in coefficients, bilinear in (u, v)
+                p.mul_(scale)
+    return conv
+
+
+def constrain(model: nn.Module, kind: str, min_size: int = 2, rescale: bool = False) -> nn.Module:
+    """Swap every conv of `model` with kernels of at least `min_size` (1x1 convs have nothing to
+    tie) for the constrained kind, in place. Returns the model."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] >= min_size]
+    if not convs:
+        raise ValueError(f"{type(model).__name__} has no conv with kernels of {min_size}x{min_size} or more")
+    for conv in convs:
+        constrain_conv(conv, kind, rescale=rescale)
+    return model
+
+
+def conv_free_parameters(model: nn.Module) -> int:
+    """Free parameters of the conv kernels (coefficients for constrained convs, weights otherwise)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            if parametrize.is_parametrized(m, "weight"):
+                total += sum(p.numel() for p in m.parametrizations.weight.parameters())
+            else:
+                total += m.weight.numel()
+    return total
