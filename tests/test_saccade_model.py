@@ -179,3 +179,25 @@ def test_attend_init_sets_the_starting_probability_of_level_1():
     torch.testing.assert_close(probs[:, 1], torch.full_like(probs[:, 1], 0.8))
     with pytest.raises(ValueError, match="attend_init is a probability"):
         create_model("saccadic", attend_init=1.0)
+
+
+@pytest.mark.parametrize("mode, rises", [("target", True), ("cap", False)])
+def test_a_target_budget_pulls_a_policy_that_attends_too_little_up(mode, rises):
+    torch.manual_seed(0)
+    model = create_model("saccadic", image_size=(28, 28), budget=0.6, budget_warmup=0, budget_mode=mode,
+                         min_blocks=0).train()
+    with torch.no_grad():
+        model.policy.logits.bias.copy_(torch.tensor([3.0, 0.0, 0.0]))  # mostly skip: cost ~0.18
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    opt = torch.optim.Adam(model.policy.parameters(), lr=1e-2)
+    costs = []
+    for _ in range(20):
+        logits = model(x)
+        costs.append(model.attention.expected_cost.mean().item())
+        loss = model.extra_loss(x, logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (costs[-1] > costs[0] + 0.1) == rises, costs
+    with pytest.raises(ValueError, match="budget_mode must be one of"):
+        create_model("saccadic", budget_mode="floor")

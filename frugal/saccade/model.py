@@ -22,6 +22,7 @@ from frugal.saccade.explain import draw_block_attention
 from frugal.saccade.policy import ESTIMATORS, Attention, AttentionPolicy, choose_levels
 from frugal.saccade.sparse_conv import BlockSet, BlockSparseConv2d
 
+BUDGET_MODES = ("target", "cap")
 N_STAGES = 3  # the block size halves with each stage, so it must be a multiple of 2 ** (N_STAGES - 1)
 
 
@@ -37,8 +38,11 @@ class SaccadicCNN(nn.Module):
                  block_size: int | None = None, kernel_sizes: Sequence[int] = (3, 5), estimator: str = "gumbel",
                  tau: float = 1.0, dense: bool = False, policy_width: int = 16, budget: float = 0.3,
                  cost_weight: float = 1.0, consistency_weight: float = 0.0, noise_std: float = 0.5,
-                 budget_warmup: int = 1000, attend_init: float = 0.9, min_blocks: int = 1):
+                 budget_warmup: int = 1000, attend_init: float = 0.9, min_blocks: int = 1,
+                 budget_mode: str = "target"):
         super().__init__()
+        if budget_mode not in BUDGET_MODES:
+            raise ValueError(f"budget_mode must be one of {BUDGET_MODES}, got {budget_mode!r}")
         s = block_size or auto_block_size(image_size)
         step = 2 ** (N_STAGES - 1)
         if s % step:
@@ -51,6 +55,10 @@ class SaccadicCNN(nn.Module):
         self.grid = (math.ceil(h / s), math.ceil(w / s))
         self.block_size, self.estimator, self.tau, self.dense = s, estimator, tau, dense
         self.budget = budget  # target compute of the sparse stages, as a fraction of the dense twin's
+        # "target": the cost term pulls the expected compute to the budget from both sides; "cap": only
+        # compute above it costs. With a cap, the straight-through gradient drifts below the budget
+        # (on cluttered-mnist-60 to 16% of the blocks and 80% accuracy at epoch 4 of 12)
+        self.budget_mode = budget_mode
         self.cost_weight = cost_weight  # weight of the compute above budget in the loss
         self.consistency_weight = consistency_weight  # weight of clean-vs-noisy agreement
         self.noise_std = noise_std  # Gaussian noise (normalised pixel units) for the consistency term
@@ -144,11 +152,14 @@ class SaccadicCNN(nn.Module):
             return None
         budget = self.current_budget()
         self.steps += 1
-        loss = self.cost_weight * F.relu(att.expected_cost.mean() - budget)
+        over = att.expected_cost.mean() - budget
+        loss = self.cost_weight * (over.abs() if self.budget_mode == "target" else F.relu(over))
         if self.estimator == "reinforce":
             with torch.no_grad():
                 hard_cost = self.level_costs[att.levels].mean(dim=(1, 2))  # (B,) compute actually chosen
-                reward = -F.cross_entropy(logits, y, reduction="none") - self.cost_weight * F.relu(hard_cost - budget)
+                gap = hard_cost - budget
+                penalty = gap.abs() if self.budget_mode == "target" else F.relu(gap)
+                reward = -F.cross_entropy(logits, y, reduction="none") - self.cost_weight * penalty
             advantage = reward - att.value.detach()
             loss = loss - (advantage * att.log_prob).mean() + F.mse_loss(att.value, reward)
         if self.consistency_weight > 0:
@@ -199,12 +210,13 @@ def saccadic(in_channels: int = 1, image_size: tuple[int, int] = (60, 60), num_c
              width: int = 16, block_size: int | None = None, estimator: str = "gumbel", tau: float = 1.0,
              budget: float = 0.3, cost_weight: float = 1.0, consistency_weight: float = 0.0,
              noise_std: float = 0.5, budget_warmup: int = 1000, attend_init: float = 0.9,
-             min_blocks: int = 1) -> nn.Module:
+             min_blocks: int = 1, budget_mode: str = "target") -> nn.Module:
     """Saccadic CNN: a policy picks skip / 3x3 / 5x5 per block; convs run only on chosen blocks."""
     return SaccadicCNN(in_channels, image_size, num_classes, width=width, block_size=block_size,
                        estimator=estimator, tau=tau, budget=budget, cost_weight=cost_weight,
                        consistency_weight=consistency_weight, noise_std=noise_std,
-                       budget_warmup=budget_warmup, attend_init=attend_init, min_blocks=min_blocks)
+                       budget_warmup=budget_warmup, attend_init=attend_init, min_blocks=min_blocks,
+                       budget_mode=budget_mode)
 
 
 @register_model
