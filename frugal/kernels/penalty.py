@@ -1,0 +1,164 @@
+"""Information penalties on conv kernels: differentiable terms that push each layer's kernel values
+towards few distinct values, added to the training loss by a hook.
+
+- `entropy`: the entropy of a soft histogram of the layer's values over fixed bins (each value
+  spread over its nearby bins by a Gaussian of width `sigma` bins); lower when values cluster.
+- `gmm`: soft weight sharing (Ullrich, Meeds & Welling 2017): the negative log-likelihood of the
+  values under a learned mixture of Gaussians with one component pinned at 0; the mixture's means,
+  widths and weights learn with the net. After training each value can be set to its component's
+  mean (`quantize_to_mixture`), leaving as many distinct values as components.
+
+`distinct_values` and `kernel_bytes` measure the result: count of distinct values and the
+length of the range-coded file of the conv kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from frugal.train import Hook, TrainState
+
+KINDS = ("entropy", "gmm")
+
+
+def conv_kernels(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """The convs with kernels of 2x2 or more (what the penalty and the snapping act on)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] >= 2]
+
+
+def soft_histogram_entropy(w: torch.Tensor, bins: int = 64, sigma: float = 1.0) -> torch.Tensor:
+    """Entropy (nats) of a soft histogram of w's values over `bins` equal bins spanning +-3 std."""
+    x = w.reshape(-1)
+    scale = 3 * x.detach().std().clamp_min(1e-8)
+    centres = torch.linspace(-1, 1, bins, device=x.device, dtype=x.dtype) * scale  # (bins,)
+    width = sigma * 2 * scale / (bins - 1)
+    a = torch.softmax(-0.5 * ((x[:, None] - centres[None, :]) / width) ** 2, dim=1)  # (n, bins)
+    p = a.mean(0)
+    return -(p * (p + 1e-12).log()).sum()
+
+
+class GaussianMixturePrior(nn.Module):
+    """A 1-D mixture: component 0 pinned at mean 0; means, log-variances and mixing logits learned."""
+
+    def __init__(self, components: int = 16, init_std: float = 0.05):
+        super().__init__()
+        if components < 2:
+            raise ValueError(f"a mixture needs at least 2 components, got {components}")
+        self.means = nn.Parameter(torch.linspace(-2, 2, components - 1) * init_std)  # the non-zero ones
+        self.log_var = nn.Parameter(torch.full((components,), math.log((init_std / 4) ** 2)))
+        self.logits = nn.Parameter(torch.zeros(components))
+
+    def all_means(self) -> torch.Tensor:
+        return torch.cat([self.means.new_zeros(1), self.means])  # (K,)
+
+    def nll(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood of the values x under the mixture."""
+        mu, var = self.all_means(), self.log_var.exp()
+        log_pi = F.log_softmax(self.logits, 0)
+        ll = log_pi - 0.5 * (math.log(2 * math.pi) + self.log_var) - 0.5 * (x.reshape(-1, 1) - mu) ** 2 / var
+        return -torch.logsumexp(ll, dim=1).mean()
+
+    @torch.no_grad()
+    def nearest_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Each value replaced by the mean of its most responsible component."""
+        mu, var = self.all_means(), self.log_var.exp()
+        log_pi = F.log_softmax(self.logits, 0)
+        ll = log_pi - 0.5 * self.log_var - 0.5 * (x.reshape(-1, 1) - mu) ** 2 / var
+        return mu[ll.argmax(1)].reshape(x.shape)
+
+
+@dataclass(frozen=True)
+class PenaltyConfig:
+    kind: str = "entropy"  # entropy | gmm
+    weight: float = 1e-3  # multiplies the summed per-layer penalty in the loss
+    bins: int = 64  # entropy: histogram bins per layer
+    sigma: float = 1.0  # entropy: Gaussian spread of a value, in bins
+    components: int = 16  # gmm: mixture components (0 included)
+    prior_lr: float = 5e-3  # gmm: Adam learning rate of the mixture's parameters
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"penalty kind must be one of {KINDS}, got {self.kind!r}")
+        if self.weight < 0:
+            raise ValueError(f"penalty weight must be >= 0, got {self.weight}")
+
+
+class KernelPenalty(Hook):
+    """Adds weight x (sum over conv layers of the penalty) to the loss. For `gmm`, one mixture per
+    layer, with its own optimizer stepped after the net's."""
+
+    def __init__(self, cfg: PenaltyConfig = PenaltyConfig()):
+        self.cfg = cfg
+        self.priors: dict[str, GaussianMixturePrior] = {}
+        self.prior_opt: torch.optim.Optimizer | None = None
+        self.last: float = 0.0  # the penalty's value at the last step, for logs
+        self._saved: dict[str, Any] | None = None  # a checkpoint's state, restored once the model is known
+
+    def _setup(self, state: TrainState) -> None:
+        if self.cfg.kind != "gmm" or self.priors:
+            return
+        for name, conv in conv_kernels(state.model):
+            std = float(conv.weight.detach().std())
+            self.priors[name] = GaussianMixturePrior(self.cfg.components, std).to(state.device)
+        self.prior_opt = torch.optim.Adam([p for m in self.priors.values() for p in m.parameters()],
+                                          lr=self.cfg.prior_lr)
+        if self._saved and self._saved.get("priors"):
+            for k, sd in self._saved["priors"].items():
+                self.priors[k].load_state_dict(sd)
+            self.prior_opt.load_state_dict(self._saved["opt"])
+
+    def extra_loss(self, state: TrainState, logits, x, y) -> torch.Tensor | None:
+        if self.cfg.weight == 0:
+            return None
+        self._setup(state)
+        terms = []
+        for name, conv in conv_kernels(state.model):
+            w = conv.weight
+            if self.cfg.kind == "entropy":
+                terms.append(soft_histogram_entropy(w, self.cfg.bins, self.cfg.sigma))
+            else:
+                terms.append(self.priors[name].nll(w))
+        total = torch.stack(terms).sum()
+        self.last = float(total.detach())
+        return self.cfg.weight * total
+
+    def after_step(self, state: TrainState) -> None:
+        if self.prior_opt is not None:
+            self.prior_opt.step()  # the mixture's gradients came from the same backward pass
+            self.prior_opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"priors": {k: m.state_dict() for k, m in self.priors.items()},
+                "opt": self.prior_opt.state_dict() if self.prior_opt else None}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self._saved = d
+
+    @torch.no_grad()
+    def quantize_to_mixture(self, model: nn.Module) -> None:
+        """gmm: set every kernel value to its component's mean (few distinct values per layer).
+        For plain convs (a constrained conv's weight is computed, not stored)."""
+        if self.cfg.kind != "gmm" or not self.priors:
+            raise ValueError("quantize_to_mixture needs a gmm penalty that has been trained")
+        for name, conv in conv_kernels(model):
+            conv.weight.copy_(self.priors[name].nearest_mean(conv.weight))
+
+
+def distinct_values(model: nn.Module) -> int:
+    """Distinct values over all conv kernels, counted per layer and summed."""
+    return sum(int(conv.weight.detach().unique().numel()) for _, conv in conv_kernels(model))
+
+
+def kernel_bytes(model: nn.Module, k: int = 256) -> int:
+    """Bytes of the conv kernels as range-coded shared values: exact where a layer has at most k
+    distinct values (penalised, snapped or quantised kernels), else shared among k k-means values
+    (near-lossless). The same code for every model, so the sizes compare."""
+    from frugal.compress.codecs import KMeans  # the range-coded weight-sharing code
+
+    return sum(len(KMeans(k).encode(conv.weight.detach())) for _, conv in conv_kernels(model))
