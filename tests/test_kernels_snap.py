@@ -69,3 +69,17 @@ def test_classes_are_known():
     assert set(CLASSES) >= {"lr", "ud", "lrud", "c4", "d4", "radial", "rank1", "blur"}
     with pytest.raises(ValueError, match="unknown kernel class 'hex'"):
         project(torch.zeros(1, 1, 3, 3), "hex")
+
+
+def test_a_later_round_keeps_what_an_earlier_round_snapped():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 6, 5)
+    net = OneConv(conv)
+    first = snap(net, threshold=0.4)  # random 5x5 kernels: lr residual about 10/25
+    w1 = conv.weight.detach().clone()
+    held = torch.from_numpy(first.classes["conv"] != "free")
+    assert 0 < held.sum() < 36
+    second = snap(net, threshold=0.7, earlier=first)
+    assert (second.classes["conv"][held.numpy()] == first.classes["conv"][held.numpy()]).all()
+    assert torch.equal(conv.weight.detach()[held], w1[held])
+    assert second.snapped_fraction >= first.snapped_fraction and second.free_after <= first.free_after

@@ -73,8 +73,9 @@ class SnapResult:
 
 
 @torch.no_grad()
-def snap(model: nn.Module, threshold: float) -> SnapResult:
-    """Snap, in place, every kernel within `threshold` of a class to the simplest such class."""
+def snap(model: nn.Module, threshold: float, earlier: SnapResult | None = None) -> SnapResult:
+    """Snap, in place, every kernel within `threshold` of a class to the simplest such class.
+    Kernels an `earlier` round snapped keep their class and values; only free ones are considered."""
     res = SnapResult()
     for name, conv in conv_kernels(model):
         w = conv.weight
@@ -84,14 +85,20 @@ def snap(model: nn.Module, threshold: float) -> SnapResult:
         chosen = np.full((o, i), "free", dtype=object)
         best_cost = torch.full((o, i), float(k * k))
         best_res = torch.full((o, i), float("inf"))
+        held = torch.zeros(o, i, dtype=torch.bool)
+        if earlier is not None and name in earlier.classes:
+            chosen = earlier.classes[name].copy()
+            held = torch.from_numpy(chosen != "free")
+            for cls in CLASSES:
+                best_cost[torch.from_numpy(chosen == cls)] = class_free_values(k, cls)
         for cls in sorted(CLASSES, key=lambda c: class_free_values(k, c)):
             cost = class_free_values(k, cls)
-            ok = (r[cls] <= threshold) & ((cost < best_cost) | ((cost == best_cost) & (r[cls] < best_res)))
+            ok = (r[cls] <= threshold) & ((cost < best_cost) | ((cost == best_cost) & (r[cls] < best_res))) & ~held
             chosen[ok.numpy()] = cls
             best_cost[ok], best_res[ok] = cost, r[cls][ok].float()
         new = w.clone()
         for cls in CLASSES:
-            mask = torch.from_numpy(chosen == cls)
+            mask = torch.from_numpy(chosen == cls) & ~held  # held kernels are already clean
             if mask.any():
                 new[mask] = project(w[mask], cls)
         w.copy_(new)
