@@ -64,5 +64,5 @@ def test_penalty_hook_trains_a_net_to_fewer_bytes(tmp_path, kind):
 def test_bad_penalty_settings():
     with pytest.raises(ValueError, match="penalty kind must be one of"):
         PenaltyConfig(kind="l1")
-    with pytest.raises(ValueError, match="quantize_to_mixture needs"):
+    with pytest.raises(ValueError, match="quantize_to_mixture needs the gmm penalty"):
         KernelPenalty(PenaltyConfig(kind="entropy")).quantize_to_mixture(nn.Conv2d(1, 1, 3))

@@ -83,3 +83,22 @@ def test_a_later_round_keeps_what_an_earlier_round_snapped():
     assert (second.classes["conv"][held.numpy()] == first.classes["conv"][held.numpy()]).all()
     assert torch.equal(conv.weight.detach()[held], w1[held])
     assert second.snapped_fraction >= first.snapped_fraction and second.free_after <= first.free_after
+
+
+def test_kernels_bench_method_runs_every_route_and_draws_kernels(tmp_path):
+    import json
+
+    from frugal.bench import BenchConfig, bench
+
+    bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("kernels",), tasks=("digits",), seeds=1,
+                      device="cpu"), log=lambda s: None)
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert set(rows) == {"plain", "constrained lr", "constrained d4", "penalty gmm 0.001", "snap 0.2", "snap 0.5"}
+    plain = rows["plain"]
+    assert rows["constrained d4"]["conv_free_params"] < rows["constrained lr"]["conv_free_params"] < \
+        plain["conv_free_params"]
+    assert rows["snap 0.2"]["snapped_fraction"] <= rows["snap 0.5"]["snapped_fraction"]
+    assert rows["snap 0.5"]["conv_free_params"] < plain["conv_free_params"]
+    assert rows["penalty gmm 0.001"]["kernel_bytes"] < plain["kernel_bytes"]
+    md = (tmp_path / "report.md").read_text()
+    assert "kernels-digits-plain.png" in md and "kernels-digits-snapped.png" in md and "kernels snapped" in md

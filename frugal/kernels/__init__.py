@@ -2,7 +2,9 @@
 
 `constrained`: conv layers whose kernels are symmetric, separable or in a low-frequency DCT basis
 by construction, and the model `constrained` that swaps every conv of a registered model for one
-kind. Importing this package registers the model.
+kind. `penalty`: information penalties during training. `snap`: detect, snap and freeze
+near-simple kernels after training. `pictures`: kernel grids. Importing this package registers the
+model `constrained` and the bench method `kernels`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def constrained(in_channels: int = 1, image_size: tuple[int, int] = (28, 28), nu
     model = create_model(base, in_channels=in_channels, image_size=image_size, num_classes=num_classes, **base_kw)
     return constrain(model, kind, rescale=True)
 
+
+from frugal.kernels import bench as _bench  # noqa: E402,F401  registers the bench method `kernels`
 
 __all__ = ["SYMMETRIES", "SeparableKernel", "SubspaceKernel", "conv_free_parameters", "constrain", "constrain_conv",
            "constrained", "dct_basis", "kind_names", "parametrization_for", "pixel_classes", "symmetry_basis"]

@@ -101,11 +101,15 @@ class KernelPenalty(Hook):
         self._saved: dict[str, Any] | None = None  # a checkpoint's state, restored once the model is known
 
     def _setup(self, state: TrainState) -> None:
+        self._ensure_priors(state.model)
+
+    def _ensure_priors(self, model: nn.Module) -> None:
+        """One mixture per conv layer, restored from a checkpoint's state where there is one."""
         if self.cfg.kind != "gmm" or self.priors:
             return
-        for name, conv in conv_kernels(state.model):
+        for name, conv in conv_kernels(model):
             std = float(conv.weight.detach().std())
-            self.priors[name] = GaussianMixturePrior(self.cfg.components, std).to(state.device)
+            self.priors[name] = GaussianMixturePrior(self.cfg.components, std).to(conv.weight.device)
         self.prior_opt = torch.optim.Adam([p for m in self.priors.values() for p in m.parameters()],
                                           lr=self.cfg.prior_lr)
         if self._saved and self._saved.get("priors"):
@@ -144,8 +148,9 @@ class KernelPenalty(Hook):
     def quantize_to_mixture(self, model: nn.Module) -> None:
         """gmm: set every kernel value to its component's mean (few distinct values per layer).
         For plain convs (a constrained conv's weight is computed, not stored)."""
-        if self.cfg.kind != "gmm" or not self.priors:
-            raise ValueError("quantize_to_mixture needs a gmm penalty that has been trained")
+        if self.cfg.kind != "gmm":
+            raise ValueError("quantize_to_mixture needs the gmm penalty")
+        self._ensure_priors(model)
         for name, conv in conv_kernels(model):
             conv.weight.copy_(self.priors[name].nearest_mean(conv.weight))
 

@@ -1,0 +1,122 @@
+"""Bench method `kernels`: simple kernels before, during and after training, against the plain net
+trained with the baseline's own plan (same task, model, optimiser, epochs, augmentation, seed).
+
+Variants per task:
+- `plain`: the baseline model as the `baseline` method trains it.
+- `constrained <kind>`: every conv of 2x2 or more constrained from the start (`constrained` model).
+- `penalty <kind> <weight>`: the plain model trained with a kernel information penalty; `gmm`
+  kernels are then set to their mixture component's mean.
+- `snap <threshold>`: post-hoc, from the plain run: rounds of snapping at rising thresholds, each
+  followed by fine-tuning with the snapped kernels frozen; one row after each round.
+
+Each row carries the conv kernels' free parameters, their bytes (range-coded; for snapped nets
+class ids plus free values) and the share of kernels snapped. Kernel grids go into the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from frugal.bench import BenchContext, baseline_config, register_method, train_and_measure
+from frugal.data import load_task
+from frugal.kernels.constrained import conv_free_parameters
+from frugal.kernels.penalty import KernelPenalty, PenaltyConfig, kernel_bytes
+from frugal.kernels.pictures import draw_kernels
+from frugal.kernels.snap import FreezeKernels, snap, snapped_kernel_bytes
+from frugal.measure import measure
+from frugal.train import train
+
+# Per task: constrained kinds (those with fewer free values than the plain kernel), penalties
+# (kind, weight), snapping thresholds (relative residual energy, rising) and fine-tuning epochs.
+PLANS: dict[str, dict[str, Any]] = {
+    "mnist": dict(kinds=("lr", "d4", "radial", "dct6", "rank1"), penalties=(("entropy", 0.01), ("gmm", 1e-3)),
+                  thresholds=(0.1, 0.2, 0.35, 0.5), finetune=dict(tiny=1, quick=1, full=2)),
+    "fashion-mnist": dict(kinds=("lr", "lrud", "d4", "dct4"), penalties=(("entropy", 0.01), ("gmm", 1e-3)),
+                          thresholds=(0.1, 0.2, 0.35, 0.5), finetune=dict(tiny=1, quick=1, full=2)),
+    "digits": dict(kinds=("lr", "d4"), penalties=(("gmm", 1e-3),), thresholds=(0.2, 0.5),
+                   finetune=dict(tiny=1, quick=1, full=2)),
+}
+
+
+def _kernel_fields(model: torch.nn.Module, result=None) -> dict[str, Any]:
+    if result is None:
+        return {"conv_free_params": conv_free_parameters(model), "kernel_bytes": kernel_bytes(model),
+                "snapped_fraction": 0.0}
+    # a snapped kernel counts its class's free values (1x1 convs are never snapped and count in full)
+    return {"conv_free_params": conv_free_parameters(model) - (result.free_before - result.free_after),
+            "kernel_bytes": snapped_kernel_bytes(model, result), "snapped_fraction": result.snapped_fraction}
+
+
+@register_method("kernels", tasks=tuple(PLANS), default_tasks=("mnist", "fashion-mnist"),
+                 description="constrained, penalised and snapped kernels against the plain net",
+                 fields=(("conv_free_params", "conv free params", "{:,.0f}"),
+                         ("kernel_bytes", "kernel bytes", "{:,.0f}"),
+                         ("snapped_fraction", "kernels snapped", "{:.1%}")))
+def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
+    plan = PLANS[task]
+    if task == "digits":
+        base = dataclasses.replace(baseline_config("mnist", ctx.budget, seed, device=str(ctx.device),
+                                                   data_dir=ctx.data_dir), task="digits", model="convnet")
+    else:
+        base = baseline_config(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir)
+    rows = []
+
+    plain_dir = ctx.run_dir("kernels", task, seed, "plain")
+    holder: dict[str, Any] = {}
+
+    def plain_extra(m, d):
+        holder["model"] = m
+        return _kernel_fields(m)
+
+    rows.append({**train_and_measure(ctx, base, plain_dir, extra=plain_extra), "variant": "plain"})
+
+    for kind in plan["kinds"]:
+        cfg = dataclasses.replace(base, model="constrained", model_kw={"base": base.model, "kind": kind,
+                                                                        **base.model_kw})
+        row = train_and_measure(ctx, cfg, ctx.run_dir("kernels", task, seed, f"constrained-{kind}"),
+                                extra=lambda m, d: _kernel_fields(m))
+        rows.append({**row, "variant": f"constrained {kind}"})
+
+    for kind, weight in plan["penalties"]:
+        hook = KernelPenalty(PenaltyConfig(kind=kind, weight=weight))
+        run_dir = ctx.run_dir("kernels", task, seed, f"penalty-{kind}-{weight:g}")
+
+        def penalty_extra(m, d, hook=hook):
+            if hook.cfg.kind != "gmm":
+                return _kernel_fields(m)
+            # soft weight sharing ends by setting each value to its component's mean: measure that net
+            before = measure(m, d, ctx.device, speed=False)["test_acc"]
+            hook.quantize_to_mixture(m)
+            shared = measure(m, d, ctx.device, data_dir=ctx.data_dir, speed=ctx.budget != "tiny")
+            return {**shared, "acc_before_sharing": before, **_kernel_fields(m)}
+
+        row = train_and_measure(ctx, base, run_dir, extra=penalty_extra, hooks=[hook])
+        rows.append({**row, "variant": f"penalty {kind} {weight:g}"})
+
+    # post-hoc snapping, in rounds, from the plain net
+    data = load_task(task, data_dir=ctx.data_dir, val_size=base.val_size)
+    model = holder["model"]
+    if seed == 0:
+        draw_kernels(model, ctx.figures / f"kernels-{task}-plain.png", title=f"{task}: plain, first conv")
+    result = None
+    epochs = plan["finetune"][ctx.budget]
+    for t in plan["thresholds"]:
+        result = snap(model, t, earlier=result)
+        before = measure(model, data, ctx.device, data_dir=ctx.data_dir, speed=False)["test_acc"]
+        cfg = dataclasses.replace(base, epochs=epochs, lr=base.lr / 10, warmup_epochs=0.0)
+        run_dir = ctx.run_dir("kernels", task, seed, f"snap-{t:g}")
+        res = train(cfg, run_dir, resume=(run_dir / "checkpoint.pt").exists(), model=model, data=data,
+                    hooks=[FreezeKernels(model, result)], quiet=ctx.quiet, progress=False)
+        model = res.model
+        row = measure(model, data, ctx.device, data_dir=ctx.data_dir, speed=ctx.budget != "tiny")
+        row.update(_kernel_fields(model, result), acc_before_finetune=before, threshold=t, epochs=epochs,
+                   model=base.model, run_dir=str(run_dir.relative_to(ctx.out_dir)), train_seconds=res.train_seconds,
+                   snapped_counts=dict(result.counts))
+        rows.append({**row, "variant": f"snap {t:g}"})
+    if seed == 0 and result is not None:
+        draw_kernels(model, ctx.figures / f"kernels-{task}-snapped.png", result,
+                     title=f"{task}: after snapping rounds up to {plan['thresholds'][-1]:g}, first conv")
+    return rows
