@@ -61,3 +61,13 @@ def test_codec_speed_benchmark_writes_and_reads_whole_files(capsys):
     assert {r["codec"]["codec"] for r in out["rows"]} == {"uniform", "prune", "kmeans", "dct"}
     for r in out["rows"]:
         assert r["bytes"] > 0 and r["encode_s"] > 0 and r["decode_s"] > 0
+
+
+def test_separable_speed_benchmark_covers_every_conv_layer(capsys):
+    from frugal.benchmarks import separable_speed
+
+    out = separable_speed.main(["--batch", "4", "--rounds", "1", "--models", "lenet5"])
+    capsys.readouterr()
+    assert [r["layer"] for r in out["rows"]] == ["conv1", "conv2"]
+    conv2 = out["rows"][1]
+    assert conv2["macs_separable"] < conv2["macs_full"] and conv2["free_separable"] == 8 * 5 * (20 + 50)

@@ -127,3 +127,26 @@ def test_a_constrained_run_saves_and_loads(tmp_path):
     for c in (c for c in model.modules() if isinstance(c, nn.Conv2d)):
         w = c.weight.detach()
         assert torch.allclose(w, w.flip(-1), atol=1e-7)  # still symmetric after training and reloading
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 0), (1, 2), (2, 1)])
+def test_layer_separable_conv_runs_as_two_thin_convs_with_the_same_result(stride, padding):
+    torch.manual_seed(0)
+    conv = constrain_conv(nn.Conv2d(6, 8, 5, stride=stride, padding=padding), "lsep4")
+    x = torch.randn(2, 6, 13, 11)
+    dense = nn.functional.conv2d(x, conv.weight, conv.bias, stride=stride, padding=padding)  # oracle
+    torch.testing.assert_close(conv(x), dense, atol=1e-5, rtol=1e-5)
+    assert conv_free_parameters(conv) == 4 * 5 * (6 + 8)
+    assert isinstance(conv, nn.Conv2d)
+
+
+def test_layer_separable_at_full_rank_is_the_original_kernel_and_thin_layers_are_clamped():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    w0 = conv.weight.detach().clone()
+    full = constrain_conv(conv, "lsep9")  # rank of (4*3) x (3*3) is at most 9
+    torch.testing.assert_close(full.weight.detach(), w0, atol=1e-5, rtol=1e-5)
+    thin = constrain_conv(nn.Conv2d(1, 20, 5), "lsep8")  # one input channel: rank <= 5
+    assert thin.parametrizations.weight.original1.shape == (5, 1, 5)
+    m = create_model("constrained", base="lenet5", kind="lsep8")
+    assert sum(isinstance(c, nn.Conv2d) for c in m.modules()) == 2 and conv_free_parameters(m) == 3325

@@ -12,6 +12,10 @@ coefficients, and the forward pass is the ordinary `F.conv2d`. Two families:
   DCT-II basis kernels (zigzag order, as in Harmonic Networks, Ulicny et al. 2019).
 - `rank<r>` (separable): weight = sum of r outer products u v^T; rank 1 is a flattened (1-D x 1-D)
   kernel. Projection is the truncated SVD.
+- `lsep<R>` (layer-separable, Jaderberg et al. 2014, scheme 2): w[o, i] = sum over r < R of
+  h[o, r] (horizontal, 1 x k) outer v[r, i] (vertical, k x 1): the layer is a k x 1 conv to R
+  channels then a 1 x k conv, and it runs that way (`LayerSeparableConv2d`), so its cost follows its
+  R k (I + O) free values instead of O I k^2.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import re
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
 SYMMETRIES = ("lr", "ud", "lrud", "c4", "d4", "radial")
 
 
 def kind_names() -> list[str]:
-    return [*SYMMETRIES, "dct<m> (e.g. dct3)", "rank<r> (e.g. rank1)"]
+    return [*SYMMETRIES, "dct<m> (e.g. dct3)", "rank<r> (e.g. rank1)", "lsep<R> (e.g. lsep8)"]
 
 
 def pixel_classes(k: int, kind: str) -> list[list[int]]:
@@ -123,6 +128,50 @@ class SeparableKernel(nn.Module):
         return u.to(weight.dtype).contiguous(), v.to(weight.dtype).contiguous()
 
 
+class LayerSeparableKernel(nn.Module):
+    """weight (O, I, k, k)[o, i, y, x] = sum_r v[r, i, y] h[o, r, x], from h (O, R, k) and v (R, I, k)."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def forward(self, h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("riy,orx->oiyx", v, h)
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best approximation of this form: a rank-R SVD of the weight unfolded to (O x, I y)."""
+        o, i, k, _ = weight.shape
+        m = weight.double().permute(0, 3, 1, 2).reshape(o * k, i * k)  # rows (o, x), columns (i, y)
+        U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+        r = self.rank
+        s = S[:r].sqrt()
+        h = (U[:, :r] * s).reshape(o, k, r).permute(0, 2, 1)  # (O, R, k)
+        v = (Vh[:r] * s[:, None]).reshape(r, i, k)  # (R, I, k)
+        return h.to(weight.dtype).contiguous(), v.to(weight.dtype).contiguous()
+
+
+class LayerSeparableConv2d(nn.Conv2d):
+    """A Conv2d whose weight is layer-separable (`LayerSeparableKernel`) and whose forward pass is
+    the two thin convs: k x 1 from I to R channels, then 1 x k from R to O (same result, fewer MACs)."""
+
+    def __init__(self, conv: nn.Conv2d, rank: int):
+        if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("layer-separable kernels need groups=1, dilation 1, numeric zero padding")
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                self.bias.copy_(conv.bias)
+        parametrize.register_parametrization(self, "weight", LayerSeparableKernel(rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, v = self.parametrizations.weight.original0, self.parametrizations.weight.original1  # (O,R,k), (R,I,k)
+        (sy, sx), (py, px) = self.stride, self.padding
+        mid = F.conv2d(x, v[..., None], stride=(sy, 1), padding=(py, 0))  # (B, R, H', W): vertical
+        return F.conv2d(mid, h[:, :, None, :], self.bias, stride=(1, sx), padding=(0, px))  # (B, O, H', W')
+
+
 def parametrization_for(kind: str, k: int) -> nn.Module:
     """The parametrization of a k x k kernel of the given kind."""
     if kind in SYMMETRIES:
@@ -136,19 +185,30 @@ def parametrization_for(kind: str, k: int) -> nn.Module:
         if not 1 <= r <= k:
             raise ValueError(f"a {k}x{k} kernel has rank 1..{k}, got {kind!r}")
         return SeparableKernel(r)
+    if re.fullmatch(r"lsep(\d+)", kind):
+        raise ValueError(f"{kind!r} replaces the whole conv: use constrain_conv / constrain")
     raise ValueError(f"unknown kernel kind {kind!r}; known: {', '.join(kind_names())}")
 
 
 def constrain_conv(conv: nn.Conv2d, kind: str, rescale: bool = False) -> nn.Conv2d:
-    """Constrain one conv in place: its weight becomes the projection of the current weight onto
-    the kind, and from then on a transform of the free coefficients. With `rescale` (for a fresh,
+    """Constrain one conv (in place; `lsep<R>` returns a new `LayerSeparableConv2d` to put in its
+    place): its weight becomes the projection of the current weight onto the kind, and from then
+    on a transform of the free coefficients. With `rescale` (for a fresh,
     untrained layer) the projection is scaled back to the original weight's norm, so that the
     initialisation keeps its variance; projecting a random kernel onto a symmetry loses energy."""
     kh, kw = conv.kernel_size
     if kh != kw:
         raise ValueError(f"constrained kernels are square; this conv has {kh}x{kw}")
     before = conv.weight.detach().norm()
-    parametrize.register_parametrization(conv, "weight", parametrization_for(kind, kh))
+    lsep = re.fullmatch(r"lsep(\d+)", kind)
+    if lsep:
+        r = int(lsep.group(1))
+        if r < 1:
+            raise ValueError(f"layer-separable rank must be >= 1, got {kind!r}")
+        # the unfolded weight (O k) x (I k) has no higher rank: a thin layer (e.g. 1 input channel) gets less
+        conv = LayerSeparableConv2d(conv, min(r, conv.in_channels * kh, conv.out_channels * kh))
+    else:
+        parametrize.register_parametrization(conv, "weight", parametrization_for(kind, kh))
     if rescale:
         with torch.no_grad():
             originals = list(conv.parametrizations.weight.parameters())
@@ -161,11 +221,14 @@ def constrain_conv(conv: nn.Conv2d, kind: str, rescale: bool = False) -> nn.Conv
 def constrain(model: nn.Module, kind: str, min_size: int = 2, rescale: bool = False) -> nn.Module:
     """Swap every conv of `model` with kernels of at least `min_size` (1x1 convs have nothing to
     tie) for the constrained kind, in place. Returns the model."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] >= min_size]
-    if not convs:
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, nn.Conv2d) and child.kernel_size[0] >= min_size]
+    if not targets:
         raise ValueError(f"{type(model).__name__} has no conv with kernels of {min_size}x{min_size} or more")
-    for conv in convs:
-        constrain_conv(conv, kind, rescale=rescale)
+    for parent, name, conv in targets:
+        new = constrain_conv(conv, kind, rescale=rescale)
+        if new is not conv:  # a layer-separable conv is a new module in the old one's place
+            setattr(parent, name, new)
     return model
 
 
