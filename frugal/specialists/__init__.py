@@ -1,0 +1,14 @@
+"""Conditional specialists: a trained net decides the conditional structure of new ones.
+
+`nets`: taps into a frozen parent and the `Specialist` that reads them; `tree`: the feature-cluster
+tree (routing, saving, loading); `build`: clustering and node training; `runner`: the node jobs on a
+process pool (or Ray, or serially).
+"""
+
+from frugal.specialists.build import build_tree, train_node
+from frugal.specialists.nets import Specialist, Tapped, default_taps
+from frugal.specialists.runner import run_jobs
+from frugal.specialists.tree import Tree, TreeConfig, load_tree, save_tree
+
+__all__ = ["Specialist", "Tapped", "Tree", "TreeConfig", "build_tree", "default_taps", "load_tree", "run_jobs",
+           "save_tree", "train_node"]

@@ -1,0 +1,113 @@
+"""Building a tree: cluster, then train the nodes of each level as independent jobs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from frugal.specialists.nets import Tapped
+from frugal.specialists.runner import run_jobs
+from frugal.specialists.tree import Node, Tree, TreeConfig, embed, kmeans, make_specialist, node_seed, save_net, \
+    save_tree, subset
+
+
+def _load_node(out: Path, name: str, parent: Tapped | None, data, base_spec, widths, residual=True) -> Node:
+    from safetensors.torch import load_file
+
+    from frugal.train import build_model
+
+    net = build_model(base_spec, device="cpu") if parent is None else \
+        make_specialist(parent, data, widths, "cpu", residual)
+    net.load_state_dict(load_file(str(out / f"{name}.safetensors")))
+    return Node(name, net.eval(), Tapped(net))
+
+
+def train_node(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one specialist (in any worker): rebuild its ancestors from the tree folder, train it
+    on its cluster's examples, save its weights. Returns its name, sizes and time."""
+    from frugal.data import load_task
+    from frugal.train import TrainConfig, train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same arithmetic in every backend and worker
+    try:
+        t0 = time.perf_counter()
+        out = Path(job["tree_dir"])
+        data = load_task(job["task"], data_dir=job.get("data_dir"))
+        node = _load_node(out, "root", None, data, job["base_spec"], None)
+        for name, widths in job["ancestors"]:
+            node = _load_node(out, name, node.tapped, data, job["base_spec"], widths, job["residual"])
+        part = subset(data, np.asarray(job["train_idx"]), np.asarray(job["val_idx"]))
+        torch.manual_seed(job["seed"])  # the specialist's initial weights
+        spec = make_specialist(node.tapped, part, job["widths"], "cpu", job["residual"])
+        cfg = TrainConfig(task=job["task"], model=f"specialist:{job['name']}", epochs=job["epochs"], lr=job["lr"],
+                          optimizer="adam", seed=job["seed"], device="cpu", threads=1, data_dir=job.get("data_dir"))
+        res = train(cfg, out / "runs" / job["name"], model=spec, data=part, quiet=True, progress=False)
+        save_net(spec, out / f"{job['name']}.safetensors")
+        return {"name": job["name"], "val_acc": res.val_acc, "train_examples": len(part.train),
+                "seconds": time.perf_counter() - t0}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def build_tree(base_run: str | Path, out: str | Path, cfg: TreeConfig = TreeConfig(), backend: str = "process",
+               workers: int = 2, data_dir: str | None = None, log=print) -> tuple[Tree, dict[str, Any]]:
+    """Cluster and train a tree on top of a finished base run. Returns the tree and a record of
+    the build (per node: cluster sizes, validation accuracy, seconds; wall-clock per level)."""
+    from frugal.data import load_task
+    from frugal.train import load_run
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base, base_cfg, _ = load_run(base_run, device=torch.device("cpu"))
+    base_spec = json.loads((Path(base_run) / "config.json").read_text())["model_spec"]
+    data = load_task(base_cfg.task, data_dir=data_dir, val_size=base_cfg.val_size)
+    save_net(base, out / "root.safetensors")
+    root = Node("root", base.eval(), Tapped(base))
+    record: dict[str, Any] = {"levels": [], "nodes": {}}
+    # (node, its ancestors as (name, widths), its training and validation indices)
+    frontier = [(root, [], np.arange(len(data.train)), np.arange(len(data.val)))]
+    for level in range(1, cfg.depth + 1):
+        widths = list(cfg.widths_at(level))
+        jobs, placed = [], []
+        for node, ancestors, tr_idx, va_idx in frontier:
+            part = subset(data, tr_idx, va_idx)
+            f_tr = embed(node.tapped, part.train, data.mean, data.std, "cpu")
+            f_va = embed(node.tapped, part.val, data.mean, data.std, "cpu")
+            centroids, labels = kmeans(f_tr, cfg.k, node_seed(cfg.seed, node.name))
+            d_tr = torch.cdist(f_tr, centroids)  # (N, k)
+            node.centroids = centroids
+            node.radius = torch.stack([d_tr[torch.from_numpy(labels == c), c].mean() if (labels == c).any()
+                                       else torch.tensor(0.0) for c in range(cfg.k)])
+            va_labels = torch.cdist(f_va, centroids).argmin(1).numpy()
+            record["nodes"].setdefault(node.name, {})["cluster_sizes"] = np.bincount(labels, minlength=cfg.k).tolist()
+            for c in range(cfg.k):
+                idx_tr, idx_va = tr_idx[labels == c], va_idx[va_labels == c]
+                if len(idx_tr) < cfg.min_cluster or len(idx_va) == 0:
+                    continue  # too few examples to learn from: these inputs stay with the parent
+                name = f"{node.name}.{c}"
+                jobs.append({"name": name, "tree_dir": str(out), "task": base_cfg.task, "data_dir": data_dir,
+                             "base_spec": base_spec, "ancestors": ancestors, "widths": widths,
+                             "train_idx": idx_tr.tolist(), "val_idx": idx_va.tolist(), "epochs": cfg.epochs,
+                             "lr": cfg.lr, "seed": node_seed(cfg.seed, name),
+                             "residual": cfg.combine == "residual"})
+                placed.append((node, ancestors, c, idx_tr, idx_va))
+        t0 = time.perf_counter()
+        results = run_jobs(train_node, jobs, backend=backend, workers=workers)
+        record["levels"].append({"level": level, "jobs": len(jobs), "seconds": time.perf_counter() - t0,
+                                 "backend": backend, "workers": workers})
+        frontier = []
+        for (node, ancestors, c, idx_tr, idx_va), res in zip(placed, results):
+            record["nodes"].setdefault(res["name"], {}).update(res)
+            child = _load_node(out, res["name"], node.tapped, data, base_spec, widths, cfg.combine == "residual")
+            node.children[c] = child
+            frontier.append((child, ancestors + [(res["name"], widths)], idx_tr, idx_va))
+        log(f"level {level}: {len(jobs)} specialists in {record['levels'][-1]['seconds']:.1f}s ({backend})")
+    tree = Tree(root, cfg).eval()
+    save_tree(tree, out, base_spec, base_cfg.task)
+    return tree, record

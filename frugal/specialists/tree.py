@@ -1,0 +1,235 @@
+"""The feature-cluster tree: a trained base net decides the conditional structure of new nets.
+
+Building (`build_tree`): embed the training set with the parent's penultimate features, cluster
+them (k-means, seeded), and train one specialist per cluster on that cluster's examples only, its
+layers reading the frozen parent's twin activations; recurse to `depth` with narrower specialists
+(fewer new features deeper down, as data per node shrinks). Node trainings are independent jobs
+(`frugal.specialists.runner`).
+
+Inference (`Tree.forward`): the base runs on every input; each input goes to its nearest centroid
+(hard routing) and only that cluster's specialist runs on it, with the parent's activations
+handed over rather than computed again; an input farther from its centroid than `fallback` times
+the cluster's mean training distance stays with the parent. Soft routing instead runs every
+specialist and mixes their logits by a softmax over negative squared distances. The prediction
+is the leaf's: a specialist outputs its parent's logits plus a learnt correction that starts at
+zero (`combine="residual"`), or its own logits alone (`"specialist"`).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from frugal.data import Split, TaskData
+from frugal.specialists.nets import Specialist, Tapped, probe
+from frugal.train import normalize
+from frugal.utils import atomic_write_json
+
+ROUTINGS = ("hard", "soft")
+COMBINES = ("residual", "specialist")
+TREE_FILE = "tree.json"
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    k: int = 4  # clusters per node
+    depth: int = 1  # levels of specialists below the base
+    widths: tuple[int, ...] = (16, 32)  # specialist stage widths at depth 1 (one per parent tap)
+    shrink: float = 0.5  # width factor per level deeper: less data, fewer new features
+    epochs: int = 3  # training epochs per node
+    lr: float = 1e-3  # Adam, per batch of 128
+    min_cluster: int = 200  # a cluster with fewer training examples gets no specialist
+    routing: str = "hard"  # hard | soft
+    temperature: float = 1.0  # soft routing: softmax(-d^2 / (temperature * mean d^2))
+    combine: str = "residual"  # residual: specialists learn a correction to the parent's logits; specialist: alone
+    fallback: float = 3.0  # stay with the parent beyond this many x the cluster's mean distance
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.k < 2 or self.depth < 1:
+            raise ValueError(f"a tree needs k >= 2 clusters and depth >= 1, got k={self.k}, depth={self.depth}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
+
+    def widths_at(self, level: int) -> tuple[int, ...]:
+        return tuple(max(4, round(w * self.shrink ** (level - 1))) for w in self.widths)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TreeConfig":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass
+class Node:
+    """One node: the net at it (base or specialist), its clusters and its children by cluster."""
+
+    name: str
+    net: nn.Module
+    tapped: Tapped
+    centroids: torch.Tensor | None = None  # (k, D)
+    radius: torch.Tensor | None = None  # (k,) mean training distance to each centroid
+    children: dict[int, "Node"] = field(default_factory=dict)
+
+
+def node_seed(seed: int, name: str) -> int:
+    """A stable per-node seed: the same node trains the same way in any worker or order."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 31)
+
+
+@torch.no_grad()
+def embed(tapped: Tapped, split: Split, mean: float, std: float, device, batch: int = 512) -> torch.Tensor:
+    """Penultimate features (N, D) of a split under a node's net (a specialist runs its ancestors)."""
+    tapped.eval()
+    feats = []
+    for i in range(0, len(split), batch):
+        x = normalize(split.x[i:i + batch].to(device), mean, std)
+        feats.append(tapped(x)[2].float().cpu())
+    return torch.cat(feats)
+
+
+def kmeans(features: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(features.double().numpy())
+    return torch.from_numpy(km.cluster_centers_).float(), km.labels_
+
+
+def subset(data: TaskData, train_idx: np.ndarray, val_idx: np.ndarray) -> TaskData:
+    """The task restricted to one cluster (train and validation); normalisation stays the task's."""
+    t, v = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    return TaskData(data.name, Split(data.train.x[t], data.train.y[t]), Split(data.val.x[v], data.val.y[v]),
+                    data.test, data.num_classes, data.mean, data.std)
+
+
+class Tree(nn.Module):
+    """A trained tree: the base and its specialists, routing every input down to one leaf."""
+
+    def __init__(self, root: Node, cfg: TreeConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.root = root
+        # register every net so .to(), .eval() and parameter counts see them
+        self.nets = nn.ModuleDict({n.name.replace(".", "_"): n.net for n in self.nodes()})
+        self.routes: torch.Tensor | None = None  # (B, depth) cluster per level of the last batch; -1 = parent
+
+    def nodes(self) -> list[Node]:
+        out, todo = [], [self.root]
+        while todo:
+            n = todo.pop(0)
+            out.append(n)
+            todo += [n.children[c] for c in sorted(n.children)]
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        routes = torch.full((b, self.cfg.depth), -1, dtype=torch.long)
+        out = self.root.tapped(x)
+        logits = out[0].clone()
+        self._descend(self.root, x, torch.arange(b, device=x.device), out, logits, routes, 0)
+        self.routes = routes
+        return logits
+
+    def _descend(self, node: Node, x, idx, out, logits, routes, level) -> None:
+        """Route the inputs `idx` (whose node outputs are `out`) to this node's children; write logits."""
+        if node.centroids is None or not node.children or idx.numel() == 0:
+            return
+        pen = out[2]
+        d2 = torch.cdist(pen.float(), node.centroids.to(pen.device)) ** 2  # (n, k)
+        if self.cfg.routing == "soft":  # every child runs; one level: their logits mixed by distance
+            w = torch.softmax(-d2 / (self.cfg.temperature * d2.mean().clamp_min(1e-12)), dim=1)  # (n, k)
+            rest = 1 - sum(w[:, c] for c in node.children)  # (n,) weight of clusters without a specialist
+            mix = rest[:, None] * out[0]
+            for c, child in node.children.items():
+                mix = mix + w[:, c:c + 1] * child.tapped(x, parent_out=out)[0]
+            logits[idx] = mix
+            routes[idx.cpu(), level] = d2.argmin(1).cpu()
+            return
+        nearest = d2.argmin(1)  # (n,)
+        dist = d2.gather(1, nearest[:, None]).squeeze(1).sqrt()
+        for c, child in node.children.items():
+            sel = ((nearest == c) & (dist <= self.cfg.fallback * node.radius[c])).nonzero(as_tuple=True)[0]
+            if sel.numel() == 0:
+                continue
+            sub_out = tuple([out[0][sel], [a[sel] for a in out[1]], out[2][sel]])
+            child_out = child.tapped(x[sel], parent_out=sub_out)
+            logits[idx[sel]] = child_out[0]
+            routes[idx[sel].cpu(), level] = c
+            self._descend(child, x[sel], idx[sel], child_out, logits, routes, level + 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# building and saving
+
+
+def make_specialist(parent: Tapped, data: TaskData, widths, device, residual: bool = True) -> Specialist:
+    """A specialist of `widths` on the frozen `parent` (whose ancestors run inside it when needed)."""
+    taps, pen = probe(parent, normalize(data.train.x[:2].to(device), data.mean, data.std))
+    spec = Specialist(parent, data.in_channels, data.num_classes, widths, taps, pen, residual).to(device)
+    spec.widths = tuple(widths)
+    return spec
+
+
+def save_tree(tree: Tree, out: str | Path, base_spec: dict[str, Any], task: str) -> Path:
+    """tree.json (config, base spec, per node: centroids, radii, children) and each net's weights."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    nodes = {}
+    for n in tree.nodes():
+        save_net(n.net, out / f"{n.name}.safetensors")
+        nodes[n.name] = {"centroids": None if n.centroids is None else n.centroids.tolist(),
+                         "radius": None if n.radius is None else n.radius.tolist(),
+                         "children": {str(c): ch.name for c, ch in n.children.items()},
+                         "widths": list(getattr(n.net, "widths", ()))}
+    return atomic_write_json(out / TREE_FILE, {"config": asdict(tree.cfg), "base_spec": base_spec, "task": task,
+                                               "nodes": nodes})
+
+
+def save_net(net: nn.Module, path: Path) -> None:
+    """A net's state dict as safetensors, written atomically."""
+    from safetensors.torch import save
+
+    from frugal.utils import atomic_write_bytes
+
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}))
+
+
+def load_tree(path: str | Path, device=None) -> Tree:
+    """A saved tree, rebuilt and loaded: it predicts exactly as when it was saved."""
+    from safetensors.torch import load_file
+
+    from frugal.data import load_task
+    from frugal.train import build_model
+
+    path = Path(path)
+    meta_path = path / TREE_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"no {TREE_FILE} in {path}; build a tree with frugal.specialists.build_tree")
+    meta = json.loads(meta_path.read_text())
+    cfg = TreeConfig.from_dict(meta["config"])
+    data = load_task(meta["task"])
+    device = device or torch.device("cpu")
+
+    def build(name: str, parent: Tapped | None) -> Node:
+        info = meta["nodes"][name]
+        if parent is None:
+            net = build_model(meta["base_spec"], device=device)
+        else:
+            net = make_specialist(parent, data, info["widths"], device, cfg.combine == "residual")
+        net.load_state_dict(load_file(str(path / f"{name}.safetensors"), device=str(device)))
+        node = Node(name, net.eval(), Tapped(net))
+        if info["centroids"] is not None:
+            node.centroids, node.radius = torch.tensor(info["centroids"]), torch.tensor(info["radius"])
+        for c, child in info["children"].items():
+            node.children[int(c)] = build(child, node.tapped)
+        return node
+
+    return Tree(build("root", None), cfg).eval()
