@@ -101,3 +101,43 @@ def test_bad_tree_settings():
         TreeConfig(routing="nearest")
     with pytest.raises(ValueError, match="k >= 2"):
         TreeConfig(k=1)
+
+
+def test_spatial_features_are_computed_only_where_the_gate_fires(base_run, digits_x):
+    from frugal.measure import count_macs
+    from frugal.specialists import SpatialSpecialist, choose_features
+    from frugal.specialists.nets import probe
+    from frugal.train import load_run
+
+    x, d = digits_x
+    base, _, _ = load_run(base_run)
+    parent = Tapped(base.eval())
+    channels, thr = choose_features(parent, x[:64], tap=0, n=2, quantile=0.9)
+    _, pen = probe(parent, x[:2])
+    spatial = SpatialSpecialist(parent, 1, (8, 8), 10, tap=0, channels=channels, thresholds=thr, penultimate=pen,
+                                block=4).eval()
+    with torch.no_grad():
+        assert torch.equal(spatial(x[:16]), base(x[:16]))  # untrained: exactly the base
+    assert 0 < spatial.computed_fraction < 1
+    off = SpatialSpecialist(parent, 1, (8, 8), 10, tap=0, channels=channels, thresholds=torch.full((2,), 1e9),
+                            penultimate=pen, block=4).eval()
+    base_macs = count_macs(base, x[:16])
+    head_macs = off.head.in_features * off.head.out_features
+    assert count_macs(off, x[:16]) == base_macs + head_macs  # every gate off: no conv work at all
+    assert off.computed_fraction == 0
+    assert count_macs(spatial, x[:16]) > base_macs + head_macs
+
+
+def test_the_autoencoder_base_learns_without_labels(tmp_path):
+    from frugal.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("convae", image_size=(8, 8)).train()
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    logits = m(x)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    assert all(p.grad is None for n, p in m.named_parameters() if not n.startswith("probe"))  # labels stop at the probe
+    m.zero_grad()
+    m(x)
+    m.extra_loss(x, logits, y).backward()
+    assert all(p.grad is not None for n, p in m.named_parameters() if n.startswith(("features", "to_code")))
