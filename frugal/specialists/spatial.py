@@ -58,7 +58,8 @@ class SpatialSpecialist(nn.Module):
             pooled = t.new_zeros(x.shape[0], t.shape[-1])
             if blocks.n:
                 per_block = t.amax(dim=(1, 2))  # (n, width)
-                pooled = pooled.index_reduce(0, blocks.bi, per_block, "amax", include_self=True)  # (B, width)
+                index = blocks.bi[:, None].expand_as(per_block)  # (n, width): the example of each block
+                pooled = pooled.scatter_reduce(0, index, per_block, "amax", include_self=True)  # (B, width)
             feats.append(pooled)
             computed += blocks.n
         self.computed_fraction = computed / max(1, gates.numel())
