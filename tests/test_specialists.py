@@ -141,3 +141,21 @@ def test_the_autoencoder_base_learns_without_labels(tmp_path):
     m(x)
     m.extra_loss(x, logits, y).backward()
     assert all(p.grad is not None for n, p in m.named_parameters() if n.startswith(("features", "to_code")))
+
+
+def test_specialists_bench_method_runs_the_tree_and_every_control(tmp_path):
+    import json
+
+    from frugal.bench import BenchConfig, bench
+
+    bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("specialists",), tasks=("digits",), seeds=1,
+                      device="cpu"), log=lambda s: None)
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert {"base", "tree d1", "tree d2", "spatial", "autoencoder (probe)", "unsupervised tree"} <= set(rows)
+    control = next(v for v in rows if v.startswith("equal-MACs CNN"))
+    ensemble = next(v for v in rows if v.startswith("ensemble of"))
+    assert rows[control]["macs"] <= rows["tree d1"]["macs"]
+    assert rows["tree d1"]["params"] > rows["base"]["params"] and rows["spatial"]["params"] > rows["base"]["params"]
+    assert rows["tree d1"]["train_seconds_serial"] > 0 and 0 < rows["spatial"]["computed_fraction"] < 1
+    assert rows[ensemble]["params"] >= 2 * rows["base"]["params"]
+    assert (tmp_path / "figures" / "specialists-digits-clusters.png").stat().st_size > 1000

@@ -13,5 +13,7 @@ from frugal.specialists.runner import run_jobs
 from frugal.specialists.spatial import SpatialSpecialist, choose_features
 from frugal.specialists.tree import Tree, TreeConfig, load_tree, save_tree
 
+from frugal.specialists import bench as _bench  # noqa: E402,F401  registers the bench method `specialists`
+
 __all__ = ["SpatialSpecialist", "Specialist", "Tapped", "choose_features", "Tree", "TreeConfig", "build_tree", "default_taps", "load_tree", "run_jobs",
            "save_tree", "train_node"]

@@ -1,0 +1,202 @@
+"""Bench method `specialists`: conditional specialists against their base and the controls a
+sceptic asks for, each measured on the same test images (multiply-adds counted from the ops that
+ran, so a tree's count is the average over where its inputs were routed).
+
+Variants per task (base = the baseline method's model and plan):
+- `base`; `tree d1` and `tree d2` (k clusters per node, residual specialists);
+- `spatial`: features computed only where the base's strongest last-stage features fire;
+- `unsupervised tree`: the tree on a conv autoencoder trained without labels;
+- controls: `equal-MACs CNN` (the base family, widened until its multiply-adds match the depth-1
+  tree's), and `ensemble` (copies of the base, as many as the tree has parameters for).
+The depth-1 tree is built twice, on the process pool and serially, to time parallel training
+(the two give identical nodes, which the tests check). A per-cluster table (seed 0) shows where
+the tree gains or loses against its base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from frugal.bench import BenchContext, baseline_config, register_method, train_and_measure
+from frugal.data import load_task
+from frugal.measure import count_macs, measure
+from frugal.models import create_model
+from frugal.specialists.build import build_tree
+from frugal.specialists.nets import Tapped, probe
+from frugal.specialists.spatial import SpatialSpecialist, choose_features
+from frugal.specialists.tree import TreeConfig
+from frugal.train import TrainConfig, load_run, normalize, train
+
+TREES = dict(tiny=dict(k=2, epochs=1, min_cluster=30, widths=(8, 16)),
+             quick=dict(k=4, epochs=2, min_cluster=500, widths=(16, 32)),
+             full=dict(k=4, epochs=6, min_cluster=500, widths=(16, 32)))
+TASKS = ("mnist", "fashion-mnist", "digits")
+
+
+class WithBase(nn.Module):
+    """A specialist together with the frozen base it reads, so parameters and bytes count both."""
+
+    def __init__(self, base: nn.Module, specialist: nn.Module):
+        super().__init__()
+        self.base, self.specialist = base, specialist
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.specialist(x)  # runs the base inside, once
+
+
+class Ensemble(nn.Module):
+    """Mean of the members' logits."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+def _base_config(ctx: BenchContext, task: str, seed: int) -> TrainConfig:
+    if task == "digits":  # tiny tests: the mnist plan on the 8x8 digits with the plain convnet
+        return dataclasses.replace(baseline_config("mnist", ctx.budget, seed, device=str(ctx.device),
+                                                   data_dir=ctx.data_dir), task="digits", model="convnet")
+    return baseline_config(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir)
+
+
+def _width_for_macs(name: str, data, target: float) -> tuple[str, dict]:
+    """The widest `name` (or convnet, for a model without a width) whose MACs stay within target."""
+    family = name if name in ("resnet", "convnet") else "convnet"
+    x = torch.zeros(1, data.in_channels, *data.image_size)
+    best = 4
+    for w in range(4, 129, 2):
+        m = create_model(family, in_channels=data.in_channels, image_size=data.image_size,
+                         num_classes=data.num_classes, width=w)
+        if count_macs(m, x) > target:
+            break
+        best = w
+    return family, {"width": best}
+
+
+def _cluster_figure(tree, base, data, device, path: Path) -> None:
+    """Per depth-1 cluster: test inputs routed there, their commonest classes, base vs tree accuracy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from frugal.utils import atomic_file
+
+    x = normalize(data.test.x.to(device), data.mean, data.std)
+    y = data.test.y.to(device)
+    preds, route_list = [], []
+    with torch.no_grad():
+        for xb in x.split(512):
+            preds.append(tree(xb).argmax(1))
+            route_list.append(tree.routes[:, 0])  # the depth-1 cluster of each input (-1: the parent)
+        pt, routes = torch.cat(preds), torch.cat(route_list).to(device)
+        pb = torch.cat([base(xb).argmax(1) for xb in x.split(512)])
+    rows = []
+    for c in sorted(set(routes.tolist())):
+        sel = (routes == c).to(y.device)
+        top = torch.bincount(y[sel], minlength=data.num_classes).topk(3)
+        rows.append(["parent" if c < 0 else str(c), str(int(sel.sum())),
+                     ", ".join(f"{int(k)}:{int(v)}" for v, k in zip(top.values, top.indices) if v > 0),
+                     f"{100 * (pb[sel] == y[sel]).float().mean():.2f}", f"{100 * (pt[sel] == y[sel]).float().mean():.2f}"])
+    fig, ax = plt.subplots(figsize=(7, 0.4 + 0.3 * len(rows)))
+    ax.axis("off")
+    ax.table(cellText=rows, colLabels=["cluster", "test inputs", "top classes (class:count)", "base acc %",
+                                       "tree acc %"], loc="center")
+    ax.set_title(f"{data.name}: depth-1 tree by cluster", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
+
+
+@register_method("specialists", tasks=TASKS, default_tasks=("fashion-mnist", "mnist"),
+                 description="feature-cluster trees and spatial specialists vs base, equal-MACs CNN and ensemble",
+                 fields=(("train_seconds_serial", "tree train s (serial)", "{:,.0f}"),
+                         ("train_seconds_parallel", "tree train s (2 workers)", "{:,.0f}"),
+                         ("computed_fraction", "blocks computed", "{:.1%}")))
+def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
+    base_cfg = _base_config(ctx, task, seed)
+    data = load_task(task, data_dir=ctx.data_dir, val_size=base_cfg.val_size)
+    tcfg = dict(TREES[ctx.budget])
+    backend = "serial" if ctx.budget == "tiny" else "process"  # tiny (tests): no worker start-up
+    rows = []
+    base_dir = ctx.run_dir("specialists", task, seed, "base")
+    rows.append({**train_and_measure(ctx, base_cfg, base_dir), "variant": "base"})
+    base = load_run(base_dir, device=ctx.device)[0].eval()
+    speed = ctx.budget != "tiny"
+
+    trees = {}
+    for depth in (1, 2):
+        cfg = TreeConfig(depth=depth, seed=seed, **tcfg)
+        out = ctx.run_dir("specialists", task, seed, f"tree-d{depth}")
+        tree, record = build_tree(base_dir, out, cfg, backend=backend, workers=2, data_dir=ctx.data_dir,
+                                  log=lambda s: None)
+        row = measure(tree.to(ctx.device), data, ctx.device, data_dir=ctx.data_dir, speed=speed)
+        row.update(train_seconds_parallel=sum(lv["seconds"] for lv in record["levels"]),
+                   nodes=len(tree.nodes()), model=base_cfg.model, run_dir=str(out.relative_to(ctx.out_dir)))
+        if depth == 1:
+            serial_out = ctx.run_dir("specialists", task, seed, "tree-d1-serial")
+            _, serial = build_tree(base_dir, serial_out, cfg, backend="serial", data_dir=ctx.data_dir,
+                                   log=lambda s: None)
+            row["train_seconds_serial"] = sum(lv["seconds"] for lv in serial["levels"])
+        trees[depth] = tree
+        rows.append({**row, "variant": f"tree d{depth}"})
+    if seed == 0:
+        _cluster_figure(trees[1], base, data, ctx.device, ctx.figures / f"specialists-{task}-clusters.png")
+
+    # spatial specialisation on the base's last stage
+    parent = Tapped(base)
+    xs = normalize(data.train.x[:512].to(ctx.device), data.mean, data.std)
+    channels, thr = choose_features(parent, xs, tap=len(parent.taps) - 1, n=4, quantile=0.9)
+    _, pen = probe(parent, xs[:2])
+    block = 4 if data.image_size[0] % 4 == 0 else 2
+    spatial = SpatialSpecialist(parent, data.in_channels, data.image_size, data.num_classes, len(parent.taps) - 1,
+                                channels, thr, pen, width=16, block=block).to(ctx.device)
+    sp_dir = ctx.run_dir("specialists", task, seed, "spatial")
+    sp_cfg = dataclasses.replace(base_cfg, model="spatial-specialist", epochs=tcfg["epochs"], warmup_epochs=0.0,
+                                 optimizer="adam", lr=1e-3, weight_decay=0.0)
+    res = train(sp_cfg, sp_dir, resume=(sp_dir / "checkpoint.pt").exists(), model=spatial, data=data,
+                quiet=ctx.quiet, progress=False)
+    row = measure(WithBase(base, res.model).eval(), data, ctx.device, data_dir=ctx.data_dir, speed=speed)
+    with torch.no_grad():
+        res.model.eval()(normalize(data.test.x[:1000].to(ctx.device), data.mean, data.std))
+    row.update(computed_fraction=res.model.computed_fraction, train_seconds=res.train_seconds,
+               run_dir=str(sp_dir.relative_to(ctx.out_dir)))
+    rows.append({**row, "variant": "spatial"})
+
+    # unsupervised: an autoencoder base, clusters from its code
+    ae_cfg = dataclasses.replace(base_cfg, model="convae", model_kw={}, optimizer="adam", lr=1e-3,
+                                 weight_decay=0.0, augment="none", warmup_epochs=0.0)
+    ae_dir = ctx.run_dir("specialists", task, seed, "autoencoder")
+    rows.append({**train_and_measure(ctx, ae_cfg, ae_dir), "variant": "autoencoder (probe)"})
+    out = ctx.run_dir("specialists", task, seed, "unsupervised-tree")
+    utree, _ = build_tree(ae_dir, out, TreeConfig(depth=1, seed=seed, **tcfg), backend=backend, workers=2,
+                          data_dir=ctx.data_dir, log=lambda s: None)
+    rows.append({**measure(utree.to(ctx.device), data, ctx.device, data_dir=ctx.data_dir, speed=speed),
+                 "variant": "unsupervised tree", "run_dir": str(out.relative_to(ctx.out_dir))})
+
+    # controls: the same executed MACs in one plain CNN; the same parameters in an ensemble
+    tree_macs = next(r["macs"] for r in rows if r["variant"] == "tree d1")
+    family, kw = _width_for_macs(base_cfg.model, data, tree_macs)
+    ctrl_cfg = dataclasses.replace(base_cfg, model=family, model_kw=kw)
+    rows.append({**train_and_measure(ctx, ctrl_cfg, ctx.run_dir("specialists", task, seed, "equal-macs")),
+                 "variant": f"equal-MACs CNN ({family} width {kw['width']})"})
+    tree_params = next(r["params"] for r in rows if r["variant"] == "tree d1")
+    n = max(2, round(tree_params / rows[0]["params"]))
+    members = [base]
+    for j in range(1, n):
+        m_dir = ctx.run_dir("specialists", task, seed, f"ensemble-{j}")
+        m_cfg = dataclasses.replace(base_cfg, seed=base_cfg.seed + 1000 * j)
+        train(m_cfg, m_dir, resume=(m_dir / "checkpoint.pt").exists(), quiet=ctx.quiet, progress=False)
+        members.append(load_run(m_dir, device=ctx.device)[0].eval())
+    row = measure(Ensemble(members).eval(), data, ctx.device, data_dir=ctx.data_dir, speed=speed)
+    rows.append({**row, "variant": f"ensemble of {n}"})
+    return rows
