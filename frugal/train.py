@@ -34,6 +34,9 @@ CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
 
 
+AUGMENTS = ("none", "shift", "shift-flip", "affine-noise")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     task: str = "mnist"  # data set name (see `frugal data list`)
@@ -49,6 +52,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # linear warm-up length, in epochs (cosine and onecycle)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     augment: str = "none"  # none | shift (random translation, +-2 px) | shift-flip (plus left-right flips)
+    # | affine-noise (rotation +-10 deg, scale 0.9-1.1, shift +-2 px, Gaussian pixel noise of 0.1)
     seed: int = 0  # seeds weights, batch order and augmentation
     device: str = "auto"  # auto | cpu | cuda[:N]
     train_limit: int | None = None  # use only the first n training examples (tests, quick runs)
@@ -65,7 +69,7 @@ class TrainConfig:
             (self.optimizer in ("adam", "adamw", "sgd"), f"unknown optimizer {self.optimizer!r}; known: adam, adamw, sgd"),
             (self.schedule in ("cosine", "constant", "onecycle"),
              f"unknown schedule {self.schedule!r}; known: cosine, constant, onecycle"),
-            (self.augment in ("none", "shift", "shift-flip"), f"unknown augment {self.augment!r}; known: none, shift, shift-flip"),
+            (self.augment in AUGMENTS, f"unknown augment {self.augment!r}; known: {', '.join(AUGMENTS)}"),
             (self.train_limit is None or self.train_limit >= 1, "train_limit must be >= 1 or None"),
         ]
         for ok, msg in checks:
@@ -149,11 +153,29 @@ def normalize(x: torch.Tensor, mean: float, std: float, dtype: torch.dtype = tor
     return (x.to(dtype) / 255.0 - mean) / std
 
 
+def affine_noise(x: torch.Tensor, gen: torch.Generator, degrees: float = 10.0, scale: float = 0.1,
+                 shift: float = 2.0, noise: float = 0.1) -> torch.Tensor:
+    """Random affine (rotation, scale, translation in pixels; zero fill) and Gaussian noise of
+    `noise` x 255 per pixel, on uint8-valued images; returns floats in [0, 255]."""
+    b, _, h, w = x.shape
+    ang = (torch.rand(b, generator=gen) * 2 - 1) * degrees * torch.pi / 180
+    s = 1 + (torch.rand(b, generator=gen) * 2 - 1) * scale
+    t = (torch.rand(b, 2, generator=gen) * 2 - 1) * shift * 2 / torch.tensor([w, h])  # in [-1, 1] units
+    cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
+    theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    out = F.grid_sample(x.float(), grid, align_corners=False, padding_mode="zeros")
+    out = out + noise * 255 * torch.randn(out.shape, generator=gen).to(x.device)
+    return out.clamp(0, 255)
+
+
 def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
-    """Random translation by up to 2 px (zero fill) and, for shift-flip, left-right flips.
-    Random numbers come from `gen` (CPU) so that a resumed run draws the same ones."""
+    """Random translation by up to 2 px (zero fill) and, for shift-flip, left-right flips; or
+    `affine_noise`. Random numbers come from `gen` (CPU) so that a resumed run draws the same ones."""
     if kind == "none":
         return x
+    if kind == "affine-noise":
+        return affine_noise(x, gen)
     b, _, h, w = x.shape
     pad = 2
     xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+4, W+4)

@@ -158,3 +158,18 @@ def test_shift_augmentation_moves_content_without_changing_it():
     assert out.shape == x.shape and out.dtype == x.dtype
     assert (out.sum(dim=(1, 2, 3)) == x.sum(dim=(1, 2, 3))).all()  # a 2x2 blob shifted <= 2 px stays inside
     assert not torch.equal(out, x)
+
+
+def test_affine_noise_augmentation_is_seeded_and_keeps_the_digit_in_place():
+    from frugal.train import affine_noise
+
+    x = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
+    x[:, :, 10:18, 10:18] = 255  # a centred square
+    a = affine_noise(x, torch.Generator().manual_seed(0), noise=0.0)
+    b = affine_noise(x, torch.Generator().manual_seed(0), noise=0.0)
+    assert torch.equal(a, b) and not torch.equal(a, x.float())
+    ys = torch.arange(28, dtype=torch.float32)
+    centre_y = (a.sum(3)[:, 0] * ys).sum(1) / a.sum((1, 2, 3))
+    assert ((centre_y - 13.5).abs() < 3).all()  # rotated, scaled, shifted by at most a few pixels
+    noisy = affine_noise(x, torch.Generator().manual_seed(0))
+    assert noisy.min() >= 0 and noisy.max() <= 255 and (noisy - a).std() > 10
