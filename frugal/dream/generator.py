@@ -43,10 +43,15 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> str:
     order: list[tuple[str, torch.Tensor]] = []
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append((n, o)))
              for n, m in model.named_modules() if n and not list(m.children())]
-    with torch.no_grad():
-        model(example)
-    for h in hooks:
-        h.remove()
+    was_training = model.training
+    model.eval()  # note: a forward pass in training mode would move batch-norm statistics
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
     spatial = [n for n, o in order if isinstance(o, torch.Tensor) and o.dim() == 4]
     if not spatial:
         raise ValueError(f"{type(model).__name__} has no layer with a spatial output to dream with; pass layer=")
@@ -67,29 +72,34 @@ def dream(model: nn.Module, x: torch.Tensor, cfg: DreamConfig, lo: float, hi: fl
     h, w = x.shape[-2:]
     sizes = [(max(4, round(h / cfg.octave_scale ** k)), max(4, round(w / cfg.octave_scale ** k)))
              for k in reversed(range(cfg.octaves))]
-    detail = torch.zeros_like(x)
+    detail = torch.zeros_like(_resize(x, sizes[0]))
     try:
         for size in sizes:
-            base = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if size != (h, w) else x
-            d = F.interpolate(detail, size=size, mode="bilinear", align_corners=False) if size != (h, w) else detail
+            base = _resize(x, size)
+            d = _resize(detail, size)  # the detail dreamed at the smaller octave, carried up
             img = (base + d).detach()
             for _ in range(cfg.steps):
                 dy, dx = (torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen).tolist()
                           if cfg.jitter else (0, 0))
                 img = img.roll((dy, dx), dims=(2, 3)).requires_grad_(True)
-                inp = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False) if size != (h, w) else img
+                inp = _resize(img, (h, w))
                 logits = model(inp)
                 obj = _objective(cfg, acts["a"], logits)
                 (g,) = torch.autograd.grad(obj.sum(), img)
                 g = g / g.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)  # per image
                 img = (img + cfg.step * g).detach().roll((-dy, -dx), dims=(2, 3)).clamp(lo, hi)
             detail = img - base
-        out = (x + (F.interpolate(detail, size=(h, w), mode="bilinear", align_corners=False)
-                    if detail.shape[-2:] != (h, w) else detail)).clamp(lo, hi)
+        out = (x + _resize(detail, (h, w))).clamp(lo, hi)
     finally:
         hook.remove()
         model.train(was_training)
     return out.detach()
+
+
+def _resize(t: torch.Tensor, size) -> torch.Tensor:
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t
+    return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def _objective(cfg: DreamConfig, act: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -106,10 +116,12 @@ def objective_value(model: nn.Module, x: torch.Tensor, cfg: DreamConfig) -> torc
     layer = cfg.layer or default_layer(model, x[:1])
     acts = {}
     hook = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
+    was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
             logits = model(x)
         return _objective(cfg, acts["a"], logits)
     finally:
+        model.train(was_training)
         hook.remove()

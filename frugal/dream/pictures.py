@@ -1,0 +1,39 @@
+"""Image grids of dreams: originals on one row, their dreams beneath."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from frugal.data import Split
+from frugal.utils import atomic_file
+
+
+def draw_dreams(originals: Split, dreams: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """originals: uint8 images with labels; dreams: uint8 (n, C, H, W). Writes a PNG atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(len(originals), dreams.shape[0])
+    if n == 0:
+        raise ValueError("no images to draw")
+    cols = min(n, 16)
+    groups = (n + cols - 1) // cols
+    fig, axes = plt.subplots(2 * groups, cols, figsize=(cols * 0.9, groups * 2 * 1.0), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        g, c = divmod(i, cols)
+        for row, img in ((2 * g, originals.x[i]), (2 * g + 1, dreams[i])):
+            a = img.permute(1, 2, 0).numpy()
+            axes[row, c].imshow(a[..., 0] if a.shape[2] == 1 else a, cmap="gray", vmin=0, vmax=255)
+        axes[2 * g, c].set_title(str(int(originals.y[i])), fontsize=7)
+    fig.suptitle(title or "images (top) and dreams (below)", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,124 @@
+"""Iterated dream training: train on A; dream a new set from A with that net; train a new net on A
+and every dreamed set so far; repeat.
+
+Round r (r >= 1) dreams `mix` x |A| images (A's first ones, in its shuffled order) with the net of
+round r - 1, labels each with its source image's label, optionally drops the ones that drifted
+most (`max_drift`: a quantile of the per-image change), and trains a fresh net of the same config
+on A plus dreams 1..r. Each round keeps its run folder and its dreams (`dreams.npz`) under the
+output folder; a killed run resumes: finished rounds and written dreams are reused.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from frugal.data import Split, TaskData
+from frugal.dream.generator import DreamConfig, dream
+from frugal.train import CHECKPOINT, Result, TrainConfig, normalize, train
+from frugal.utils import atomic_write_bytes
+
+DREAMS = "dreams.npz"
+
+
+@dataclass(frozen=True)
+class DreamTrainConfig:
+    rounds: int = 3  # dreamed sets after round 0
+    mix: float = 1.0  # dreamed images per round, as a fraction of the training set
+    max_drift: float | None = None  # keep dreams below this quantile of drift (None: keep all)
+    dream: DreamConfig = field(default_factory=DreamConfig)
+    batch: int = 256  # images dreamed at once
+
+    def __post_init__(self):
+        if self.rounds < 0 or not 0 < self.mix <= 1:
+            raise ValueError(f"rounds must be >= 0 and mix in (0, 1], got {self.rounds}, {self.mix}")
+        if self.max_drift is not None and not 0 < self.max_drift <= 1:
+            raise ValueError(f"max_drift is a quantile in (0, 1], got {self.max_drift}")
+
+
+def pixel_range(mean: float, std: float) -> tuple[float, float]:
+    """The normalised values of pixels 0 and 255."""
+    return (0 - mean) / std, (1 - mean) / std
+
+
+def to_uint8(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Normalised images back to uint8 pixels (as the data sets store them)."""
+    return ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def dream_split(model: torch.nn.Module, split: Split, mean: float, std: float, cfg: DreamConfig, device,
+                batch: int = 256) -> tuple[Split, torch.Tensor]:
+    """Every image of `split` dreamed (labels kept), and each one's drift: RMS change in pixel units."""
+    lo, hi = pixel_range(mean, std)
+    xs, drift = [], []
+    for i in range(0, len(split), batch):
+        x = normalize(split.x[i:i + batch].to(device), mean, std)
+        d = dream(model, x, replace(cfg, seed=cfg.seed + i), lo, hi)
+        u = to_uint8(d, mean, std).cpu()
+        xs.append(u)
+        drift.append(((u.float() - split.x[i:i + batch].float()) / 255).pow(2).flatten(1).mean(1).sqrt())
+    return Split(torch.cat(xs), split.y.clone()), torch.cat(drift)
+
+
+def save_dreams(path: Path, split: Split, drift: torch.Tensor) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, x=split.x.numpy(), y=split.y.numpy(), drift=drift.numpy())
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_dreams(path: Path) -> tuple[Split, torch.Tensor]:
+    with np.load(path) as f:
+        return Split(torch.from_numpy(f["x"]), torch.from_numpy(f["y"])), torch.from_numpy(f["drift"])
+
+
+def with_extra(data: TaskData, extra: list[Split]) -> TaskData:
+    """The task with more training examples (validation and test untouched)."""
+    if not extra:
+        return data
+    x = torch.cat([data.train.x] + [s.x for s in extra])
+    y = torch.cat([data.train.y] + [s.y for s in extra])
+    return TaskData(data.name, Split(x, y), data.val, data.test, data.num_classes, data.mean, data.std)
+
+
+def dream_training(base: TrainConfig, out: str | Path, cfg: DreamTrainConfig, data: TaskData,
+                   device=None, quiet: bool = True, log=print) -> list[dict[str, Any]]:
+    """Rounds 0..cfg.rounds. Returns per round: the Result, the dreams' count and mean drift, and
+    the seconds spent dreaming."""
+    out = Path(out)
+    device = device or torch.device(base.device if base.device != "auto" else "cpu")
+    dreamed: list[Split] = []
+    rounds = []
+    prev: torch.nn.Module | None = None
+    n = max(1, round(cfg.mix * len(data.train)))
+    for r in range(cfg.rounds + 1):
+        rdir = out / f"round-{r}"
+        info: dict[str, Any] = {"round": r, "dreams": 0, "dream_seconds": 0.0}
+        if r:
+            path = rdir / DREAMS
+            if path.exists():
+                split, drift = load_dreams(path)
+            else:
+                t0 = time.perf_counter()
+                src = Split(data.train.x[:n], data.train.y[:n])
+                split, drift = dream_split(prev, src, data.mean, data.std, replace(cfg.dream, seed=cfg.dream.seed + r),
+                                           device, cfg.batch)
+                info["dream_seconds"] = time.perf_counter() - t0
+                if cfg.max_drift is not None:
+                    keep = drift <= torch.quantile(drift, cfg.max_drift)
+                    split, drift = Split(split.x[keep], split.y[keep]), drift[keep]
+                save_dreams(path, split, drift)
+            dreamed.append(split)
+            info.update(dreams=len(split), mean_drift=float(drift.mean()))
+        res: Result = train(base, rdir, resume=(rdir / CHECKPOINT).exists(), data=with_extra(data, dreamed),
+                            quiet=quiet, progress=False)
+        prev = res.model
+        info["result"] = res
+        rounds.append(info)
+        log(f"dream round {r}: {info['dreams']} dreams, test acc {res.test_acc:.4f}")
+    return rounds

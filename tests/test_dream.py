@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from frugal.data import Split, load_task
+from frugal.dream import DreamConfig, DreamTrainConfig, dream, dream_training, objective_value
+from frugal.dream.evaluate import cue_conflict, pgd_accuracy, shape_bias
+from frugal.dream.rounds import load_dreams, pixel_range
+from frugal.train import TrainConfig, evaluate, normalize, train
+
+BASE = dict(task="digits", model="convnet", seed=0, device="cpu", optimizer="adam", lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("dream") / "net"
+    return train(TrainConfig(epochs=3, **BASE), run, quiet=True, progress=False)
+
+
+@pytest.mark.parametrize("objective", ["layer", "class", "channel"])
+def test_dreams_raise_their_objective_stay_in_range_and_repeat_under_a_seed(trained, objective):
+    d = load_task("digits")
+    x = normalize(d.test.x[:32], d.mean, d.std)
+    lo, hi = pixel_range(d.mean, d.std)
+    cfg = DreamConfig(objective=objective, target=3, steps=5, octaves=2)
+    y = dream(trained.model, x, cfg, lo, hi)
+    assert objective_value(trained.model, y, cfg).mean() > objective_value(trained.model, x, cfg).mean()
+    assert y.min() >= lo - 1e-6 and y.max() <= hi + 1e-6 and y.shape == x.shape
+    assert torch.equal(y, dream(trained.model, x, cfg, lo, hi))
+    assert not torch.equal(y, dream(trained.model, x, DreamConfig(objective=objective, target=3, steps=5, seed=1), lo, hi))
+
+
+def test_dream_rounds_build_the_expected_data_sets(tmp_path):
+    d = load_task("digits")
+    cfg = DreamTrainConfig(rounds=2, mix=0.5, dream=DreamConfig(steps=2, octaves=1))
+    rounds = dream_training(TrainConfig(epochs=1, **BASE), tmp_path, cfg, d, log=lambda s: None)
+    n = round(0.5 * len(d.train))
+    assert [r["dreams"] for r in rounds] == [0, n, n]
+    for r in (1, 2):
+        dreams, drift = load_dreams(tmp_path / f"round-{r}" / "dreams.npz")
+        assert torch.equal(dreams.y, d.train.y[:n])  # labels are the source images' labels
+        assert dreams.x.dtype == torch.uint8 and (drift > 0).all()
+    # round 2 trained on A plus both dreamed sets
+    log = (tmp_path / "round-2" / "log.txt").read_text()
+    assert f"train={len(d.train) + 2 * n}" in log
+    again = dream_training(TrainConfig(epochs=1, **BASE), tmp_path, cfg, d, log=lambda s: None)  # resumes
+    assert [r["result"].test_acc for r in again] == [r["result"].test_acc for r in rounds]
+
+
+def test_drift_filter_keeps_the_least_changed_dreams(tmp_path):
+    d = load_task("digits")
+    cfg = DreamTrainConfig(rounds=1, mix=0.25, max_drift=0.5, dream=DreamConfig(steps=2, octaves=1))
+    rounds = dream_training(TrainConfig(epochs=1, **BASE), tmp_path, cfg, d, log=lambda s: None)
+    n = round(0.25 * len(d.train))
+    assert n // 2 - 1 <= rounds[1]["dreams"] <= n // 2 + 1
+
+
+def test_evaluation_gives_known_numbers(trained):
+    d = load_task("digits")
+    clean = evaluate(trained.model, Split(d.test.x[:200], d.test.y[:200]), d.mean, d.std, torch.device("cpu"))[0]
+    assert pgd_accuracy(trained.model, d.test, d.mean, d.std, "cpu", eps=0.0, n=200) == pytest.approx(clean)
+    assert pgd_accuracy(trained.model, d.test, d.mean, d.std, "cpu", eps=0.3, n=200) < clean
+    images, texture = cue_conflict(d.test, n=300)
+    assert (images.y != texture).all() and images.x.dtype == torch.uint8
+    assert (images.x[d.test.x[:0].shape[0]:].float().sum((1, 2, 3)) > 0).float().mean() > 0.9
+    sb = shape_bias(trained.model, d.test, d.mean, d.std, "cpu", n=300)
+    assert 0 <= sb["cue_shape"] + sb["cue_texture"] <= 1 and 0 <= sb["shape_bias"] <= 1
+
+
+def test_dream_bench_runs_rounds_and_every_control(tmp_path):
+    import json
+
+    from frugal.bench import BenchConfig, bench
+
+    bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("dream",), tasks=("digits",), seeds=1,
+                      device="cpu"), log=lambda s: None)
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert set(rows) == {"round 0", "round 1", "control plain", "control augment", "control adversarial"}
+    for r in rows.values():
+        assert {"pgd_acc", "other_dream_acc", "shape_bias", "test_acc"} <= r.keys()
+    assert rows["control plain"]["epochs"] > rows["round 0"]["epochs"]  # the same steps as the last round
+    assert rows["round 1"]["dream_seconds"] > 0
+    assert (tmp_path / "figures" / "dreams-digits.png").stat().st_size > 1000
+
+
+def test_dream_command_writes_a_grid(trained, tmp_path, capsys):
+    from frugal.cli import main
+
+    out = tmp_path / "d.png"
+    assert main(["dream", str(trained.run_dir), "--n", "8", "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["dream", str(trained.run_dir), "--n", "0"]) == 2
+    assert "--n must be at least 1" in capsys.readouterr().err
+
+
+def test_dreaming_leaves_the_net_as_it_was(trained):
+    d = load_task("digits")
+    x = normalize(d.test.x[:8], d.mean, d.std)
+    lo, hi = pixel_range(d.mean, d.std)
+    model = trained.model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    dream(model, x, DreamConfig(steps=2), lo, hi)
+    objective_value(model, x, DreamConfig())
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
