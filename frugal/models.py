@@ -152,6 +152,15 @@ def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+def conv_pool_stages(in_channels: int, widths: tuple[int, ...]) -> nn.Sequential:
+    """conv-BN-ReLU then 2x2 max-pool, once per width: [conv_bn, MaxPool2d] * len(widths)."""
+    stages, cin = [], in_channels
+    for cout in widths:
+        stages += [conv_bn(cin, cout), nn.MaxPool2d(2)]
+        cin = cout
+    return nn.Sequential(*stages)
+
+
 class ConvNet(nn.Module):
     """conv-BN-ReLU stages, each followed by 2x2 max-pool, then global average pool and a linear
     classifier. Stages are added until the map is about 8 pixels across, so one definition serves
@@ -161,12 +170,8 @@ class ConvNet(nn.Module):
                  widths: tuple[int, ...]):
         super().__init__()
         self.check = InputCheck(in_channels, image_size)
-        stages, cin = [], in_channels
-        for cout in widths:
-            stages += [conv_bn(cin, cout), nn.MaxPool2d(2)]
-            cin = cout
-        self.features = nn.Sequential(*stages)
-        self.head = nn.Linear(cin, num_classes)
+        self.features = conv_pool_stages(in_channels, widths)
+        self.head = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(self.check(x))  # (B, C, h, w)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frugal.models import InputCheck, conv_bn, register_model
+from frugal.models import InputCheck, conv_pool_stages, register_model
 
 
 class ConvAutoencoder(nn.Module):
@@ -20,11 +20,8 @@ class ConvAutoencoder(nn.Module):
                  code: int = 64):
         super().__init__()
         self.check = InputCheck(in_channels, image_size)
-        stages, cin = [], in_channels
-        for w in widths:
-            stages += [conv_bn(cin, w), nn.MaxPool2d(2)]
-            cin = w
-        self.features = nn.Sequential(*stages)
+        self.features = conv_pool_stages(in_channels, widths)  # the encoder: convnet's stages
+        cin = widths[-1]
         h, w = image_size[0] // 2 ** len(widths), image_size[1] // 2 ** len(widths)
         self.map_shape = (cin, h, w)
         self.to_code = nn.Linear(cin * h * w, code)
