@@ -35,16 +35,20 @@ def attended_fraction(model: torch.nn.Module, x: torch.Tensor, batch: int = 256)
 
 
 @torch.no_grad()
-def alternate_timing(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Median seconds of model(x) for each model, timed in turn within each round."""
-    for m in models.values():
+def alternate_timing(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int,
+                     inputs: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Median seconds of model(x) for each model, timed in turn within each round. `inputs` gives
+    a model its own input instead of x."""
+    inputs = inputs or {}
+    for name, m in models.items():
         m.eval()
-        m(x)  # warm-up: allocations, kernel selection
+        m(inputs.get(name, x))  # warm-up: allocations, kernel selection
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(rounds):
         for name, m in models.items():
+            inp = inputs.get(name, x)
             t0 = time.perf_counter()
-            m(x)
+            m(inp)
             if x.device.type == "cuda":
                 torch.cuda.synchronize()  # note: without it the call returns before the work is done
             times[name].append(time.perf_counter() - t0)

@@ -1,8 +1,9 @@
 """Speed of the block-sparse conv against the dense conv it replaces, on CPU, in one process.
 
 For each block density d, every example gets exactly round(d * blocks) blocks at random; the dense
-layer is one `F.conv2d` over the whole map. Both run under no_grad, and the medians of repeated
-calls are compared: speed-up = dense / sparse, ideal = 1 / d, efficiency = speed-up * d.
+layer is one `F.conv2d` over the whole map. Both run under no_grad, timed in turn within each
+round, and the medians are compared: speed-up = dense / sparse, ideal = 1 / d, efficiency =
+speed-up * d.
 
 Two forms of the sparse layer are timed. `map`: a dense map in, a dense map out (zeros on skipped
 blocks), as a drop-in for one conv. `tiles`: the chosen blocks' tiles in and out, as a layer inside
@@ -20,7 +21,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from frugal.measure import time_inference
+from frugal.benchmarks.saccade_model import alternate_timing
 from frugal.saccade import BlockSet, BlockSparseConv2d
 from frugal.utils import resolve_device, versions
 
@@ -96,9 +97,12 @@ def main(argv: list[str] | None = None) -> dict:
             tiles = x.permute(0, 2, 3, 1).reshape(a.batch, g, block, g, block, a.channels).permute(
                 0, 1, 3, 2, 4, 5)[blocks.bi, blocks.yi, blocks.xi].contiguous()  # (n, s, s, C): the chosen blocks
             real_d = float((levels > 0).float().mean())
-            t_dense = time_inference(dense, x, repeats=a.repeats)
-            for form, model, inp in (("map", _Sparse(conv, levels), x), ("tiles", _Tiles(conv, levels), tiles)):
-                t_sparse = time_inference(model, inp, repeats=a.repeats)
+            # dense and sparse timed in turn within each round, so drifts in machine load hit both
+            t = alternate_timing({"dense": dense, "map": _Sparse(conv, levels), "tiles": _Tiles(conv, levels)}, x,
+                                 a.repeats, inputs={"tiles": tiles})
+            t_dense = t["dense"]
+            for form in ("map", "tiles"):
+                t_sparse = t[form]
                 speedup = t_dense / t_sparse
                 rows.append({"form": form, "block": block, "density": real_d, "dense_ms": 1e3 * t_dense,
                              "sparse_ms": 1e3 * t_sparse, "speedup": speedup, "ideal": 1 / real_d,
