@@ -210,26 +210,11 @@ class BlockSparseConv2d(nn.Module):
     def forward(self, x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W); levels: (B, H/s, W/s) integers in 0..n_levels. Returns (B, out, H, W),
         zero on skipped blocks."""
-        s = self.block_size
-        gh, gw = check_levels(levels, x, s, self.n_levels)
-        b, c, h, w = x.shape
-        if c != self.in_channels:
-            raise ValueError(f"expected {self.in_channels} input channels, got {c}")
-        # channels-last throughout: a free view when x is already channels-last (as this layer's
-        # output is), one copy otherwise
-        x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
-        out = x.new_zeros(b, h, w, self.out_channels)  # (B, H, W, out)
-        # a view of `out` with one (s, s, out) entry per block: writes through it land in `out`
-        blocks = out.view(b, gh, s, gw, s, self.out_channels).permute(0, 1, 3, 2, 4, 5)  # (B, gh, gw, s, s, out)
-        for lvl, k in enumerate(self.kernel_sizes, start=1):
-            bi, yi, xi = (levels == lvl).nonzero(as_tuple=True)  # (n,) each
-            if bi.numel() == 0:
-                continue  # nothing chose this level: no work at all
-            tiles = gather_tiles(x_nhwc, bi, yi, xi, s, k // 2, self.coords)  # (n, C', s+k-1, s+k-1)
-            bias = self.bias[lvl - 1] if self.bias is not None else None
-            y = F.conv2d(tiles, self.weight[lvl - 1], bias)  # (n, out, s, s)
-            blocks[bi, yi, xi] = y.permute(0, 2, 3, 1).to(out.dtype)  # (n, s, s, out)
-        return out.permute(0, 3, 1, 2)  # (B, out, H, W), channels-last in memory
+        check_levels(levels, x, self.block_size, self.n_levels)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[1]}")
+        blocks = BlockSet(levels)
+        return blocks.to_map(self.forward_tiles(x, blocks))  # (B, out, H, W), zero on skipped blocks
 
     def forward_tiles(self, x: torch.Tensor, blocks: BlockSet) -> torch.Tensor:
         """x: a dense map (B, C, H, W), or the tiles (n, s, s, C) of the previous sparse layer on the
