@@ -44,7 +44,8 @@ def _train_config(a: argparse.Namespace):
         if not isinstance(d, dict):
             raise ValueError(f"config {a.config} must be a mapping of TrainConfig fields")
     for key in ("task", "model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule",
-                "augment", "seed", "device", "train_limit", "val_size", "data_dir", "threads", "warmup_epochs"):
+                "augment", "seed", "device", "train_limit", "val_size", "data_dir", "threads", "warmup_epochs",
+                "init_from"):
         v = getattr(a, key)
         if v is not None:
             d[key] = v
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-size", type=int)
     t.add_argument("--threads", type=int)
     t.add_argument("--data-dir")
+    t.add_argument("--init-from", help="a finished run folder whose weights start the model (same names and shapes)")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 

@@ -24,14 +24,16 @@ from .train import evaluate, normalize
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, x: torch.Tensor) -> float:
-    """Multiply-adds per example of model(x), counted from the ops that ran on this batch.
-    For input-dependent models (sparse or routed ones) pass real examples: the count is their mean."""
+def count_macs(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> float:
+    """Multiply-adds per example of model(x), counted from the ops that ran, in batches of
+    `batch_size`. For input-dependent models (sparse or routed ones) pass many real examples:
+    the count is their mean."""
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter:
-        model(x)
+        for xb in x.split(batch_size):
+            model(xb)
     model.train(was_training)
     return counter.get_total_flops() / 2 / x.shape[0]  # FlopCounterMode counts a multiply-add as 2 FLOPs
 
@@ -106,7 +108,7 @@ def corrupted_accuracy(model: nn.Module, data: TaskData, device: torch.device, d
 
 
 def measure(model: nn.Module, data: TaskData, device: torch.device, *, corrupted: bool = False,
-            data_dir=None, speed: bool = True, mac_examples: int = 64) -> dict[str, float | int | dict]:
+            data_dir=None, speed: bool = True, mac_examples: int = 512) -> dict[str, float | int | dict]:
     """All the measured fields of one trained model on one task, as a flat dict (plus a
     'corrupted' dict of per-suite accuracies when asked)."""
     model = model.to(device)

@@ -60,6 +60,8 @@ class TrainConfig:
     eval_batch_size: int = 256  # examples per evaluation batch (large ones page-fault big buffers on CPU)
     data_dir: str | None = None  # data cache; None = FRUGAL_DATA or the user's cache dir
     threads: int | None = None  # torch intra-op threads; None = torch's default
+    init_from: str | None = None  # a finished run folder: its weights start every parameter and buffer
+    # of the same name and shape (fine-tuning, or a sparse model warm-started from its dense twin)
 
     def __post_init__(self) -> None:
         checks = [
@@ -290,6 +292,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, hooks: Sequence[Hook] = (), 
     custom_model = model is not None
     if model is None:
         model = build_model(model_spec(cfg, data))
+    if cfg.init_from and not resume:
+        loaded = init_weights_from(model, cfg.init_from)
+        log(f"initialised {len(loaded)} tensors from {cfg.init_from}")
     model = model.to(device)
     optimizer = make_optimizer(cfg, model)
     state = TrainState(cfg, model, optimizer, data, device, run_dir, log=log)
@@ -430,6 +435,26 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, state: TrainState, hooks: Seq
     for h, d in zip(hooks, ck["hooks"]):
         h.load_state_dict(d)
     return ck["epochs_done"], ck["train_seconds"]
+
+
+def init_weights_from(model: nn.Module, run_dir: str | Path) -> list[str]:
+    """Copy a finished run's weights into `model` wherever name and shape agree; the rest keep their
+    initialisation. Returns the names copied. A run that shares no tensor with the model is an error
+    (the wrong folder, most likely), not a silent fresh start."""
+    w_path = Path(run_dir) / WEIGHTS
+    if not w_path.exists():
+        raise FileNotFoundError(f"init_from: {run_dir} is not a finished run ({WEIGHTS} is missing); "
+                                "train it first, or give the folder of a finished run")
+    source = st_load(w_path.read_bytes())
+    own = model.state_dict()
+    loaded = sorted(k for k, v in source.items() if k in own and own[k].shape == v.shape)
+    if not loaded:
+        raise ValueError(f"init_from: no tensor of {run_dir} matches the model by name and shape; "
+                         f"it has {sorted(source)[:5]}..., the model {sorted(own)[:5]}...")
+    with torch.no_grad():
+        for k in loaded:
+            own[k].copy_(source[k])
+    return loaded
 
 
 def load_run(run_dir: str | Path, device=None) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:

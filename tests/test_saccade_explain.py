@@ -34,6 +34,11 @@ def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path)
     by = {r["variant"]: r for r in rows}
     assert set(by) == {"blockcnn", "saccadic", "ram"}
     assert 0 <= by["saccadic"]["attended_fraction"] <= 1 and "attended_fraction" not in by["blockcnn"]
+    # the saccadic model starts from its trained dense twin, and its cost includes the twin's
+    cfg = json.loads((tmp_path / "runs/saccade/digits/saccadic-seed0/config.json").read_text())["config"]
+    assert cfg["init_from"].endswith("blockcnn-seed0")
+    assert by["saccadic"]["train_seconds_total"] == pytest.approx(
+        by["saccadic"]["train_seconds"] + by["blockcnn"]["train_seconds"])
     md = (tmp_path / "report.md").read_text()
     assert "## Figures" in md and "explain-digits-saccadic.png" in md and "explain-digits-ram.png" in md
     assert "blocks attended (test)" in md  # the method's own field gets its table

@@ -27,21 +27,36 @@ def test_every_block_at_level_1_reproduces_the_dense_twin(image_size):
 
 
 def test_macs_follow_the_attended_blocks():
+    # the stages and the head's mix conv run only on attended blocks; the policy and the classifier always
     sacc, dense = twins()
     gh, gw = sacc.grid
     x = torch.randn(2, 1, 60, 60)
     policy_macs = count_macs(sacc.policy, torch.nn.functional.pad(x, sacc.pad))
-    head_macs = count_macs(torch.nn.Sequential(sacc.mix), torch.randn(1, 64, gh, gw)) + 64 * 10
+    fc_macs = 64 * 10
     sacc.fixed_levels = torch.zeros(2, gh, gw, dtype=torch.long)
-    assert count_macs(sacc, x) == policy_macs + head_macs  # all skipped: no stage work at all
+    assert count_macs(sacc, x) == policy_macs + fc_macs  # all skipped: no stage or head work at all
     sacc.fixed_levels = torch.ones(2, gh, gw, dtype=torch.long)
     assert count_macs(sacc, x) == policy_macs + count_macs(dense, x)
     half = torch.zeros(2, gh, gw, dtype=torch.long)
     half[:, :, : gw // 2 + 1] = 1
-    stage_macs = count_macs(dense, x) - head_macs
     sacc.fixed_levels = half
     frac = (half > 0).float().mean().item()
-    assert count_macs(sacc, x) == pytest.approx(policy_macs + head_macs + frac * stage_macs)
+    assert count_macs(sacc, x) == pytest.approx(policy_macs + fc_macs + frac * (count_macs(dense, x) - fc_macs))
+
+
+def test_the_head_sees_only_attended_blocks():
+    # what a skipped block would have shown must not reach the prediction
+    torch.manual_seed(0)
+    model = create_model("saccadic", image_size=(60, 60)).eval()
+    gh, gw = model.grid
+    levels = torch.zeros(1, gh, gw, dtype=torch.long)
+    levels[0, 1:3, 1:3] = 1
+    model.fixed_levels = levels
+    x = torch.randn(1, 1, 60, 60)
+    far = x.clone()
+    far[..., 48:, 48:] = 5.0  # a block 2 cells away from every attended one, beyond even the stages' halo
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(far))
 
 
 @pytest.mark.parametrize("estimator", ["gumbel", "reinforce"])

@@ -173,3 +173,31 @@ def test_affine_noise_augmentation_is_seeded_and_keeps_the_digit_in_place():
     assert ((centre_y - 13.5).abs() < 3).all()  # rotated, scaled, shifted by at most a few pixels
     noisy = affine_noise(x, torch.Generator().manual_seed(0))
     assert noisy.min() >= 0 and noisy.max() <= 255 and (noisy - a).std() > 10
+
+
+def test_init_from_starts_a_run_from_another_runs_weights(tmp_path):
+    mlp = {**DIGITS, "model": "lenet300"}  # no batch-norm statistics to move
+    base = train(TrainConfig(epochs=2, **mlp), tmp_path / "base", quiet=True)
+    # at a negligible learning rate the fine-tuned run stays where the base run ended
+    tuned = train(TrainConfig(epochs=1, init_from=str(tmp_path / "base"), **{**mlp, "lr": 1e-12}),
+                  tmp_path / "tuned", quiet=True)
+    assert tuned.test_acc == pytest.approx(base.test_acc, abs=1e-9)
+    assert "initialised" in (tmp_path / "tuned" / "log.txt").read_text()
+
+
+def test_init_weights_from_copies_what_matches_and_refuses_what_does_not(tmp_path):
+    from frugal.models import create_model
+    from frugal.train import init_weights_from
+    train(TrainConfig(task="digits", model="blockcnn", epochs=1, train_limit=64, device="cpu"), tmp_path / "twin",
+          quiet=True)
+    twin, _, _ = load_run(tmp_path / "twin")
+    sacc = create_model("saccadic", image_size=(8, 8), block_size=4)
+    loaded = init_weights_from(sacc, tmp_path / "twin")
+    assert "stages.0.weight.0" in loaded and "fc.weight" in loaded
+    assert not any(k.startswith("policy.") or k.endswith(".1") for k in loaded)  # the twin has neither
+    for k in loaded:
+        assert torch.equal(sacc.state_dict()[k], twin.state_dict()[k]), k
+    with pytest.raises(ValueError, match="no tensor .* matches"):
+        init_weights_from(create_model("lenet300", in_channels=1, image_size=(8, 8)), tmp_path / "twin")
+    with pytest.raises(FileNotFoundError, match="not a finished run"):
+        init_weights_from(sacc, tmp_path / "nowhere")

@@ -15,19 +15,23 @@ import torch
 from frugal.bench import BenchContext, register_method, train_and_measure
 from frugal.train import TrainConfig, normalize
 
-# Per task: training settings per budget (lr is the peak Adam learning rate per batch of 128).
+# Per task: training settings per budget (lr is the peak Adam learning rate per batch of 128);
+# `finetune` is the epochs of the saccadic model, which starts from its trained dense twin.
 TASKS = {
-    "mnist": dict(quick=dict(epochs=2), full=dict(epochs=8)),
-    "translated-mnist-60": dict(quick=dict(epochs=2, train_limit=20000), full=dict(epochs=10)),
-    "cluttered-mnist-60": dict(quick=dict(epochs=2, train_limit=20000), full=dict(epochs=12)),
-    "cluttered-mnist-100": dict(quick=dict(epochs=2, train_limit=10000), full=dict(epochs=10)),
-    "digits": dict(quick=dict(epochs=5), full=dict(epochs=30)),
+    "mnist": dict(quick=dict(epochs=2, finetune=1), full=dict(epochs=8, finetune=4)),
+    "translated-mnist-60": dict(quick=dict(epochs=2, finetune=1, train_limit=20000), full=dict(epochs=10, finetune=5)),
+    "cluttered-mnist-60": dict(quick=dict(epochs=2, finetune=1, train_limit=20000), full=dict(epochs=12, finetune=6)),
+    "cluttered-mnist-100": dict(quick=dict(epochs=2, finetune=1, train_limit=10000), full=dict(epochs=6, finetune=3)),
+    "digits": dict(quick=dict(epochs=5, finetune=3), full=dict(epochs=30, finetune=15)),
 }
-TINY = dict(epochs=1, train_limit=256)
-# (variant, model, model options, training overrides of the task plan)
+TINY = dict(epochs=1, finetune=1, train_limit=256)
+TWIN = "blockcnn"  # the dense twin's variant: trained first, it starts the saccadic model
+# (variant, model, model options, training overrides of the task plan). The saccadic model is
+# fine-tuned from the twin (`init_from`): trained from scratch on cluttered-mnist-60 (12 epochs,
+# budget 0.3) it reached 2.83% error against the twin's 1.99%, at 1.6x the twin's training time.
 VARIANTS = [
-    ("blockcnn", "blockcnn", {}, {}),
-    ("saccadic", "saccadic", {"budget": 0.3}, {}),
+    (TWIN, "blockcnn", {}, {}),
+    ("saccadic", "saccadic", {"budget": 0.25, "budget_warmup": 500}, {"lr": 1e-3, "init_from": TWIN}),
     ("ram", "ram", {}, {"lr": 1e-3}),
 ]
 
@@ -54,16 +58,23 @@ def attention_stats(model: torch.nn.Module, data, ctx: BenchContext, variant: st
 @register_method("saccade", tasks=tuple(TASKS),
                  default_tasks=("mnist", "translated-mnist-60", "cluttered-mnist-60", "cluttered-mnist-100"),
                  description="saccadic CNN and glimpse model against the dense twin of the same backbone",
-                 fields=(("attended_fraction", "blocks attended (test)", "{:.1%}"),))
+                 fields=(("attended_fraction", "blocks attended (test)", "{:.1%}"),
+                         ("train_seconds_total", "train s incl. dense twin", "{:,.0f}")))
 def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
-    rows = []
-    plan = TINY if ctx.budget == "tiny" else TASKS[task][ctx.budget]
+    rows: dict[str, dict[str, Any]] = {}
+    plan = dict(TINY if ctx.budget == "tiny" else TASKS[task][ctx.budget])
+    finetune = plan.pop("finetune")
     for variant, model, model_kw, overrides in VARIANTS:
         settings = {"optimizer": "adam", "lr": 2e-3, **plan, **overrides}
+        twin = settings.pop("init_from", None)
+        if twin is not None:
+            settings.update(epochs=finetune, init_from=str(ctx.run_dir("saccade", task, seed, twin).resolve()))
         cfg = TrainConfig(task=task, model=model, model_kw=model_kw, seed=seed, device=str(ctx.device),
                           data_dir=ctx.data_dir, **settings)
         row = train_and_measure(ctx, cfg, ctx.run_dir("saccade", task, seed, variant),
                                 extra=lambda m, d, v=variant: attention_stats(m, d, ctx, v, seed))
         row["variant"] = variant
-        rows.append(row)
-    return rows
+        # what it took to get there: a fine-tuned model's own training plus its twin's
+        row["train_seconds_total"] = row["train_seconds"] + (rows[twin]["train_seconds"] if twin else 0.0)
+        rows[variant] = row
+    return list(rows.values())

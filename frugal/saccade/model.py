@@ -105,26 +105,42 @@ class SaccadicCNN(nn.Module):
         if att.weights.requires_grad:  # Gumbel training: masked dense stages (see _masked_stage)
             for i, stage in enumerate(self.stages):
                 h = self._masked_stage(stage, F.max_pool2d(h, 2) if i else h, att.weights)
-            return self.fc(self._head(F.max_pool2d(h, self.stages[-1].block_size)))
+            attended = 1 - att.weights[:, 0]  # (B, gh, gw): 1 where a block was attended, with the ST gradient
+            return self.fc(self._head(F.max_pool2d(h, self.stages[-1].block_size), attended))
         # only the chosen blocks are computed, handed from stage to stage as tiles
-        return self.fc(self._head(self._sparse_stages(x, att.levels)))
+        blocks = BlockSet(att.levels)
+        return self.fc(self._sparse_head(self._sparse_stages(x, blocks), blocks))
 
-    def _sparse_stages(self, x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    def _sparse_stages(self, x: torch.Tensor, blocks: BlockSet) -> torch.Tensor:
         """The stages on the chosen blocks only: (B, C, gh, gw) block vectors, zero where skipped."""
-        blocks = BlockSet(levels)
         t = x  # the image; from the first stage on, tiles (n, s, s, C)
         for i, stage in enumerate(self.stages):
             if i:
                 t = _max_pool_tiles(t)
             t = F.relu(stage.forward_tiles(t, blocks), inplace=True)  # (n, s_i, s_i, C_i)
         n, s, _, c = t.shape
-        g = t.new_zeros(levels.shape[0], *blocks.grid, c)  # (B, gh, gw, C)
+        g = t.new_zeros(blocks.levels.shape[0], *blocks.grid, c)  # (B, gh, gw, C)
         g[blocks.bi, blocks.yi, blocks.xi] = F.max_pool2d(t.permute(0, 3, 1, 2), s).view(n, c)  # a vector per block
         return g.permute(0, 3, 1, 2)  # (B, C, gh, gw)
 
-    def _head(self, g: torch.Tensor) -> torch.Tensor:
-        """Block vectors (B, C, gh, gw) -> mixed with neighbours on the grid -> global max (B, C)."""
-        return F.relu(self.mix(g)).amax(dim=(2, 3))
+    def _head(self, g: torch.Tensor, attended: torch.Tensor | None = None) -> torch.Tensor:
+        """Block vectors (B, C, gh, gw) -> mixed with neighbours on the grid -> max over the attended
+        blocks (B, C). `attended` (B, gh, gw) masks the rest (after the ReLU, so the max is the
+        attended blocks' max); None = every block (the dense twin)."""
+        m = F.relu(self.mix(g))  # (B, C, gh, gw)
+        if attended is not None:
+            m = m * attended[:, None]
+        return m.amax(dim=(2, 3))
+
+    def _sparse_head(self, g: torch.Tensor, blocks: BlockSet) -> torch.Tensor:
+        """`_head` evaluated at the attended blocks only: the mix conv as one matrix product over the
+        3x3 neighbourhoods of the chosen grid cells, then a max per example."""
+        b, c, gh, gw = g.shape
+        cols = F.unfold(g, 3, padding=1)  # (B, C*9, gh*gw): each cell's 3x3 neighbourhood
+        cols = cols[blocks.bi, :, blocks.yi * gw + blocks.xi]  # (n, C*9)
+        m = F.relu(F.linear(cols, self.mix.weight.view(self.mix.out_channels, -1), self.mix.bias))  # (n, C')
+        out = m.new_zeros(b, m.shape[1])  # an example with no attended block gets 0 (ReLU's floor)
+        return out.scatter_reduce_(0, blocks.bi[:, None].expand_as(m), m, "amax")  # (B, C')
 
     @staticmethod
     def _masked_stage(stage: BlockSparseConv2d, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
