@@ -118,3 +118,39 @@ def test_compress_bench_method_writes_real_files_that_reproduce_each_row(tmp_pat
     assert dense["file_bytes"] > 4 * dense["params"]  # raw float32 plus the header
     md = (tmp_path / "report.md").read_text()
     assert "file bytes" in md and "zero weights" in md
+
+
+def test_pareto_front_keeps_exactly_the_undominated_codes():
+    from frugal.compress.loop import pareto_front
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        sizes = torch.randint(0, 6, (12,), generator=g).tolist()  # small ranges: many ties
+        errors = torch.randint(0, 6, (12,), generator=g).tolist()
+        front = pareto_front(sizes, errors)
+        pts = list(zip(sizes, errors))
+        for i, (s, e) in enumerate(pts):
+            beaten = any(s2 <= s and e2 <= e and (s2, e2) != (s, e) for s2, e2 in pts)
+            if beaten:
+                assert i not in front
+            else:  # undominated: exactly one of its exact copies is kept
+                copies = [j for j, q in enumerate(pts) if q == (s, e)]
+                assert [j for j in copies if j in front] == [copies[0]]
+    assert pareto_front([3, 1, 2], [1, 3, 2]) == [0, 1, 2]
+    assert pareto_front([1, 2], [1, 2]) == [0]
+
+
+def test_the_prefilter_scores_fewer_codes_and_still_compresses(tmp_path, monkeypatch):
+    from frugal.compress import loop as loop_module
+    skipped, real = [], loop_module.pareto_front
+
+    def counting(sizes, errors):
+        keep = real(sizes, errors)
+        skipped.append(len(sizes) - len(keep))
+        return keep
+
+    monkeypatch.setattr(loop_module, "pareto_front", counting)
+    hook = CompressInTheLoop(LoopConfig(every=1, lam=0.05, steps=(0.1, 0.3), kmeans_k=(8,), dct_cutoffs=(0, 3)))
+    res = train(TrainConfig(epochs=1, train_limit=256, **CFG), tmp_path, hooks=[hook], quiet=True, progress=False)
+    assert sum(skipped) > 0  # some codes were dominated and never scored
+    fp32 = 4 * sum(p.numel() for p in res.model.parameters())
+    assert hook.rounds[-1]["bytes"] < 0.5 * fp32

@@ -55,3 +55,27 @@ def test_glimpse_boxes_for_drawing():
 def test_bad_sensor_settings():
     with pytest.raises(ValueError, match="patch and scales must be >= 1"):
         GlimpseSensor(patch=0)
+
+
+def test_context_net_chooses_the_first_glimpse_and_is_trained_by_reinforce():
+    torch.manual_seed(0)
+    model = create_model("ram", image_size=(60, 60), glimpses=3, glimpse_net="conv", context=True).train()
+    x, y = torch.randn(8, 1, 60, 60), torch.randint(0, 10, (8,))
+    logits = model(x)
+    assert model.trajectory.shape == (8, 3, 2)
+    assert not model.trajectory[:, 0].eq(0).all()  # the first glimpse follows the coarse view
+    assert model._log_probs.shape == (8, 3) and model._values.shape == (8, 4)  # the first location counts too
+    (F.cross_entropy(logits, y) + model.extra_loss(x, logits, y)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        first = model.trajectory[:, 0].clone()
+        model(x.flip(-1))
+    assert not torch.allclose(first, model.trajectory[:, 0])  # it depends on the image
+
+
+def test_bad_glimpse_net():
+    with pytest.raises(ValueError, match="unknown glimpse_net 'mlp'"):
+        create_model("ram", glimpse_net="mlp")

@@ -40,6 +40,7 @@ class LoopConfig:
     dct_cutoffs: tuple[int, ...] = (0, 2, 3, 4)  # for `dct`: keep u + v < cutoff (0 keeps all), at every step
     small_step: float = 0.05  # biases and other 1-D tensors: uniform at this many stds, no search
     score_examples: int = 2000  # validation images the loss is measured on
+    prefilter: bool = True  # measure the loss only of codes no other code beats on both bytes and weight error
     masks: str = "fixed"  # fixed: what a round zeroed (weights, or DCT frequencies) stays zero; reopen: may regrow
 
     def __post_init__(self):
@@ -154,11 +155,14 @@ class CompressInTheLoop(Hook):
                 options = [Uniform(max(self.cfg.small_step * std, 1e-6))]
             else:
                 options = candidates(original, self.cfg)
+            coded = [(codec, *codec.roundtrip(original)) for codec in options]  # (codec, decoded, bytes)
+            if self.cfg.prefilter and len(coded) > 1:
+                errors = [float((decoded.double() - original.double()).pow(2).sum()) for _, decoded, _ in coded]
+                coded = [coded[i] for i in pareto_front([c[2] for c in coded], errors)]
             best = None
-            for codec in options:
-                decoded, nbytes = codec.roundtrip(original)
+            for codec, decoded, nbytes in coded:
                 p.copy_(decoded)
-                after = loss() if len(options) > 1 else current
+                after = loss() if len(coded) > 1 else current
                 score = (after - current) + self.cfg.lam * nbytes / 1024
                 if best is None or score < best[0]:
                     best = (score, codec, decoded, nbytes, after)
@@ -184,4 +188,16 @@ class CompressInTheLoop(Hook):
         return record
 
 
-__all__ = ["CHOSEN", "CompressInTheLoop", "LoopConfig", "candidates"]
+def pareto_front(sizes: list[float], errors: list[float]) -> list[int]:
+    """Indices of the candidates no other candidate beats on both counts (no larger and no worse,
+    one of them strictly), in their original order; of exact ties the first is kept."""
+    keep = []
+    for i, (si, ei) in enumerate(zip(sizes, errors)):
+        dominated = any((sj <= si and ej <= ei) and ((sj, ej) != (si, ei) or j < i)
+                        for j, (sj, ej) in enumerate(zip(sizes, errors)) if j != i)
+        if not dominated:
+            keep.append(i)
+    return keep
+
+
+__all__ = ["CHOSEN", "CompressInTheLoop", "LoopConfig", "candidates", "pareto_front"]

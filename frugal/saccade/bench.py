@@ -32,7 +32,9 @@ TWIN = "blockcnn"  # the dense twin's variant: trained first, it starts the sacc
 VARIANTS = [
     (TWIN, "blockcnn", {}, {}),
     ("saccadic", "saccadic", {"budget": 0.25, "budget_warmup": 500}, {"lr": 1e-3, "init_from": TWIN}),
-    ("ram", "ram", {}, {"lr": 1e-3}),
+    # the paper's linear glimpse net with the first glimpse at the centre reached 87.28% on
+    # cluttered-mnist-60 in 12 epochs; a conv glimpse net and a context net (Ba et al. 2015) instead
+    ("ram", "ram", {"glimpse_net": "conv", "context": True}, {"lr": 1e-3}),
 ]
 
 
