@@ -226,10 +226,10 @@ def saccadic(in_channels: int = 1, image_size: tuple[int, int] = (60, 60), num_c
              width: int = 16, block_size: int | None = None, estimator: str = "gumbel", tau: float = 1.0,
              budget: float = 0.3, cost_weight: float = 1.0, consistency_weight: float = 0.0,
              noise_std: float = 0.5, budget_warmup: int = 1000, attend_init: float = 0.9,
-             min_blocks: int = 1, budget_mode: str = "target") -> nn.Module:
+             min_blocks: int = 1, budget_mode: str = "target", kernel_sizes: Sequence[int] = (3, 5)) -> nn.Module:
     """Saccadic CNN: a policy picks skip / 3x3 / 5x5 per block; convs run only on chosen blocks."""
     return SaccadicCNN(in_channels, image_size, num_classes, width=width, block_size=block_size,
-                       estimator=estimator, tau=tau, budget=budget, cost_weight=cost_weight,
+                       kernel_sizes=kernel_sizes, estimator=estimator, tau=tau, budget=budget, cost_weight=cost_weight,
                        consistency_weight=consistency_weight, noise_std=noise_std,
                        budget_warmup=budget_warmup, attend_init=attend_init, min_blocks=min_blocks,
                        budget_mode=budget_mode)
