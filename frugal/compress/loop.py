@@ -34,11 +34,12 @@ class LoopConfig:
     lam: float = 0.01  # score = loss increase (nats per example) + lam x kilobytes of the tensor's code
     codecs: tuple[str, ...] = ("uniform", "prune", "structured", "kmeans", "dct")  # families tried per weight tensor
     steps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)  # quantisation steps, in units of the tensor's std
-    prune_fractions: tuple[float, ...] = (0.5, 0.75, 0.9, 0.97)  # for `prune`, each at every step
-    structured_fractions: tuple[tuple[float, float], ...] = ((0.25, 0.0), (0.5, 0.25), (0.75, 0.5))  # (rows, inputs)
+    prune_fractions: tuple[float, ...] = (0.5, 0.75, 0.9, 0.97, 0.99)  # for `prune`, each at every step
+    structured_fractions: tuple[tuple[float, float], ...] = (
+        (0.25, 0.0), (0.5, 0.25), (0.75, 0.5), (0.9, 0.75))  # (rows, inputs) dropped, for `structured`
     kmeans_k: tuple[int, ...] = (4, 8, 16, 32)  # shared values for `kmeans`
     dct_cutoffs: tuple[int, ...] = (0, 2, 3, 4)  # for `dct`: keep u + v < cutoff (0 keeps all), at every step
-    small_step: float = 0.05  # biases and other 1-D tensors: uniform at this many stds, no search
+    bias_steps: tuple[float, ...] = (0.05, 0.2, 0.8)  # biases and other 1-D tensors: uniform at these steps (stds)
     score_examples: int = 2000  # validation images the loss is measured on
     prefilter: bool = True  # measure the loss only of codes no other code beats on both bytes and weight error
     masks: str = "fixed"  # fixed: what a round zeroed (weights, or DCT frequencies) stays zero; reopen: may regrow
@@ -152,7 +153,7 @@ class CompressInTheLoop(Hook):
             original = p.detach().clone()
             if p.dim() < 2:
                 std = float(original.float().std()) if original.numel() > 1 else abs(float(original.float().mean()))
-                options = [Uniform(max(self.cfg.small_step * std, 1e-6))]
+                options = [Uniform(max(q * std, 1e-6)) for q in self.cfg.bias_steps]
             else:
                 options = candidates(original, self.cfg)
             coded = [(codec, *codec.roundtrip(original)) for codec in options]  # (codec, decoded, bytes)
