@@ -51,7 +51,7 @@ def test_bad_files_are_refused_with_what_is_wrong():
     cases = [
         (data[:3], "too short"),
         (b"PK\x03\x04" + data[4:], "not a frugal model file"),
-        (data[:4] + bytes([FORMAT_VERSION + 1]) + data[5:], "format version 2"),
+        (data[:4] + bytes([FORMAT_VERSION + 1]) + data[5:], f"format version {FORMAT_VERSION + 1}"),
         (data[:-10], "checksum mismatch"),
         (data[:40] + bytes([data[40] ^ 1]) + data[41:], "checksum mismatch"),
     ]
@@ -59,10 +59,37 @@ def test_bad_files_are_refused_with_what_is_wrong():
         with pytest.raises(ModelFileError, match=msg):
             decode_model(bad)
     other = create_model("lenet300", in_channels=1, image_size=(8, 8), num_classes=10)
-    with pytest.raises(ModelFileError, match="do not match the model 'convnet'"):
+    with pytest.raises(ModelFileError, match="written for another model"):
         decode_model(encode_model(other, SPEC))  # lenet300's weights under convnet's spec
     with pytest.raises(ValueError, match="codecs given for tensors the model does not have"):
         encode_model(model, SPEC, {"nope.weight": Uniform(0.1)})
+
+
+def test_version_1_files_with_names_and_shapes_in_the_header_are_still_read():
+    import json
+
+    import zstandard
+
+    from frugal.measure import weight_tensors
+    model, codecs = model_and_codecs()
+    v2 = encode_model(model, SPEC, codecs)
+    entries, payloads = [], []
+    for name, t in weight_tensors(model).items():
+        codec = codecs.get(name)
+        blob = codec.encode(t) if codec else encode_model.__globals__["Raw"]().encode(t)
+        entries.append([name, list(t.shape), codec.name if codec else "raw", len(blob)])
+        payloads.append(blob)
+    header = zstandard.ZstdCompressor(level=19).compress(
+        json.dumps({"spec": SPEC, "meta": {}, "tensors": entries}).encode())
+    out = bytearray(b"FRGL\x01")
+    out.append(len(header)) if len(header) < 128 else out.extend([len(header) & 127 | 128, len(header) >> 7])
+    v1 = _refix_crc(bytes(out + header + b"".join(payloads)) + b"\0\0\0\0")
+    a, _ = decode_model(v1)
+    b, header2 = decode_model(v2)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    assert [e[0] for e in header2["tensors"]] == [e[0] for e in entries]  # v2 names its tensors from the model
+    assert len(v2) < len(v1)  # what the names and shapes cost
 
 
 def test_fuzzed_files_give_a_clear_error_or_a_model_never_a_crash_or_a_hang():

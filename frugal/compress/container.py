@@ -5,8 +5,11 @@ Layout (all integers little-endian):
     b"FRGL"            magic
     u8                 format version (FORMAT_VERSION)
     varint + bytes     header: zstd-compressed JSON {"spec": model spec, "meta": {...},
-                       "tensors": [[name, shape, codec name, payload length], ...]} (each payload
-                       carries its code's parameters)
+                       "tensors": [[codec name, payload length], ...]}, one entry per weight
+                       tensor of the model the spec builds, in its state-dict order (names and
+                       shapes come from the model, so they cost nothing; each payload carries its
+                       code's parameters). Version 1 files, whose entries were
+                       [name, shape, codec name, payload length], are still read.
     bytes              the tensors' payloads, in header order (each codec's own bytes)
     u32                CRC-32 of everything before it
 
@@ -32,7 +35,8 @@ from frugal.measure import weight_tensors
 from frugal.utils import atomic_write_bytes
 
 MAGIC = b"FRGL"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MAX_HEADER = 1 << 24  # decompressed header bytes: bounds what a damaged file can make us allocate
 
 
@@ -54,10 +58,11 @@ def encode_model(model: nn.Module, spec: dict[str, Any], codecs: dict[str, Codec
     for name, t in tensors.items():
         codec = codecs.get(name, Raw())
         data = codec.encode(t)
-        entries.append([name, list(t.shape), codec.name, len(data)])
+        entries.append([codec.name, len(data)])
         payloads.append(data)
     header = json.dumps({"spec": spec, "meta": meta or {}, "tensors": entries}, separators=(",", ":")).encode()
-    zheader = zstandard.ZstdCompressor(level=19).compress(header)
+    # no content size in the frame: the reader bounds the output itself (MAX_HEADER)
+    zheader = zstandard.ZstdCompressor(level=19, write_content_size=False).compress(header)
     out = bytearray(MAGIC)
     out.append(FORMAT_VERSION)
     write_varint(out, len(zheader))
@@ -86,8 +91,9 @@ def decode_model(data: bytes, device=None) -> tuple[nn.Module, dict[str, Any]]:
         raise ModelFileError(f"{len(data)} bytes is too short to be a frugal model file")
     if data[:4] != MAGIC:
         raise ModelFileError(f"not a frugal model file (starts with {data[:4]!r}, expected {MAGIC!r})")
-    if data[4] != FORMAT_VERSION:
-        raise ModelFileError(f"format version {data[4]} is not the one this frugal reads ({FORMAT_VERSION}); "
+    version = data[4]
+    if version not in READABLE_VERSIONS:
+        raise ModelFileError(f"format version {version} is not one this frugal reads {READABLE_VERSIONS}; "
                              "use the frugal version that wrote it")
     (crc,) = struct.unpack("<I", data[-4:])
     if zlib.crc32(data[:-4]) != crc:
@@ -105,15 +111,23 @@ def decode_model(data: bytes, device=None) -> tuple[nn.Module, dict[str, Any]]:
     except (zstandard.ZstdError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFileError(f"header does not decode ({e}): the file is damaged") from None
     pos += n
-    entries = _check_header(header)
-    if pos + sum(e[3] for e in entries) != len(body):
-        raise ModelFileError(f"payload lengths ({sum(e[3] for e in entries)} bytes) do not fill the "
+    short = _check_header(header, version)
+    if pos + sum(e[-1] for e in short) != len(body):
+        raise ModelFileError(f"payload lengths ({sum(e[-1] for e in short)} bytes) do not fill the "
                              f"{len(body) - pos} bytes after the header: damaged")
     try:
         model = build_model(header["spec"], device=device)
     except Exception as e:  # any failure to rebuild means the spec is not usable
         raise ModelFileError(f"cannot rebuild the model from the file's spec ({e})") from None
     expected = weight_tensors(model)
+    if version >= 2:  # entries follow the model's own tensors: names and shapes come from it
+        if len(short) != len(expected):
+            raise ModelFileError(f"the file has {len(short)} tensors, the model {header['spec'].get('name')!r} "
+                                 f"{len(expected)}: damaged, or written for another model")
+        entries = [[k, list(t.shape), c, n] for (k, t), (c, n) in zip(expected.items(), short)]
+    else:
+        entries = short
+    header = {**header, "tensors": entries}
     names = [e[0] for e in entries]
     if sorted(names) != sorted(expected):
         raise ModelFileError(f"the file's tensors {sorted(set(names) ^ set(expected))} do not match the "
@@ -137,15 +151,18 @@ def decode_model(data: bytes, device=None) -> tuple[nn.Module, dict[str, Any]]:
     return model, header
 
 
-def _check_header(h: Any) -> list[list]:
+def _check_header(h: Any, version: int) -> list[list]:
     if not isinstance(h, dict) or not {"spec", "meta", "tensors"} <= h.keys():
         raise ModelFileError("header lacks spec, meta or tensors: not a frugal model file")
     if not isinstance(h["spec"], dict) or not isinstance(h["tensors"], list):
         raise ModelFileError("header spec or tensor list has the wrong type: damaged")
     for e in h["tensors"]:
-        ok = (isinstance(e, list) and len(e) == 4 and isinstance(e[0], str) and isinstance(e[1], list)
-              and all(isinstance(d, int) and 0 <= d < 1 << 31 for d in e[1]) and isinstance(e[2], str)
-              and isinstance(e[3], int) and e[3] >= 0 and math.prod(e[1]) < 1 << 31)
+        if version >= 2:  # [codec name, payload length]
+            ok = isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], int) and e[1] >= 0
+        else:  # [name, shape, codec name, payload length]
+            ok = (isinstance(e, list) and len(e) == 4 and isinstance(e[0], str) and isinstance(e[1], list)
+                  and all(isinstance(d, int) and 0 <= d < 1 << 31 for d in e[1]) and isinstance(e[2], str)
+                  and isinstance(e[3], int) and e[3] >= 0 and math.prod(e[1]) < 1 << 31)
         if not ok:
             raise ModelFileError(f"tensor entry {str(e)[:80]} is malformed: damaged")
     return h["tensors"]

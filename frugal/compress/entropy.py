@@ -100,7 +100,10 @@ def decode_symbols(buf: bytes | memoryview, pos: int = 0, expected: int | None =
         raise CodecError("histogram longer than the data left: the data is truncated or damaged")
     counts = np.empty(k, dtype=np.int64)
     for i in range(k):
-        counts[i], pos = read_varint(buf, pos)
+        c, pos = read_varint(buf, pos)
+        if c > n:  # also keeps a damaged varint from overflowing int64
+            raise CodecError(f"histogram count {c} exceeds the {n} symbols of the stream: the data is damaged")
+        counts[i] = c
     if int(counts.sum()) != n:
         raise CodecError(f"histogram counts {int(counts.sum())} symbols, header says {n}: the data is damaged")
     if k == 1:
