@@ -6,7 +6,7 @@ Layout (all integers little-endian):
     u8                 format version (FORMAT_VERSION)
     varint + bytes     header: zstd-compressed JSON {"spec": model spec, "meta": {...},
                        "tensors": [[codec name, payload length], ...]}, one entry per weight
-                       tensor of the model the spec builds, in its state-dict order (names and
+                       tensor of the model the spec builds, sorted by name (names and
                        shapes come from the model, so they cost nothing; each payload carries its
                        code's parameters). Version 1 files, whose entries were
                        [name, shape, codec name, payload length], are still read.
@@ -55,7 +55,7 @@ def encode_model(model: nn.Module, spec: dict[str, Any], codecs: dict[str, Codec
     if unknown:
         raise ValueError(f"codecs given for tensors the model does not have: {sorted(unknown)}")
     entries, payloads = [], []
-    for name, t in tensors.items():
+    for name, t in sorted(tensors.items()):  # by name: registration order can differ between equal models
         codec = codecs.get(name, Raw())
         data = codec.encode(t)
         entries.append([codec.name, len(data)])
@@ -124,7 +124,7 @@ def decode_model(data: bytes, device=None) -> tuple[nn.Module, dict[str, Any]]:
         if len(short) != len(expected):
             raise ModelFileError(f"the file has {len(short)} tensors, the model {header['spec'].get('name')!r} "
                                  f"{len(expected)}: damaged, or written for another model")
-        entries = [[k, list(t.shape), c, n] for (k, t), (c, n) in zip(expected.items(), short)]
+        entries = [[k, list(t.shape), c, n] for (k, t), (c, n) in zip(sorted(expected.items()), short)]
     else:
         entries = short
     header = {**header, "tensors": entries}
