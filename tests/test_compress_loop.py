@@ -22,6 +22,9 @@ def trained(tmp_path_factory):
 def test_rounds_run_every_k_epochs_and_at_the_end(trained):
     run, hook, _ = trained
     assert [r["epoch"] for r in hook.rounds] == [2, 3]
+    # the last epoch re-applies the codes of the last search to the weights trained since
+    assert [r["search"] for r in hook.rounds] == [True, False]
+    assert hook.rounds[1]["codecs"] == hook.rounds[0]["codecs"]
     saved = json.loads((run / CHOSEN).read_text())
     assert saved["codecs"] == hook.chosen and len(saved["rounds"]) == 2
     for r in hook.rounds:
@@ -88,9 +91,18 @@ def test_fixed_masks_keep_pruned_weights_at_zero(trained, tmp_path, masks):
     assert regrown == (masks == "reopen")
 
 
+def test_a_final_search_is_available(tmp_path):
+    hook = CompressInTheLoop(LoopConfig(every=1, lam=0.05, steps=(0.3,), kmeans_k=(8,), dct_cutoffs=(0,),
+                                        final="search"))
+    train(TrainConfig(epochs=2, train_limit=256, **CFG), tmp_path, hooks=[hook], quiet=True, progress=False)
+    assert [r["search"] for r in hook.rounds] == [True, True]
+
+
 def test_bad_loop_settings_are_named():
     with pytest.raises(ValueError, match="masks must be one of"):
         LoopConfig(masks="frozen")
+    with pytest.raises(ValueError, match="final must be one of"):
+        LoopConfig(final="none")
     with pytest.raises(ValueError, match="unknown codec families"):
         LoopConfig(codecs=("jpeg",))
     with pytest.raises(ValueError, match="unknown compression setting"):

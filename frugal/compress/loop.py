@@ -1,7 +1,10 @@
 """Compression in the training loop: every few epochs each weight tensor is replaced by the
 decoded output of the lossy code that scores best on (loss increase) + lambda x (its bytes), and
 training goes on from there. The last epoch always ends with a round, so the trained model *is*
-its compressed file: `frugal compress RUN` writes exactly those weights.
+its compressed file: `frugal compress RUN` writes exactly those weights. By default that last round
+does not search again: it re-applies the codes of the last search (same families and parameters),
+so the epochs after the last search repair its damage instead of leaving the final search's loss
+increase unrepaired.
 
 The score of a candidate code for a tensor is measured, not estimated: the tensor is replaced by
 decode(encode(w)), the loss is measured on `score_examples` validation images (carved from the
@@ -18,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from frugal.compress.codecs import DCT, Codec, KMeans, Prune, Structured, Uniform, dct2, from_blocks, idct2, to_blocks
+from frugal.compress.codecs import (DCT, Codec, KMeans, Prune, Structured, Uniform, codec_from_spec, dct2, from_blocks,
+                                   idct2, to_blocks)
 from frugal.measure import weight_tensors
 from frugal.train import Hook, TrainState, normalize
 from frugal.utils import atomic_write_json
@@ -26,6 +30,7 @@ from frugal.utils import atomic_write_json
 CHOSEN = "compression.json"  # written into the run folder after every round
 FAMILIES = ("uniform", "prune", "structured", "kmeans", "dct")
 MASKS = ("fixed", "reopen")
+FINALS = ("requantise", "search")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class LoopConfig:
     bias_steps: tuple[float, ...] = (0.05, 0.2, 0.8)  # biases and other 1-D tensors: uniform at these steps (stds)
     score_examples: int = 2000  # validation images the loss is measured on
     prefilter: bool = True  # measure the loss only of codes no other code beats on both bytes and weight error
+    final: str = "requantise"  # last epoch: "requantise" (the last search's codes again) or "search"
     masks: str = "fixed"  # fixed: what a round zeroed (weights, or DCT frequencies) stays zero; reopen: may regrow
 
     def __post_init__(self):
@@ -49,6 +55,8 @@ class LoopConfig:
             raise ValueError(f"every must be >= 1 epoch, got {self.every}")
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if self.final not in FINALS:
+            raise ValueError(f"final must be one of {FINALS}, got {self.final!r}")
         if self.masks not in MASKS:
             raise ValueError(f"masks must be one of {MASKS}, got {self.masks!r}")
         unknown = set(self.codecs) - set(FAMILIES)
@@ -100,7 +108,9 @@ class CompressInTheLoop(Hook):
 
     def end_of_epoch(self, state: TrainState) -> None:
         done = state.epoch + 1
-        if done % self.cfg.every == 0 or done == state.cfg.epochs:
+        if done == state.cfg.epochs:
+            self.compress(state, search=not (self.cfg.final == "requantise" and self.chosen))
+        elif done % self.cfg.every == 0:
             self.compress(state)
 
     @torch.no_grad()
@@ -128,7 +138,8 @@ class CompressInTheLoop(Hook):
     # -- one round --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def compress(self, state: TrainState) -> dict[str, Any]:
+    def compress(self, state: TrainState, search: bool = True) -> dict[str, Any]:
+        """One round. `search=False` re-applies the codes chosen last time to the current weights."""
         t0 = time.perf_counter()
         model, data, device = state.model, state.data, state.device
         was_training = model.training
@@ -151,7 +162,9 @@ class CompressInTheLoop(Hook):
             if p is None:
                 continue  # buffers (e.g. batch-norm statistics) stay as they are
             original = p.detach().clone()
-            if p.dim() < 2:
+            if not search:
+                options = [codec_from_spec(self.chosen[name])]
+            elif p.dim() < 2:
                 std = float(original.float().std()) if original.numel() > 1 else abs(float(original.float().mean()))
                 options = [Uniform(max(q * std, 1e-6)) for q in self.cfg.bias_steps]
             else:
@@ -178,13 +191,14 @@ class CompressInTheLoop(Hook):
         val_loss = loss()
         correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x.split(500), y.split(500)))
         model.train(was_training)
-        record = {"epoch": state.epoch + 1, "loss_before": before, "loss_after": val_loss, "val_acc_after": correct / n,
+        record = {"epoch": state.epoch + 1, "search": search, "loss_before": before, "loss_after": val_loss, "val_acc_after": correct / n,
                   "bytes": sum(sizes.values()), "tensor_bytes": sizes, "codecs": chosen,
                   "seconds": time.perf_counter() - t0}
         self.rounds.append(record)
         self.chosen = chosen
         atomic_write_json(state.run_dir / CHOSEN, {"codecs": chosen, "loop": asdict(self.cfg), "rounds": self.rounds})
-        state.log(f"compression round at epoch {record['epoch']}: {record['bytes']:,} bytes of codes, "
+        state.log(f"compression {'round' if search else 'requantisation'} at epoch {record['epoch']}: "
+                  f"{record['bytes']:,} bytes of codes, "
                   f"val loss {before:.4f} -> {val_loss:.4f}, val acc {correct / n:.4f} ({record['seconds']:.1f}s)")
         return record
 
