@@ -216,3 +216,30 @@ def test_a_target_budget_pulls_a_policy_that_attends_too_little_up(mode, rises):
     assert (costs[-1] > costs[0] + 0.1) == rises, costs
     with pytest.raises(ValueError, match="budget_mode must be one of"):
         create_model("saccadic", budget_mode="floor")
+
+
+def test_an_inference_fraction_attends_each_images_most_wanted_blocks():
+    torch.manual_seed(0)
+    model = create_model("saccadic", image_size=(60, 60)).eval()
+    gh, gw = model.grid
+    x = torch.randn(3, 1, 60, 60)
+    with torch.no_grad():
+        logits, _ = model.policy(torch.nn.functional.pad(x, model.pad))
+        for f, k in ((0.2, 5), (0.5, 12), (1.0, 25)):
+            model.inference_fraction = f
+            model(x)
+            levels = model.attention.levels
+            assert ((levels > 0).flatten(1).sum(1) == k).all()
+            margin = (logits[:, 1:].max(1).values - logits[:, 0]).flatten(1)  # (B, n)
+            chosen = (levels > 0).flatten(1)
+            for b in range(3):  # every attended block wants it at least as much as every skipped one
+                if k < gh * gw:
+                    assert margin[b][chosen[b]].min() >= margin[b][~chosen[b]].max()
+            best = logits[:, 1:].argmax(1) + 1
+            assert torch.equal(levels[levels > 0], best[levels > 0])  # at its best non-skip level
+        model.inference_fraction = 1.5
+        with pytest.raises(ValueError, match="inference_fraction"):
+            model(x)
+        model.inference_fraction = None
+        model(x)
+        assert torch.equal(model.attention.levels, logits.argmax(1))  # back to the policy's argmax

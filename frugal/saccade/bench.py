@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from frugal.bench import BenchContext, register_method, train_and_measure
-from frugal.train import TrainConfig, normalize
+from frugal.data import load_task
+from frugal.measure import measure
+from frugal.train import TrainConfig, load_run, normalize
 
 # Per task: training settings per budget (lr is the peak Adam learning rate per batch of 128);
 # `finetune` is the epochs of the saccadic model, which starts from its trained dense twin.
@@ -35,6 +37,9 @@ BUDGET = {"mnist": 0.5}
 # More budgets on the task the targets are set on: a point of the accuracy-vs-compute curve each
 # (variant "saccadic-<budget>"), fine-tuned from the same twin
 MORE_BUDGETS = {"cluttered-mnist-60": (0.4,)}
+# Shares of the blocks the trained saccadic model is also measured at, attending each image's most
+# wanted blocks (`inference_fraction`): the accuracy-vs-compute curve of one trained policy
+INFERENCE_FRACTIONS = (0.28, 0.5)
 TWIN = "blockcnn"  # the dense twin's variant: trained first, it starts the saccadic model
 # (variant, model, model options, training overrides of the task plan). The saccadic model is
 # fine-tuned from the twin (`init_from`): trained from scratch on cluttered-mnist-60 (12 epochs,
@@ -50,7 +55,7 @@ VARIANTS = [
 
 @torch.no_grad()
 def attention_stats(model: torch.nn.Module, data, ctx: BenchContext, variant: str, seed: int,
-                    n: int = 2000) -> dict[str, Any]:
+                    n: int = 2000, draw: bool = True) -> dict[str, Any]:
     """Fraction of blocks attended on test images (saccadic), and an explanation grid (seed 0)."""
     model.eval()
     out: dict[str, Any] = {}
@@ -61,7 +66,7 @@ def attention_stats(model: torch.nn.Module, data, ctx: BenchContext, variant: st
             model(xb)  # the policy's choice is kept on model.attention
             attended.append((model.attention.levels > 0).float().mean().item())
         out["attended_fraction"] = sum(attended) / len(attended)
-    if seed == 0 and callable(getattr(model, "explain", None)) and variant != "blockcnn":
+    if draw and seed == 0 and callable(getattr(model, "explain", None)) and variant != "blockcnn":
         model.explain(x[:16], data.test.x[:16], data.test.y[:16],
                       ctx.figures / f"explain-{data.name}-{variant}.png")
     return out
@@ -96,4 +101,23 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
         # what it took to get there: a fine-tuned model's own training plus its twin's
         row["train_seconds_total"] = row["train_seconds"] + (rows[twin]["train_seconds"] if twin else 0.0)
         rows[variant] = row
+        if variant == "saccadic":
+            rows.update(at_fractions(ctx, row, task, seed))
     return list(rows.values())
+
+
+def at_fractions(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -> dict[str, dict[str, Any]]:
+    """The trained saccadic model measured again at each of INFERENCE_FRACTIONS: same weights, same
+    training cost, a different share of blocks computed at test time."""
+    model, cfg, _ = load_run(ctx.out_dir / row["run_dir"], device=ctx.device)
+    data = load_task(task, data_dir=ctx.data_dir, val_size=cfg.val_size)
+    out = {}
+    for f in INFERENCE_FRACTIONS:
+        model.inference_fraction = f
+        variant = f"saccadic top {f:.0%}"
+        r = measure(model, data, ctx.device, data_dir=ctx.data_dir, speed=ctx.budget != "tiny")
+        r.update({k: row[k] for k in ("val_acc", "train_seconds", "train_seconds_total", "epochs", "model", "run_dir")},
+                 variant=variant, inference_fraction=f,
+                 **attention_stats(model, data, ctx, variant, seed, draw=False))
+        out[variant] = r
+    return out

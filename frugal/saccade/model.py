@@ -89,6 +89,9 @@ class SaccadicCNN(nn.Module):
         self.fc = nn.Linear(widths[-1], num_classes)
         self.attention: Attention | None = None  # what the last forward pass chose
         self.fixed_levels: torch.Tensor | None = None  # set to force a level map (tests, ablations)
+        # set to attend this share of each image's blocks at inference (its most wanted ones) instead
+        # of the policy's argmax: one trained model, a curve of accuracy against compute
+        self.inference_fraction: float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(self.check(x), self.pad)  # (B, C, gh*s, gw*s)
@@ -100,7 +103,7 @@ class SaccadicCNN(nn.Module):
             return self.fc(self._head(F.max_pool2d(h, self.stages[-1].block_size)))
         logits, value = self.policy(x)
         att = choose_levels(logits, value, self.level_costs, self.estimator, self.training, self.tau,
-                            fixed=self.fixed_levels, min_blocks=self.min_blocks)
+                            fixed=self.fixed_levels, min_blocks=self.min_blocks, top_blocks=self._top_blocks())
         self.attention = att
         if att.weights.requires_grad:  # Gumbel training: masked dense stages (see _masked_stage)
             for i, stage in enumerate(self.stages):
@@ -110,6 +113,15 @@ class SaccadicCNN(nn.Module):
         # only the chosen blocks are computed, handed from stage to stage as tiles
         blocks = BlockSet(att.levels)
         return self.fc(self._sparse_head(self._sparse_stages(x, blocks), blocks))
+
+    def _top_blocks(self) -> int | None:
+        f = self.inference_fraction
+        if f is None:
+            return None
+        if not 0 < f <= 1:
+            raise ValueError(f"inference_fraction is a share of the blocks in (0, 1], got {f}")
+        n = self.grid[0] * self.grid[1]
+        return max(1, round(f * n))
 
     def _sparse_stages(self, x: torch.Tensor, blocks: BlockSet) -> torch.Tensor:
         """The stages on the chosen blocks only: (B, C, gh, gw) block vectors, zero where skipped."""

@@ -57,11 +57,14 @@ class Attention:
 
 def choose_levels(logits: torch.Tensor, value: torch.Tensor | None, level_costs: torch.Tensor, estimator: str,
                   training: bool, tau: float = 1.0, fixed: torch.Tensor | None = None,
-                  min_blocks: int = 0) -> Attention:
-    """Pick a level per block. Training: sample (Gumbel-max or categorical); evaluation: argmax.
+                  min_blocks: int = 0, top_blocks: int | None = None) -> Attention:
+    """Pick a level per block. Training: sample (Gumbel-max or categorical); evaluation: argmax, or
+    with `top_blocks` = k, each example's k least-skippable blocks at their best non-skip level (a
+    compute budget chosen at test time, from the same policy).
     `level_costs` (L+1,) is each level's compute relative to the dense twin's level (skip = 0).
     An example that attends fewer than `min_blocks` blocks gets its `min_blocks` least-skippable
-    blocks (lowest skip logit margin) at their best non-skip level: a net that sees nothing can only guess."""
+    blocks (highest margin of the best non-skip logit over the skip logit) at their best non-skip
+    level: a net that sees nothing can only guess."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
     probs = logits.softmax(dim=1)  # (B, L+1, gh, gw)
@@ -69,6 +72,8 @@ def choose_levels(logits: torch.Tensor, value: torch.Tensor | None, level_costs:
     log_p = logits.log_softmax(dim=1)
     if fixed is not None:
         levels = fixed
+    elif not training and top_blocks is not None:
+        levels = _top_blocks(logits, top_blocks)
     elif not training:
         levels = logits.argmax(dim=1)  # (B, gh, gw)
     elif estimator == "gumbel":
@@ -84,6 +89,17 @@ def choose_levels(logits: torch.Tensor, value: torch.Tensor | None, level_costs:
         weights = weights + soft - soft.detach()  # hard value, soft gradient
     log_prob = log_p.gather(1, levels[:, None]).squeeze(1).sum(dim=(1, 2))  # (B,)
     return Attention(logits, levels, weights, log_prob, value, expected_cost)
+
+
+def _top_blocks(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, gh, gw) levels: each example's k blocks of highest non-skip margin, at their best non-skip level."""
+    b = logits.shape[0]
+    lg = logits.reshape(b, logits.shape[1], -1)  # (B, L+1, n)
+    best_val, best_lvl = lg[:, 1:].max(dim=1)  # (B, n)
+    top = (best_val - lg[:, 0]).topk(min(k, lg.shape[2]), dim=1).indices  # (B, k)
+    levels = torch.zeros_like(best_lvl)
+    levels.scatter_(1, top, (best_lvl + 1).gather(1, top))
+    return levels.reshape(b, *logits.shape[2:])
 
 
 def _ensure_min_blocks(levels: torch.Tensor, logits: torch.Tensor, k: int) -> torch.Tensor:
