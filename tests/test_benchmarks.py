@@ -48,6 +48,14 @@ def test_saccade_model_benchmark_measures_both_models(twin_runs, capsys):
         assert 0 <= m["test_error"] <= 1 and m["ms_per_batch"] > 0
 
 
+def test_saccade_model_benchmark_times_test_time_fractions(twin_runs, capsys):
+    out = saccade_model.main(["--sparse", str(twin_runs["saccadic"]), "--dense", str(twin_runs["blockcnn"]),
+                              "--batch", "16", "--rounds", "2", "--threads", "1", "--fractions", "0.25", "1.0"])
+    quarter, full = out["models"]["saccadic top 25%"], out["models"]["saccadic top 100%"]
+    assert full["attended_fraction"] == 1.0 and quarter["attended_fraction"] < 0.5
+    assert quarter["macs"] < full["macs"] and quarter["speedup"] > 0 and full["macs_ratio"] > 1  # + the policy
+
+
 def test_saccade_model_benchmark_refuses_a_model_that_is_not_saccadic(twin_runs):
     with pytest.raises(SystemExit, match="is not a saccadic model"):
         saccade_model.main(["--sparse", str(twin_runs["blockcnn"]), "--dense", str(twin_runs["blockcnn"])])

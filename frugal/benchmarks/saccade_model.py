@@ -11,6 +11,7 @@ the two models timed alternately round after round so that drifts in machine loa
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--fractions", type=float, nargs="*", default=[],
+                   help="also time the saccadic model attending this share of each image's blocks (inference_fraction)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -78,15 +81,25 @@ def main(argv: list[str] | None = None) -> dict:
     x = normalize(data.test.x[: a.batch].to(device), data.mean, data.std, dtype)  # real test images
     out: dict = {"benchmark": "saccade_model", "task": s_cfg.task, "batch": a.batch, "device": str(device),
                  "threads": torch.get_num_threads(), "models": {}}
-    for name, model, cfg in (("saccadic", sparse, s_cfg), ("dense", dense, d_cfg)):
+    models = {"saccadic": sparse, "dense": dense}
+    for f in a.fractions:
+        m = copy.deepcopy(sparse)
+        m.inference_fraction = f
+        models[f"saccadic top {f:.0%}"] = m
+    for name, model in models.items():
         acc = evaluate(model, data.test, data.mean, data.std, device)[0]
-        out["models"][name] = {"run": a.sparse if name == "saccadic" else a.dense, "model": cfg.model,
+        cfg = d_cfg if name == "dense" else s_cfg
+        out["models"][name] = {"run": a.dense if name == "dense" else a.sparse, "model": cfg.model,
                                "test_error": 1 - acc, "macs": count_macs(model, x)}
-    out["models"]["saccadic"]["attended_fraction"] = attended_fraction(
-        sparse, normalize(data.test.x.to(device), data.mean, data.std, dtype))
-    t = alternate_timing({"saccadic": sparse, "dense": dense}, x, a.rounds)
+        if name != "dense":
+            out["models"][name]["attended_fraction"] = attended_fraction(
+                model, normalize(data.test.x.to(device), data.mean, data.std, dtype))
+    t = alternate_timing(models, x, a.rounds)
     for name, sec in t.items():
         out["models"][name]["ms_per_batch"] = 1e3 * sec
+        if name != "dense":
+            out["models"][name]["speedup"] = t["dense"] / sec
+            out["models"][name]["macs_ratio"] = out["models"][name]["macs"] / out["models"]["dense"]["macs"]
     out["speedup"] = t["dense"] / t["saccadic"]
     out["macs_ratio"] = out["models"]["saccadic"]["macs"] / out["models"]["dense"]["macs"]
     out["versions"] = versions()
