@@ -79,3 +79,12 @@ def test_separable_speed_benchmark_covers_every_conv_layer(capsys):
     assert [r["layer"] for r in out["rows"]] == ["conv1", "conv2"]
     conv2 = out["rows"][1]
     assert conv2["macs_separable"] < conv2["macs_full"] and conv2["free_separable"] == 8 * 5 * (20 + 50)
+
+
+def test_dream_speed_times_an_epoch_against_a_dreamed_set(capsys):
+    from frugal.benchmarks import dream_speed
+    one = dream_speed.main(["--task", "digits", "--model", "convnet", "--n", "256", "--steps", "1", "--octaves", "1",
+                            "--repeats", "1", "--threads", "1", "--device", "cpu"])
+    assert json.loads(capsys.readouterr().out)["dream_over_epoch"] == pytest.approx(one["dream_over_epoch"])
+    assert one["n"] == 256 and one["train_epoch_seconds"] > 0 and one["dream_seconds"] > 0
+    assert one["dream_over_epoch"] == pytest.approx(one["dream_seconds"] / one["train_epoch_seconds"])
