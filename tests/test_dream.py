@@ -101,3 +101,32 @@ def test_dreaming_leaves_the_net_as_it_was(trained):
     dream(model, x, DreamConfig(steps=2), lo, hi)
     objective_value(model, x, DreamConfig())
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_a_layer_dream_step_is_the_normalised_gradient_and_stops_at_the_layer(trained):
+    from frugal.dream.generator import default_layer
+    model = trained.model.eval()
+    d = load_task("digits")
+    x = normalize(d.test.x[:8], d.mean, d.std)
+    lo, hi = pixel_range(d.mean, d.std)
+    layer = default_layer(model, x[:1])
+    modules = dict(model.named_modules())
+    # the reference: the full forward pass, the layer read by a hook, one normalised gradient step
+    acts = {}
+    h = modules[layer].register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
+    img = x.clone().requires_grad_(True)
+    model(img)
+    h.remove()
+    (g,) = torch.autograd.grad(acts["a"].pow(2).flatten(1).mean(1).sum(), img)
+    g = g / g.abs().mean(dim=(1, 2, 3), keepdim=True)
+    expected = (x + 0.05 * g).clamp(lo, hi)
+    # what comes after the layer must not run: count calls of the last module
+    last = [m for n, m in model.named_modules() if n and not list(m.children())][-1]
+    calls = []
+    h = last.register_forward_hook(lambda m, i, o: calls.append(1))
+    got = dream(model, x, DreamConfig(layer=layer, steps=1, octaves=1, jitter=0, step=0.05), lo, hi)
+    assert calls == []
+    dream(model, x, DreamConfig(objective="class", steps=1, octaves=1, jitter=0), lo, hi)
+    assert calls  # a class logit needs the whole net
+    h.remove()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

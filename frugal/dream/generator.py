@@ -5,7 +5,9 @@ it is rolled by a random jitter, the gradient of the objective with respect to t
 divided by its mean magnitude (per image), and a step of `step` is added; the roll is undone and
 the image clipped to the valid pixel range. The detail added at one octave is carried up to the
 next. Objectives: `layer` (mean square of a layer's activations, the classic DeepDream), `class`
-(a class logit) and `channel` (one channel of a layer). Deterministic under `seed`.
+(a class logit) and `channel` (one channel of a layer). For the layer objectives the forward pass
+stops at the chosen layer: what comes after it cannot change the objective, and the earlier the
+layer, the cheaper the dream. Deterministic under `seed`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 OBJECTIVES = ("layer", "class", "channel")
+
+
+class _ReachedLayer(Exception):
+    """Raised by the forward hook once the dreamed layer has run: the rest of the net is not needed."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,14 @@ def dream(model: nn.Module, x: torch.Tensor, cfg: DreamConfig, lo: float, hi: fl
     if layer not in modules:
         raise ValueError(f"unknown layer {layer!r}; some layers: {', '.join(list(modules)[1:8])}")
     acts: dict[str, torch.Tensor] = {}
-    hook = modules[layer].register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
+    stop = cfg.objective != "class"  # a class logit needs the whole net
+
+    def keep(module, inputs, output):
+        acts["a"] = output
+        if stop:
+            raise _ReachedLayer
+
+    hook = modules[layer].register_forward_hook(keep)
     gen = torch.Generator().manual_seed(cfg.seed)
     h, w = x.shape[-2:]
     sizes = [(max(4, round(h / cfg.octave_scale ** k)), max(4, round(w / cfg.octave_scale ** k)))
@@ -83,7 +96,10 @@ def dream(model: nn.Module, x: torch.Tensor, cfg: DreamConfig, lo: float, hi: fl
                           if cfg.jitter else (0, 0))
                 img = img.roll((dy, dx), dims=(2, 3)).requires_grad_(True)
                 inp = _resize(img, (h, w))
-                logits = model(inp)
+                try:
+                    logits = model(inp)
+                except _ReachedLayer:
+                    logits = None
                 obj = _objective(cfg, acts["a"], logits)
                 (g,) = torch.autograd.grad(obj.sum(), img)
                 g = g / g.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)  # per image
