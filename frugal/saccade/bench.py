@@ -41,12 +41,13 @@ MORE_BUDGETS = {"cluttered-mnist-60": (0.4,)}
 # wanted blocks (`inference_fraction`): the accuracy-vs-compute curve of one trained policy
 INFERENCE_FRACTIONS = (0.28, 0.5)
 TWIN = "blockcnn"  # the dense twin's variant: trained first, it starts the saccadic model
+FINETUNE = {"lr": 1e-3, "init_from": TWIN}  # training overrides of the saccadic variants
 # (variant, model, model options, training overrides of the task plan). The saccadic model is
 # fine-tuned from the twin (`init_from`): trained from scratch on cluttered-mnist-60 (12 epochs,
 # budget 0.3) it reached 2.83% error against the twin's 1.99%, at 1.6x the twin's training time.
 VARIANTS = [
     (TWIN, "blockcnn", {}, {}),
-    ("saccadic", "saccadic", {"budget_warmup": 500}, {"lr": 1e-3, "init_from": TWIN}),
+    ("saccadic", "saccadic", {"budget_warmup": 500}, FINETUNE),
     # the paper's linear glimpse net with the first glimpse at the centre reached 87.28% on
     # cluttered-mnist-60 in 12 epochs; a conv glimpse net and a context net (Ba et al. 2015) instead
     ("ram", "ram", {"glimpse_net": "conv", "context": True}, {"lr": 1e-3}),
@@ -83,7 +84,7 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
     finetune = plan.pop("finetune")
     variants = list(VARIANTS)
     for b in MORE_BUDGETS.get(task, ()) if ctx.budget != "tiny" else ():
-        variants.append((f"saccadic-{b}", "saccadic", {"budget": b, "budget_warmup": 500}, {"lr": 1e-3, "init_from": TWIN}))
+        variants.append((f"saccadic-{b}", "saccadic", {"budget": b, "budget_warmup": 500}, FINETUNE))
     for variant, model, model_kw, overrides in variants:
         settings = {"optimizer": "adam", "lr": 2e-3, **plan, **overrides}
         twin = settings.pop("init_from", None)

@@ -103,16 +103,9 @@ def _top_blocks(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _ensure_min_blocks(levels: torch.Tensor, logits: torch.Tensor, k: int) -> torch.Tensor:
-    b = levels.shape[0]
-    flat = levels.reshape(b, -1)  # (B, n)
-    k = min(k, flat.shape[1])
-    short = (flat > 0).sum(1) < k  # (B,) examples that attend too little
+    n = levels[0].numel()
+    short = (levels > 0).flatten(1).sum(1) < min(k, n)  # (B,) examples that attend too little
     if not bool(short.any()):
         return levels
-    lg = logits.reshape(b, logits.shape[1], -1)  # (B, L+1, n)
-    best_val, best_lvl = lg[:, 1:].max(dim=1)  # (B, n): the best non-skip level of each block
-    top = (best_val - lg[:, 0]).topk(k, dim=1).indices  # (B, k): blocks least willing to be skipped
-    forced = flat.clone()
-    forced.scatter_(1, top, (best_lvl + 1).gather(1, top))
-    forced = torch.where(flat > 0, flat, forced)  # blocks already attended keep their own level
-    return torch.where(short[:, None], forced, flat).reshape(levels.shape)
+    forced = torch.where(levels > 0, levels, _top_blocks(logits, k))  # attended blocks keep their own level
+    return torch.where(short[:, None, None], forced, levels)
