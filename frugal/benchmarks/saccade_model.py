@@ -86,14 +86,14 @@ def main(argv: list[str] | None = None) -> dict:
         m = copy.deepcopy(sparse)
         m.inference_fraction = f
         models[f"saccadic top {f:.0%}"] = m
+    test_x = normalize(data.test.x.to(device), data.mean, data.std, dtype)  # for the attended share
     for name, model in models.items():
         acc = evaluate(model, data.test, data.mean, data.std, device)[0]
         cfg = d_cfg if name == "dense" else s_cfg
         out["models"][name] = {"run": a.dense if name == "dense" else a.sparse, "model": cfg.model,
                                "test_error": 1 - acc, "macs": count_macs(model, x)}
         if name != "dense":
-            out["models"][name]["attended_fraction"] = attended_fraction(
-                model, normalize(data.test.x.to(device), data.mean, data.std, dtype))
+            out["models"][name]["attended_fraction"] = attended_fraction(model, test_x)
     t = alternate_timing(models, x, a.rounds)
     for name, sec in t.items():
         out["models"][name]["ms_per_batch"] = 1e3 * sec

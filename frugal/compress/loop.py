@@ -191,7 +191,8 @@ class CompressInTheLoop(Hook):
         val_loss = loss()
         correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x.split(500), y.split(500)))
         model.train(was_training)
-        record = {"epoch": state.epoch + 1, "search": search, "loss_before": before, "loss_after": val_loss, "val_acc_after": correct / n,
+        record = {"epoch": state.epoch + 1, "search": search, "loss_before": before, "loss_after": val_loss,
+                  "val_acc_after": correct / n,
                   "bytes": sum(sizes.values()), "tensor_bytes": sizes, "codecs": chosen,
                   "seconds": time.perf_counter() - t0}
         self.rounds.append(record)
