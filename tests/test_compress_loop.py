@@ -6,7 +6,7 @@ import torch
 from frugal.compress.codecs import codec_from_spec
 from frugal.compress.loop import CHOSEN, CompressInTheLoop, LoopConfig
 from frugal.data import load_task
-from frugal.train import TrainConfig, TrainState, train
+from frugal.train import Hook, TrainConfig, TrainState, train
 
 CFG = dict(task="digits", model="lenet300", seed=0, device="cpu", optimizer="adam", lr=1e-3)
 
@@ -166,3 +166,64 @@ def test_the_prefilter_scores_fewer_codes_and_still_compresses(tmp_path, monkeyp
     assert sum(skipped) > 0  # some codes were dominated and never scored
     fp32 = 4 * sum(p.numel() for p in res.model.parameters())
     assert hook.rounds[-1]["bytes"] < 0.5 * fp32
+
+
+def test_tied_sets_each_weight_to_its_cluster_mean():
+    from frugal.compress.loop import tied
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 7, generator=gen)
+    cluster = torch.randint(-1, 4, (6, 7), generator=gen)
+    out = tied(w, cluster)
+    for c in range(4):
+        sel = cluster == c
+        assert torch.allclose(out[sel], w[sel].mean().expand(int(sel.sum())))
+    assert (out[cluster == -1] == 0).all()
+
+
+class _Snapshot(Hook):
+    """Keeps the weights as they are at the end of each epoch, before the hooks after it run."""
+
+    def end_of_epoch(self, state):
+        self.weights = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tied_weights_make_the_final_requantisation_free(tmp_path, tie):
+    snap = _Snapshot()
+    hook = CompressInTheLoop(LoopConfig(every=2, lam=0.05, codecs=("kmeans",), kmeans_k=(8,), tie=tie))
+    res = train(TrainConfig(epochs=3, train_limit=512, **CFG), tmp_path, hooks=[snap, hook], quiet=True,
+                progress=False)
+    requant = hook.rounds[-1]
+    assert not requant["search"]
+    shared = [n for n, s in requant["codecs"].items() if s["codec"] == "kmeans"]
+    assert shared
+    final = res.model.state_dict()
+    # with ties, training between the rounds moved only the shared values: the last round finds the
+    # weights already on <= k values and leaves them exactly as they were
+    for n in shared:
+        assert torch.equal(final[n], snap.weights[n]) == tie, n
+        assert (snap.weights[n].unique().numel() <= 8) == tie, n
+
+
+def test_ties_round_trip_through_a_checkpoint(trained, tmp_path):
+    import copy
+
+    m = copy.deepcopy(trained[2].model)
+    hook = CompressInTheLoop(LoopConfig(codecs=("kmeans",), kmeans_k=(4,), tie=True))
+    state = _state(m, tmp_path)
+    hook.compress(state)
+    torch.save(hook.state_dict(), tmp_path / "h.pt")
+    again = CompressInTheLoop(LoopConfig(codecs=("kmeans",), kmeans_k=(4,), tie=True))
+    again.load_state_dict(torch.load(tmp_path / "h.pt", weights_only=False))
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    state.optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    state.optimizer.step()
+    twin = copy.deepcopy(m)
+    hook.after_step(state)
+    again.after_step(_state(twin, tmp_path))
+    for a, b in zip(m.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    w = m.hidden[0].weight
+    assert w.unique().numel() <= 4 and (w == 0).any()

@@ -49,6 +49,11 @@ class LoopConfig:
     prefilter: bool = True  # measure the loss only of codes no other code beats on both bytes and weight error
     final: str = "requantise"  # last epoch: "requantise" (the last search's codes again) or "search"
     masks: str = "fixed"  # fixed: what a round zeroed (weights, or DCT frequencies) stays zero; reopen: may regrow
+    # weights a k-means code made share a value keep sharing it until the next round: after each
+    # step, each takes its cluster's mean (trained quantisation, Han et al. 2016), so the final
+    # requantisation finds the values already shared and costs nothing. The zero cluster stays at 0
+    # with fixed masks.
+    tie: bool = False
 
     def __post_init__(self):
         if self.every < 1:
@@ -103,6 +108,7 @@ class CompressInTheLoop(Hook):
         self.rounds: list[dict[str, Any]] = []
         self.chosen: dict[str, dict[str, Any]] = {}
         self._masks: dict[str, tuple[str, Any]] = {}  # tensor -> ("zeros", bool mask) or ("dct", cutoff)
+        self._ties: dict[str, torch.Tensor] = {}  # tensor -> each weight's cluster, -1 = held at 0 (`tie`)
 
     # -- the hook points ------------------------------------------------------------------------
 
@@ -115,9 +121,15 @@ class CompressInTheLoop(Hook):
 
     @torch.no_grad()
     def after_step(self, state: TrainState) -> None:
-        if self.cfg.masks != "fixed" or not self._masks:
-            return
         params = dict(state.model.named_parameters())
+        if self.cfg.masks == "fixed":
+            self._apply_masks(params)
+        for name, cluster in self._ties.items():
+            p = params.get(name)
+            if p is not None:
+                p.copy_(tied(p, cluster.to(p.device)))
+
+    def _apply_masks(self, params: dict[str, torch.nn.Parameter]) -> None:
         for name, (kind, arg) in self._masks.items():
             p = params.get(name)
             if p is None:
@@ -130,10 +142,11 @@ class CompressInTheLoop(Hook):
                 p.copy_(from_blocks(idct2(blocks), tuple(p.shape)).to(p.dtype))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rounds": self.rounds, "chosen": self.chosen, "masks": self._masks}
+        return {"rounds": self.rounds, "chosen": self.chosen, "masks": self._masks, "ties": self._ties}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.rounds, self.chosen, self._masks = d["rounds"], d["chosen"], d["masks"]
+        self._ties = d.get("ties", {})  # checkpoints from before `tie` have none
 
     # -- one round --------------------------------------------------------------------------------
 
@@ -188,6 +201,12 @@ class CompressInTheLoop(Hook):
                 self._masks[name] = ("dct", codec.cutoff)
             elif p.dim() >= 2:
                 self._masks[name] = ("zeros", (decoded == 0).cpu())
+            self._ties.pop(name, None)
+            if self.cfg.tie and isinstance(codec, KMeans):
+                cluster = torch.unique(decoded, return_inverse=True)[1]
+                if self.cfg.masks == "fixed":
+                    cluster[decoded == 0] = -1  # zeros stay zero, as the masks say
+                self._ties[name] = cluster.cpu()
         val_loss = loss()
         correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x.split(500), y.split(500)))
         model.train(was_training)
@@ -204,6 +223,19 @@ class CompressInTheLoop(Hook):
         return record
 
 
+def tied(w: torch.Tensor, cluster: torch.Tensor) -> torch.Tensor:
+    """Each weight replaced by the mean of its cluster. `cluster` holds an index per weight
+    (0..k-1), or -1 for weights held at exactly 0."""
+    flat, idx = w.reshape(-1), cluster.reshape(-1)
+    free = idx >= 0
+    k = int(idx.max()) + 1 if free.any() else 0
+    sums = torch.zeros(k, dtype=w.dtype, device=w.device).index_add_(0, idx[free], flat[free])
+    counts = torch.zeros(k, dtype=w.dtype, device=w.device).index_add_(0, idx[free], torch.ones_like(flat[free]))
+    out = torch.zeros_like(flat)
+    out[free] = (sums / counts.clamp_min(1))[idx[free]]
+    return out.view_as(w)
+
+
 def pareto_front(sizes: list[float], errors: list[float]) -> list[int]:
     """Indices of the candidates no other candidate beats on both counts (no larger and no worse,
     one of them strictly), in their original order; of exact ties the first is kept."""
@@ -216,4 +248,4 @@ def pareto_front(sizes: list[float], errors: list[float]) -> list[int]:
     return keep
 
 
-__all__ = ["CHOSEN", "CompressInTheLoop", "LoopConfig", "candidates", "pareto_front"]
+__all__ = ["CHOSEN", "CompressInTheLoop", "LoopConfig", "candidates", "pareto_front", "tied"]
