@@ -418,8 +418,10 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, state: TrainState, hooks: Seq
         raise RuntimeError(f"cannot read checkpoint {path}: {e}; the file is damaged. Delete the run "
                            "folder and start again") from e
     saved = TrainConfig.from_dict(ck["config"])
+    # where things are and run, not what is trained; `init_from` only set the weights at epoch 0,
+    # which the checkpoint has replaced (a run and its twin may move together)
     diff = {k: (v, getattr(cfg, k)) for k, v in saved.to_dict().items()
-            if k not in ("device", "threads", "data_dir") and v != getattr(cfg, k)}
+            if k not in ("device", "threads", "data_dir", "init_from") and v != getattr(cfg, k)}
     if diff:
         raise ValueError(f"cannot resume {path.parent}: the config differs from the saved run in "
                          f"{ {k: f'{a!r} -> {b!r}' for k, (a, b) in diff.items()} }; resume with the same settings")

@@ -183,6 +183,11 @@ def test_init_from_starts_a_run_from_another_runs_weights(tmp_path):
                   tmp_path / "tuned", quiet=True)
     assert tuned.test_acc == pytest.approx(base.test_acc, abs=1e-9)
     assert "initialised" in (tmp_path / "tuned" / "log.txt").read_text()
+    # the twin and the fine-tuned run moved together: the run still resumes (init_from only set epoch 0)
+    (tmp_path / "base").rename(tmp_path / "moved")
+    again = train(TrainConfig(epochs=1, init_from=str(tmp_path / "moved"), **{**mlp, "lr": 1e-12}),
+                  tmp_path / "tuned", resume=True, quiet=True)
+    assert again.test_acc == tuned.test_acc
 
 
 def test_init_weights_from_copies_what_matches_and_refuses_what_does_not(tmp_path):
