@@ -52,8 +52,9 @@ class LoopConfig:
     # weights a k-means code made share a value keep sharing it until the next round: after each
     # step, each takes its cluster's mean (trained quantisation, Han et al. 2016), so the final
     # requantisation finds the values already shared and costs nothing. The zero cluster stays at 0
-    # with fixed masks.
-    tie: bool = False
+    # with fixed masks. lenet5 on mnist at lam 0.03 (20 epochs, one seed): 98.56% in 9,469 bytes of
+    # codes tied, 98.41% in 9,493 untied
+    tie: bool = True
 
     def __post_init__(self):
         if self.every < 1:
