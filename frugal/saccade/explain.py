@@ -22,7 +22,8 @@ def _grid(n: int, cols: int = 8):
 
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.8), squeeze=False)
+    # constrained layout keeps each title clear of the image above it (tight_layout did not, with a suptitle)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.8 + 0.3), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     return fig, axes.flat, plt
@@ -38,7 +39,6 @@ def _save(fig, plt, path: str | Path, title: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
@@ -59,6 +59,8 @@ def draw_block_attention(images: torch.Tensor, levels: torch.Tensor, block_size:
             if level:
                 ax.add_patch(Rectangle((c * block_size - 0.5, r * block_size - 0.5), block_size, block_size,
                                        facecolor=LEVEL_COLOURS[level], alpha=0.35, edgecolor=LEVEL_COLOURS[level]))
+        ax.set_xlim(-0.5, img.shape[2] - 0.5)  # blocks of the padding beyond the image are cut off
+        ax.set_ylim(img.shape[1] - 0.5, -0.5)
     legend = ", ".join(f"{LEVEL_COLOURS[i + 1].removeprefix('tab:')} = {k}x{k}" for i, k in enumerate(kernel_sizes))
     frac = (levels > 0).float().mean().item()
     return _save(fig, plt, path, f"attended blocks ({legend}; untinted = skipped); {100 * frac:.0f}% attended")
