@@ -243,3 +243,19 @@ def test_an_inference_fraction_attends_each_images_most_wanted_blocks():
         model.inference_fraction = None
         model(x)
         assert torch.equal(model.attention.levels, logits.argmax(1))  # back to the policy's argmax
+
+
+@pytest.mark.parametrize("image_size", [(60, 60), (50, 70)])
+def test_the_policy_sees_the_adaptive_average_of_the_image(image_size):
+    # the fast path (a plain average pool when the blocks divide the image, channels-last inside)
+    # must compute what the plain reading of the policy does
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = create_model("saccadic", image_size=image_size).eval()
+    x = F.pad(torch.randn(4, 1, *image_size), model.pad)
+    gh, gw = model.grid
+    with torch.no_grad():
+        logits, _ = model.policy(x)
+        reference = model.policy.logits(model.policy.body(F.adaptive_avg_pool2d(x, (4 * gh, 4 * gw))))
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)

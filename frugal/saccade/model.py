@@ -130,10 +130,9 @@ class SaccadicCNN(nn.Module):
             if i:
                 t = _max_pool_tiles(t)
             t = F.relu(stage.forward_tiles(t, blocks), inplace=True)  # (n, s_i, s_i, C_i)
-        n, s, _, c = t.shape
-        g = t.new_zeros(blocks.levels.shape[0], *blocks.grid, c)  # (B, gh, gw, C)
-        g[blocks.bi, blocks.yi, blocks.xi] = F.max_pool2d(t.permute(0, 3, 1, 2), s).view(n, c)  # a vector per block
-        return g.permute(0, 3, 1, 2)  # (B, C, gh, gw)
+        g = t.new_zeros(blocks.levels.shape[0], *blocks.grid, t.shape[3])  # (B, gh, gw, C)
+        g[blocks.bi, blocks.yi, blocks.xi] = t.amax(dim=(1, 2))  # a vector per block
+        return g.permute(0, 3, 1, 2)  # (B, C, gh, gw), channels-last in memory
 
     def _head(self, g: torch.Tensor, attended: torch.Tensor | None = None) -> torch.Tensor:
         """Block vectors (B, C, gh, gw) -> mixed with neighbours on the grid -> max over the attended
@@ -148,9 +147,13 @@ class SaccadicCNN(nn.Module):
         """`_head` evaluated at the attended blocks only: the mix conv as one matrix product over the
         3x3 neighbourhoods of the chosen grid cells, then a max per example."""
         b, c, gh, gw = g.shape
-        cols = F.unfold(g, 3, padding=1)  # (B, C*9, gh*gw): each cell's 3x3 neighbourhood
-        cols = cols[blocks.bi, :, blocks.yi * gw + blocks.xi]  # (n, C*9)
-        m = F.relu(F.linear(cols, self.mix.weight.view(self.mix.out_channels, -1), self.mix.bias))  # (n, C')
+        gp = F.pad(g.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, gh+2, gw+2, C), a zero border
+        off = torch.arange(3, device=g.device)
+        rows = (blocks.yi[:, None] + off)[:, :, None]  # (n, 3, 1): the neighbourhood's rows in gp
+        cols = (blocks.xi[:, None] + off)[:, None, :]  # (n, 1, 3)
+        hood = gp[blocks.bi[:, None, None], rows, cols].reshape(-1, 9 * c)  # (n, 3*3*C), only attended cells
+        w = self.mix.weight.permute(0, 2, 3, 1).reshape(self.mix.out_channels, -1)  # (C', 3*3*C), same order
+        m = F.relu(F.linear(hood, w, self.mix.bias))  # (n, C')
         out = m.new_zeros(b, m.shape[1])  # an example with no attended block gets 0 (ReLU's floor)
         return out.scatter_reduce_(0, blocks.bi[:, None].expand_as(m), m, "amax")  # (B, C')
 

@@ -36,8 +36,15 @@ class AttentionPolicy(nn.Module):
         """x: (B, C, H, W). Returns logits (B, L+1, gh, gw) and the baseline's predicted reward (B,),
         or None without a value head."""
         gh, gw = self.grid
-        small = F.adaptive_avg_pool2d(x, (4 * gh, 4 * gw))  # (B, C, 4gh, 4gw)
-        f = self.body(small)  # (B, width, gh, gw)
+        h, w = x.shape[-2:]
+        if h % (4 * gh) == 0 and w % (4 * gw) == 0:  # the same average, several times faster on CPU
+            small = F.avg_pool2d(x, (h // (4 * gh), w // (4 * gw)))  # (B, C, 4gh, 4gw)
+        else:
+            small = F.adaptive_avg_pool2d(x, (4 * gh, 4 * gw))
+        # channels-last from the first conv's output on (a 1-channel input cannot carry the layout):
+        # CPU max-pooling is ~3x faster in it than in NCHW
+        f = self.body[0](small).contiguous(memory_format=torch.channels_last)
+        f = self.body[1:](f)  # (B, width, gh, gw)
         value = self.value(f.mean(dim=(2, 3))).squeeze(1) if self.value is not None else None
         return self.logits(f), value
 
