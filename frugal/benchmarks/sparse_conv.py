@@ -78,10 +78,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--nchw", action="store_true",
                    help="feed NCHW input; default channels-last, the layout a stack of sparse layers passes on")
     a = p.parse_args(argv)
-    bad = [b for b in a.block if b < 1 or a.size % b]
-    if bad:
-        p.error(f"--size {a.size} is not a multiple of --block {bad[0]}: pick a size the blocks tile "
-                f"(e.g. --size {a.size + (-a.size) % bad[0]} for block {bad[0]})" if bad[0] >= 1 else "--block must be >= 1")
+    for b in a.block:
+        if b < 1:
+            p.error(f"--block must be >= 1, got {b}")
+        if a.size % b:
+            p.error(f"--size {a.size} is not a multiple of --block {b}: pick a size the blocks tile "
+                    f"(e.g. --size {a.size + (-a.size) % b} for block {b})")
     if a.threads:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)

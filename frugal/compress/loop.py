@@ -122,8 +122,11 @@ class CompressInTheLoop(Hook):
 
     @torch.no_grad()
     def after_step(self, state: TrainState) -> None:
+        masks = self.cfg.masks == "fixed" and self._masks
+        if not masks and not self._ties:
+            return
         params = dict(state.model.named_parameters())
-        if self.cfg.masks == "fixed":
+        if masks:
             self._apply_masks(params)
         for name, cluster in self._ties.items():
             p = params.get(name)
