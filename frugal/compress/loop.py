@@ -204,13 +204,13 @@ class CompressInTheLoop(Hook):
             if isinstance(codec, DCT) and codec.cutoff:
                 self._masks[name] = ("dct", codec.cutoff)
             elif p.dim() >= 2:
-                self._masks[name] = ("zeros", (decoded == 0).cpu())
+                self._masks[name] = ("zeros", (decoded == 0).to(p.device))  # kept where the weight is: used every step
             self._ties.pop(name, None)
             if self.cfg.tie and isinstance(codec, KMeans):
                 cluster = torch.unique(decoded, return_inverse=True)[1]
                 if self.cfg.masks == "fixed":
                     cluster[decoded == 0] = -1  # zeros stay zero, as the masks say
-                self._ties[name] = cluster.cpu()
+                self._ties[name] = cluster.to(p.device)
         val_loss = loss()
         correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x.split(500), y.split(500)))
         model.train(was_training)
