@@ -3,8 +3,8 @@ import pytest
 import scipy.fft
 import torch
 
-from frugal.compress.codecs import (DCT, KMeans, Prune, Structured, Uniform, codec_from_spec, dct2, from_blocks,
-                                    idct2, to_blocks)
+from frugal.compress.codecs import (DCT, KMeans, Prune, Structured, Uniform, Units, codec_from_spec, dct2,
+                                    from_blocks, idct2, to_blocks)
 from frugal.compress.entropy import CodecError, decode_symbols, encode_symbols, entropy_bits
 
 
@@ -134,7 +134,7 @@ def test_damaged_streams_are_refused():
 
 def test_codec_specs_and_bad_parameters():
     assert codec_from_spec({"codec": "dct", "step": 0.01, "cutoff": 3}) == DCT(0.01, 3)
-    with pytest.raises(ValueError, match="unknown codec 'jpeg'; known: raw, uniform, prune, structured, kmeans, dct"):
+    with pytest.raises(ValueError, match="unknown codec .jpeg.; known: raw, uniform, prune, structured, kmeans, dct, units"):
         codec_from_spec({"codec": "jpeg"})
     with pytest.raises(ValueError, match="bad parameters for codec 'uniform'"):
         codec_from_spec({"codec": "uniform", "quality": 3})
@@ -145,11 +145,56 @@ def test_codec_specs_and_bad_parameters():
 
 
 @pytest.mark.parametrize("codec, shape", [
-    (c, s) for c in (Uniform(0.03), Prune(0.6, 0.03), KMeans(8), DCT(0.03), DCT(0.03, 3), Structured(0.5, 0.3, 0.03))
-    for s in ((6, 3, 5, 5), (10, 100), (13, 84), (50,)) if not (isinstance(c, Structured) and len(s) < 2)])
+    (c, s) for c in (Uniform(0.03), Prune(0.6, 0.03), KMeans(8), DCT(0.03), DCT(0.03, 3), Structured(0.5, 0.3, 0.03),
+                     Units(Prune(0.9, 0.03)), Units(KMeans(4)))
+    for s in ((6, 3, 5, 5), (10, 100), (13, 84), (50,)) if not (isinstance(c, (Structured, Units)) and len(s) < 2)])
 def test_codes_are_idempotent(codec, shape):
     # what training in the loop leaves behind must be exactly what the file decodes to
     torch.manual_seed(1)
     once, _ = codec.roundtrip(torch.randn(shape) * 0.2)
     twice, _ = codec.roundtrip(once)
     assert torch.equal(once, twice)
+
+
+def _dead_units(shape, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen) * 0.1
+    w[1::3] = 0  # dead output units
+    w[:, ::2] = 0  # dead input units
+    return w
+
+
+@pytest.mark.parametrize("inner", [Uniform(0.02), Prune(0.8, 0.02), KMeans(4), KMeans(16)])
+@pytest.mark.parametrize("shape", [(30, 12, 3, 3), (60, 40)])
+def test_units_decodes_to_what_its_inner_code_decodes_to_in_fewer_bytes(inner, shape):
+    w = _dead_units(shape)
+    units = Units(inner)
+    decoded, nbytes = units.roundtrip(w)
+    reference, inner_bytes = inner.roundtrip(w)
+    assert torch.equal(decoded, reference)
+    assert nbytes < inner_bytes  # 20 of 60 rows and half the inputs cost a bit each, not a symbol per weight
+    assert codec_from_spec(units.spec()) == units
+    assert units.spec() == {"codec": "units", "inner": inner.spec()}
+    # with no dead unit the masks are all the extra there is
+    full = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    assert len(Units(Uniform(0.02)).encode(full)) == len(Uniform(0.02).encode(full)) + 1 + (shape[0] + shape[1] + 7) // 8
+
+
+def test_units_refuses_damaged_data_and_bad_settings():
+    w = _dead_units((20, 10))
+    data = Units(KMeans(4)).encode(w)
+    with pytest.raises(CodecError, match="block code 7"):
+        Units.decode(bytes([7]) + data[1:], (20, 10))
+    for cut in (0, 2):
+        with pytest.raises(CodecError, match="truncated"):
+            Units.decode(data[:cut], (20, 10))
+    flipped = bytearray(data)
+    flipped[1] ^= 0x01  # one more (or fewer) output unit than the block holds
+    with pytest.raises(CodecError, match="expected"):
+        Units.decode(bytes(flipped), (20, 10))
+    with pytest.raises(CodecError, match="2 or more"):
+        Units.decode(data, (200,))
+    with pytest.raises(ValueError, match="wraps a uniform, prune or kmeans"):
+        Units(DCT(0.1))
+    with pytest.raises(ValueError, match="2 or more"):
+        Units(Uniform(0.1)).encode(torch.ones(5))

@@ -6,7 +6,7 @@ import zlib
 import pytest
 import torch
 
-from frugal.compress.codecs import DCT, KMeans, Uniform
+from frugal.compress.codecs import DCT, KMeans, Prune, Uniform, Units
 from frugal.compress.container import FORMAT_VERSION, ModelFileError, decode_model, encode_model
 from frugal.models import create_model
 
@@ -18,7 +18,7 @@ def model_and_codecs():
     model = create_model("convnet", in_channels=1, image_size=(8, 8), num_classes=10).eval()
     convs = [k for k, v in model.state_dict().items() if v.dim() == 4]
     fc = [k for k, v in model.state_dict().items() if v.dim() == 2]
-    codecs = {convs[0]: DCT(0.02, 3), convs[1]: KMeans(16), fc[0]: Uniform(0.01)}
+    codecs = {convs[0]: DCT(0.02, 3), convs[1]: KMeans(16), fc[0]: Units(Prune(0.5, 0.01))}
     return model, codecs
 
 

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -227,3 +228,89 @@ def test_ties_round_trip_through_a_checkpoint(trained, tmp_path):
         assert torch.equal(a, b)
     w = m.hidden[0].weight
     assert w.unique().numel() <= 4 and (w == 0).any()
+
+
+def test_group_shrink_is_the_group_lasso_proximal_step():
+    from frugal.compress.loop import group_shrink
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64)
+    w[2] *= 0.01  # a weak output unit: shrinks to exactly 0
+    t = 0.05
+    ref = w.clone()
+    for o in range(5):  # rows, one at a time, from the definition
+        n = ref[o].norm()
+        ref[o] = ref[o] * max(0.0, 1 - t * 6.0 / float(n))  # sqrt(4 x 3 x 3) = 6
+    for i in range(4):
+        n = ref[:, i].norm()
+        ref[:, i] = ref[:, i] * max(0.0, 1 - t * math.sqrt(45) / float(n)) if n > 0 else ref[:, i]
+    out = w.clone()
+    group_shrink(out, t)
+    assert torch.allclose(out, ref)
+    assert (out[2] == 0).all() and (out[0] != 0).all()
+    only_inputs = w.clone()
+    group_shrink(only_inputs, t, rows=False)
+    assert (only_inputs[2] != 0).all()
+
+
+def test_dead_units_give_a_structured_code_that_loses_nothing_more_than_quantisation():
+    from frugal.compress.codecs import Prune, Structured, Uniform
+    from frugal.compress.loop import candidates, dead_units
+
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 30, generator=gen)
+    w[::3] = 0  # 14 dead output units
+    w[:, 5:25] = 0  # 20 dead inputs
+    rows, inputs = dead_units(w)
+    assert int(rows * 40) == 14 and int(inputs * 30) == 20
+    step = 0.1
+    code = Structured(rows, inputs, step)
+    decoded, nbytes = code.roundtrip(w)
+    assert torch.equal(decoded, Uniform(step).roundtrip(w)[0])  # only the quantisation differs from w
+    assert nbytes < Prune(0.0, step).roundtrip(w)[1]  # positions cost a bit per unit, not a symbol per weight
+    assert code in candidates(w, LoopConfig(steps=(step / float(w.std()),)))
+    assert dead_units(torch.randn(4, 3)) is None and dead_units(torch.zeros(4, 3)) is None
+
+
+def test_the_group_setting_shrinks_every_layer_but_the_class_rows(tmp_path):
+    import copy
+
+    from frugal.compress.loop import group_shrink
+    from frugal.train import build_model, model_spec
+
+    data = load_task("digits")
+    model = build_model(model_spec(TrainConfig(epochs=1, **CFG), data), device="cpu")
+    before = copy.deepcopy(model)
+    hook = CompressInTheLoop(LoopConfig(group=0.7))
+    hook.after_step(_state(model, tmp_path))  # SGD at lr 0.1: t = 0.07 per step
+    hidden = model.hidden[0].weight
+    assert (hidden == 0).all(1).sum() > 0  # dead output units
+    for layer, ref in zip(model.hidden, before.hidden):
+        group_shrink(ref.weight, 0.07)
+        assert torch.allclose(layer.weight, ref.weight)
+    group_shrink(before.out.weight, 0.07, rows=False)  # the class rows are not shrunk as groups
+    assert torch.allclose(model.out.weight, before.out.weight)
+    assert torch.equal(model.hidden[0].bias, before.hidden[0].bias)  # biases are not groups
+    with pytest.raises(ValueError, match="group"):
+        LoopConfig(group=-1.0)
+    later = _state(model, tmp_path)
+    later.epoch = 1
+    after_first = copy.deepcopy(model)
+    CompressInTheLoop(LoopConfig(group=0.7, group_epochs=1)).after_step(later)  # epoch 1: past group_epochs
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), after_first.parameters()))
+
+
+def test_a_round_cuts_out_dead_units_and_keeps_ties_through_them(trained, tmp_path):
+    import copy
+
+    m = copy.deepcopy(trained[2].model)
+    with torch.no_grad():
+        m.hidden[0].weight[::2] = 0  # half the hidden units dead, as group lasso leaves them
+    hook = CompressInTheLoop(LoopConfig(codecs=("kmeans",), kmeans_k=(4,), tie=True))
+    hook.compress(_state(m, tmp_path))
+    spec = hook.chosen["hidden.0.weight"]
+    assert spec == {"codec": "units", "inner": {"codec": "kmeans", "k": 4, "iters": 20}}
+    w = m.hidden[0].weight
+    assert torch.equal(codec_from_spec(spec).roundtrip(w)[0], w)
+    assert "hidden.0.weight" in hook._ties  # the k-means values inside stay shared
+    assert hook.rounds[-1]["tensor_bytes"]["hidden.0.weight"] == len(codec_from_spec(spec).encode(w))

@@ -8,6 +8,8 @@ training loop continues from, and its size is `len(encode(w))`, never an estimat
   surviving block, uniform-quantised.
 - `kmeans`: weight sharing as in Deep Compression (Han et al. 2016): up to k float32 centroids and
   a range-coded cluster index per weight; 0 is always one of the centroids, so pruned weights stay 0.
+- `units`: uniform, prune or kmeans, with the output and input units that code leaves all zero
+  cut out first: two bit masks, then only the block that is left, coded the same way.
 - `dct`: JPEG for kernels. An orthonormal DCT-II over each kernel's spatial axes (over blocks of up
   to 8x8 of an fc matrix), coefficients of frequency u + v >= `cutoff` dropped, the rest
   uniform-quantised; smooth kernels become a few small integers.
@@ -322,7 +324,72 @@ class Raw(Codec):
         return torch.from_numpy(np.frombuffer(data, dtype="<f4").astype(np.float32)).reshape(shape)
 
 
-CODECS = {c.name: c for c in (Raw, Uniform, Prune, Structured, KMeans, DCT)}
+def unit_masks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, inputs) boolean masks of the units of `w` (2 or more dimensions) that hold a non-zero
+    weight: output units (dim 0) first, then input units (dim 1) among the rows kept."""
+    m = w.reshape(w.shape[0], w.shape[1], -1) != 0
+    rows = m.any(2).any(1)
+    return rows, m[rows].any(2).any(0)
+
+
+@dataclass(frozen=True)
+class Units(Codec):
+    """`inner` (uniform, prune or kmeans), then the output and input units its code left all zero
+    cut out: two bit masks say which units remain, and only their block is range-coded, by the
+    same quantiser. Where whole units are dead (as group lasso makes them), their positions cost a
+    bit per unit instead of a symbol per weight; elsewhere the masks cost (rows + inputs) / 8 bytes
+    more than `inner` alone. decode(encode(w)) equals inner's decode(encode(w)) exactly."""
+
+    inner: Codec
+
+    name = "units"
+    KINDS = ("uniform", "kmeans")  # the block's code, the first byte of the data
+
+    def __post_init__(self):
+        if not isinstance(self.inner, (Uniform, Prune, KMeans)):
+            raise ValueError(f"units wraps a uniform, prune or kmeans code, got {self.inner!r}")
+
+    def spec(self) -> dict:
+        return {"codec": self.name, "inner": self.inner.spec()}
+
+    def encode(self, w: torch.Tensor) -> bytes:
+        if w.dim() < 2:
+            raise ValueError(f"units needs a weight of 2 or more dimensions, got shape {tuple(w.shape)}")
+        return self.pack(self.inner.roundtrip(w)[0])
+
+    def pack(self, decoded: torch.Tensor) -> bytes:
+        """The bytes for a tensor `inner` has already decoded (its values are kept exactly)."""
+        d = decoded.detach().float().cpu()
+        rows, inputs = unit_masks(d)
+        block = d.reshape(d.shape[0], d.shape[1], -1)[rows][:, inputs]  # (o', i', k)
+        if isinstance(self.inner, KMeans):
+            kind, data = 1, KMeans(self.inner.k).encode(block)  # <= k values: kept exactly
+        else:
+            kind, data = 0, Uniform(self.inner.step).encode(block)  # multiples of the step: kept exactly
+        masks = np.packbits(np.concatenate([rows.numpy(), inputs.numpy()])).tobytes()
+        return struct.pack("<B", kind) + masks + data
+
+    @classmethod
+    def decode(cls, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        if len(shape) < 2:
+            raise CodecError(f"{cls.name} data for a tensor of shape {shape}: needs 2 or more dimensions")
+        (kind,), pos = _header("<B", data, cls.name)
+        if kind >= len(cls.KINDS):
+            raise CodecError(f"{cls.name} data names block code {kind} (known: 0..{len(cls.KINDS) - 1}): damaged")
+        o, i, k = shape[0], shape[1], math.prod(shape[2:])
+        nmask = (o + i + 7) // 8
+        if len(data) < pos + nmask:
+            raise CodecError(f"{cls.name} data ends inside its unit masks: truncated")
+        bits = np.unpackbits(np.frombuffer(data[pos:pos + nmask], dtype=np.uint8))[: o + i].astype(bool)
+        rows, inputs = torch.from_numpy(bits[:o].copy()), torch.from_numpy(bits[o:].copy())
+        block_shape = (int(rows.sum()), int(inputs.sum()), k)
+        block = CODECS[cls.KINDS[kind]].decode(data[pos + nmask:], block_shape)
+        m = torch.zeros(o, i, k)
+        m[rows.nonzero()[:, 0][:, None], inputs.nonzero()[:, 0][None, :]] = block
+        return m.reshape(shape)
+
+
+CODECS = {c.name: c for c in (Raw, Uniform, Prune, Structured, KMeans, DCT, Units)}
 
 
 def decode_tensor(codec_name: str, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
@@ -338,6 +405,8 @@ def codec_from_spec(spec: dict) -> Codec:
     name = spec.pop("codec", None)
     if name not in CODECS:
         raise ValueError(f"unknown codec {name!r}; known: {', '.join(CODECS)}")
+    if name == Units.name and isinstance(spec.get("inner"), dict):
+        spec["inner"] = codec_from_spec(spec["inner"])
     try:
         return CODECS[name](**spec)
     except TypeError as e:

@@ -14,6 +14,7 @@ another, each against the loss left by the choices before it (a greedy pass in l
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,8 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from frugal.compress.codecs import (DCT, Codec, KMeans, Prune, Structured, Uniform, codec_from_spec, dct2, from_blocks,
-                                   idct2, to_blocks)
+from frugal.compress.codecs import (DCT, Codec, KMeans, Prune, Structured, Uniform, Units, codec_from_spec, dct2,
+                                   from_blocks, idct2, to_blocks, unit_masks)
 from frugal.measure import weight_tensors
 from frugal.train import Hook, TrainState, normalize
 from frugal.utils import atomic_write_json
@@ -55,12 +56,24 @@ class LoopConfig:
     # with fixed masks. lenet5 on mnist at lam 0.03 (20 epochs, one seed): 98.56% in 9,469 bytes of
     # codes tied, 98.41% in 9,493 untied
     tie: bool = True
+    # group lasso between rounds: after every step, each output unit's weights (rows, dim 0) and each
+    # input unit's weights (dim 1, with its kernel) shrink towards 0 by lr x group x sqrt(group
+    # size) in L2 norm, and groups smaller than that become exactly 0 (the proximal step of
+    # group x sum_g sqrt(|g|) ||w_g||). Whole units then die, and `structured` codes them for the
+    # price of one bit each instead of one symbol per weight. The last weight layer keeps its rows
+    # (the classes); tensors with a single input unit keep it. 0 = off
+    group: float = 0.0
+    group_epochs: int = 0  # group lasso only in the first this many epochs (0: in all); masks keep what died
 
     def __post_init__(self):
         if self.every < 1:
             raise ValueError(f"every must be >= 1 epoch, got {self.every}")
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if not (self.group >= 0 and math.isfinite(self.group)):
+            raise ValueError(f"group must be a finite number >= 0, got {self.group}")
+        if self.group_epochs < 0:
+            raise ValueError(f"group_epochs must be >= 0 (0: every epoch), got {self.group_epochs}")
         if self.final not in FINALS:
             raise ValueError(f"final must be one of {FINALS}, got {self.final!r}")
         if self.masks not in MASKS:
@@ -84,6 +97,7 @@ class LoopConfig:
 def candidates(w: torch.Tensor, cfg: LoopConfig) -> list[Codec]:
     """The grid of codes tried on one weight tensor; steps scale with the tensor's spread."""
     std = float(w.detach().float().std()) or 1e-3
+    dead = dead_units(w) if "structured" in cfg.codecs else None
     out: list[Codec] = []
     for q in cfg.steps:
         step = q * std
@@ -93,6 +107,8 @@ def candidates(w: torch.Tensor, cfg: LoopConfig) -> list[Codec]:
             out += [Prune(f, step) for f in cfg.prune_fractions]
         if "structured" in cfg.codecs:
             out += [Structured(r, i, step) for r, i in cfg.structured_fractions]
+            if dead is not None:
+                out.append(Structured(*dead, step))
         if "dct" in cfg.codecs:
             out += [DCT(step, c) for c in cfg.dct_cutoffs]
     if "kmeans" in cfg.codecs:
@@ -123,9 +139,16 @@ class CompressInTheLoop(Hook):
     @torch.no_grad()
     def after_step(self, state: TrainState) -> None:
         masks = self.cfg.masks == "fixed" and self._masks
-        if not masks and not self._ties:
+        group = self.cfg.group and (not self.cfg.group_epochs or state.epoch < self.cfg.group_epochs)
+        if not masks and not self._ties and not group:
             return
         params = dict(state.model.named_parameters())
+        if group:
+            t = self.cfg.group * state.optimizer.param_groups[0]["lr"]
+            layers = [n for n, p in params.items() if p.dim() >= 2]
+            for name in layers:
+                p = params[name]
+                group_shrink(p, t, rows=name != layers[-1], inputs=p.shape[1] > 1)
         if masks:
             self._apply_masks(params)
         for name, cluster in self._ties.items():
@@ -187,6 +210,8 @@ class CompressInTheLoop(Hook):
             else:
                 options = candidates(original, self.cfg)
             coded = [(codec, *codec.roundtrip(original)) for codec in options]  # (codec, decoded, bytes)
+            if search and p.dim() >= 2:
+                coded += with_units(coded)
             if self.cfg.prefilter and len(coded) > 1:
                 errors = [float((decoded.double() - original.double()).pow(2).sum()) for _, decoded, _ in coded]
                 coded = [coded[i] for i in pareto_front([c[2] for c in coded], errors)]
@@ -206,7 +231,7 @@ class CompressInTheLoop(Hook):
             elif p.dim() >= 2:
                 self._masks[name] = ("zeros", (decoded == 0).to(p.device))  # kept where the weight is: used every step
             self._ties.pop(name, None)
-            if self.cfg.tie and isinstance(codec, KMeans):
+            if self.cfg.tie and isinstance(codec.inner if isinstance(codec, Units) else codec, KMeans):
                 cluster = torch.unique(decoded, return_inverse=True)[1]
                 if self.cfg.masks == "fixed":
                     cluster[decoded == 0] = -1  # zeros stay zero, as the masks say
@@ -225,6 +250,50 @@ class CompressInTheLoop(Hook):
                   f"{record['bytes']:,} bytes of codes, "
                   f"val loss {before:.4f} -> {val_loss:.4f}, val acc {correct / n:.4f} ({record['seconds']:.1f}s)")
         return record
+
+
+def with_units(coded: list[tuple[Codec, torch.Tensor, int]]) -> list[tuple[Codec, torch.Tensor, int]]:
+    """For each (code, decoded, bytes) of a kind `Units` wraps whose decoded tensor has a whole output
+    or input unit at zero: the same code with those units cut out, which decodes to the same tensor."""
+    out = []
+    for codec, decoded, _ in coded:
+        if isinstance(codec, (Uniform, Prune, KMeans)):
+            rows, inputs = unit_masks(decoded)
+            if not (rows.all() and inputs.all()):
+                units = Units(codec)
+                out.append((units, decoded, len(units.pack(decoded))))
+    return out
+
+
+def dead_units(w: torch.Tensor) -> tuple[float, float] | None:
+    """(rows, inputs) fractions for `Structured` that drop exactly the output units whose weights
+    are all 0 and then the input units all 0 in the rows left; None when no unit is dead (or all
+    are, or the tensor has fewer than 2 dimensions)."""
+    if w.dim() < 2:
+        return None
+    m = w.detach().reshape(w.shape[0], w.shape[1], -1)
+    dead_rows = (m == 0).all(2).all(1)  # (O,)
+    n_rows = int(dead_rows.sum())
+    if n_rows == w.shape[0]:
+        return None
+    n_in = int((m[~dead_rows] == 0).all(2).all(0).sum())
+    if n_rows == 0 and n_in == 0:
+        return None
+    # int(fraction x count) must give back the count: aim half a unit above it
+    return (n_rows + 0.5) / w.shape[0] if n_rows else 0.0, (n_in + 0.5) / w.shape[1] if n_in else 0.0
+
+
+@torch.no_grad()
+def group_shrink(w: torch.Tensor, t: float, rows: bool = True, inputs: bool = True) -> None:
+    """In place, the proximal step of t x sum_g sqrt(|g|) ||w_g||_2 over the output units (rows,
+    dim 0) and then over the input units (dim 1): each group scaled by max(0, 1 - t sqrt(|g|) / ||w_g||)."""
+    m = w.view(w.shape[0], w.shape[1], -1)
+    if rows:
+        norm = m.pow(2).sum((1, 2), keepdim=True).sqrt()
+        m.mul_((1 - t * math.sqrt(m[0].numel()) / norm.clamp_min(1e-30)).clamp_min(0))
+    if inputs:
+        norm = m.pow(2).sum((0, 2), keepdim=True).sqrt()
+        m.mul_((1 - t * math.sqrt(m[:, 0].numel()) / norm.clamp_min(1e-30)).clamp_min(0))
 
 
 def tied(w: torch.Tensor, cluster: torch.Tensor) -> torch.Tensor:
@@ -252,4 +321,5 @@ def pareto_front(sizes: list[float], errors: list[float]) -> list[int]:
     return keep
 
 
-__all__ = ["CHOSEN", "CompressInTheLoop", "LoopConfig", "candidates", "pareto_front", "tied"]
+__all__ = ["CHOSEN", "CompressInTheLoop", "LoopConfig", "candidates", "dead_units", "group_shrink", "pareto_front",
+           "tied"]
