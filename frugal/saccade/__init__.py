@@ -10,9 +10,10 @@ from frugal.saccade.glimpse import GlimpseSensor, RecurrentAttentionModel, glimp
 from frugal.saccade.model import SaccadicCNN, auto_block_size
 from frugal.saccade.policy import Attention, AttentionPolicy, choose_levels
 from frugal.saccade.sparse_conv import BlockSet, BlockSparseConv2d, coordinate_channels, dense_reference
+from frugal.saccade.teacher import TwinTeacher, block_evidence
 
 __all__ = ["Attention", "AttentionPolicy", "BlockSet", "BlockSparseConv2d", "GlimpseSensor", "RecurrentAttentionModel",
            "SaccadicCNN", "auto_block_size", "choose_levels", "coordinate_channels", "dense_reference",
-           "glimpse_boxes"]
+           "TwinTeacher", "block_evidence", "glimpse_boxes"]
 
 from frugal.saccade import bench as _bench  # noqa: E402,F401  registers the bench method `saccade`

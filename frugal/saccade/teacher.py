@@ -1,0 +1,69 @@
+"""A teacher for the attention policy: the dense twin says where the evidence is.
+
+Fine-tuned from its twin, the saccadic model's policy starts knowing nothing about where to look,
+and the straight-through gradient teaches it slowly: on cluttered-mnist-60 (seed 1) the budget fell
+before the policy had learnt to tell digit blocks from the rest, blocks were dropped at random and
+the fine-tuning diverged (test accuracy 68%). `TwinTeacher` adds, while training, a binary
+cross-entropy between each block's attend probability and whether the frozen twin's block
+features peak there for at least one channel (after the last stage, max-pooled per block: the
+blocks the twin's head reads its evidence from). With weight 1, seed 1 held 0.97 validation
+accuracy through the budget's fall instead of falling to 0.81.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from frugal.train import Hook, TrainState, load_run
+
+
+@torch.no_grad()
+def block_evidence(twin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, gh, gw) 0/1: the blocks where at least one channel of the twin's last-stage block
+    features takes its maximum over the grid. `twin` is a dense `SaccadicCNN` (`blockcnn`) and `x`
+    its normalised input."""
+    h = F.pad(twin.check(x), twin.pad)
+    for i, stage in enumerate(twin.stages):
+        h = F.relu(stage.forward_dense(F.max_pool2d(h, 2) if i else h))
+    g = F.max_pool2d(h, twin.stages[-1].block_size)  # (B, C, gh, gw): one vector per block
+    b, _, gh, gw = g.shape
+    marked = torch.zeros(b, gh * gw, dtype=x.dtype, device=x.device)
+    marked.scatter_(1, g.flatten(2).argmax(2), 1.0)  # the winning block of every channel
+    return marked.view(b, gh, gw)
+
+
+class TwinTeacher(Hook):
+    """Training hook: `weight` x BCE(attend probability, `block_evidence` of the twin) per block.
+    `twin` is a trained dense twin, or the folder of its finished run; it is frozen."""
+
+    def __init__(self, twin: nn.Module | str | Path, weight: float = 1.0):
+        if not weight >= 0:
+            raise ValueError(f"teacher weight must be >= 0, got {weight}")
+        if isinstance(twin, (str, Path)):
+            twin = load_run(twin, device="cpu")[0]
+        if not getattr(twin, "dense", False):
+            raise ValueError("the teacher must be a dense twin (model `blockcnn`), got "
+                             f"{type(twin).__name__} with dense={getattr(twin, 'dense', None)}")
+        self.twin, self.weight = twin.eval().requires_grad_(False), weight
+
+    def extra_loss(self, state: TrainState, logits: torch.Tensor, x: torch.Tensor,
+                   y: torch.Tensor) -> torch.Tensor | None:
+        att = getattr(state.model, "attention", None)
+        if not state.model.training or att is None or not self.weight:
+            return None
+        p = next(self.twin.parameters())
+        if p.device != x.device or p.dtype != x.dtype:
+            self.twin.to(device=x.device, dtype=x.dtype)
+        target = block_evidence(self.twin, x)
+        if target.shape != att.logits.shape[:1] + att.logits.shape[2:]:
+            raise ValueError(f"the twin's block grid {tuple(target.shape[1:])} differs from the policy's "
+                             f"{tuple(att.logits.shape[2:])}: build both with the same block_size")
+        attend = 1 - att.logits.softmax(dim=1)[:, 0]  # (B, gh, gw)
+        return self.weight * F.binary_cross_entropy(attend.clamp(1e-6, 1 - 1e-6), target)
+
+
+__all__ = ["TwinTeacher", "block_evidence"]
