@@ -256,6 +256,31 @@ def _nearest(x: np.ndarray, sorted_c: np.ndarray) -> np.ndarray:
     return np.searchsorted((sorted_c[1:] + sorted_c[:-1]) / 2, x)
 
 
+def _pack_units(rows: torch.Tensor, inputs: torch.Tensor) -> bytes:
+    """Two bit masks (output units, then input units), packed into bytes."""
+    return np.packbits(np.concatenate([rows.numpy(), inputs.numpy()])).tobytes()
+
+
+def _read_units(data: bytes, pos: int, shape: tuple[int, ...], what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(rows, inputs, position after the masks) read at `pos` for a tensor of `shape`."""
+    if len(shape) < 2:
+        raise CodecError(f"{what} data for a tensor of shape {shape}: needs 2 or more dimensions")
+    o, i = shape[0], shape[1]
+    nmask = (o + i + 7) // 8
+    if len(data) < pos + nmask:
+        raise CodecError(f"{what} data ends inside its unit masks: truncated")
+    bits = np.unpackbits(np.frombuffer(data[pos:pos + nmask], dtype=np.uint8))[: o + i].astype(bool)
+    return torch.from_numpy(bits[:o].copy()), torch.from_numpy(bits[o:].copy()), pos + nmask
+
+
+def _scatter_units(block: torch.Tensor, rows: torch.Tensor, inputs: torch.Tensor,
+                   shape: tuple[int, ...]) -> torch.Tensor:
+    """The kept (o', i', k) block placed back among zeros at its units: a tensor of `shape`."""
+    m = torch.zeros(shape[0], shape[1], math.prod(shape[2:]), dtype=block.dtype)
+    m[rows.nonzero()[:, 0][:, None], inputs.nonzero()[:, 0][None, :]] = block
+    return m.reshape(shape)
+
+
 @dataclass(frozen=True)
 class Structured(Codec):
     """Structured pruning: whole output units (rows: dim 0) and whole input units (dim 1, with their
@@ -285,26 +310,18 @@ class Structured(Codec):
         keep_in[m[keep_rows].pow(2).sum((0, 2)).argsort()[: int(self.inputs * i)]] = False
         kept = m[keep_rows][:, keep_in]  # (o', i', k)
         q = torch.round(kept / np.float32(self.step)).long().numpy()
-        masks = np.packbits(np.concatenate([keep_rows.numpy(), keep_in.numpy()])).tobytes()
-        return struct.pack("<f", self.step) + masks + encode_symbols(q)
+        return struct.pack("<f", self.step) + _pack_units(keep_rows, keep_in) + encode_symbols(q)
 
     @classmethod
     def decode(cls, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         if len(shape) < 2:
             raise CodecError(f"{cls.name} data for a tensor of shape {shape}: needs 2 or more dimensions")
         (step,), pos = _header("<f", data, cls.name)
-        o, i, k = shape[0], shape[1], math.prod(shape[2:])
-        nmask = (o + i + 7) // 8
-        if len(data) < pos + nmask:
-            raise CodecError(f"{cls.name} data ends inside its unit masks: truncated")
-        bits = np.unpackbits(np.frombuffer(data[pos:pos + nmask], dtype=np.uint8))[: o + i].astype(bool)
-        keep_rows, keep_in = torch.from_numpy(bits[:o].copy()), torch.from_numpy(bits[o:].copy())
-        n_kept = int(keep_rows.sum()) * int(keep_in.sum()) * k
-        q = _symbols(data, pos + nmask, n_kept, cls.name)
-        m = torch.zeros(o, i, k, dtype=torch.float64)
-        block = torch.from_numpy(q).double().reshape(int(keep_rows.sum()), int(keep_in.sum()), k) * step
-        m[keep_rows.nonzero()[:, 0][:, None], keep_in.nonzero()[:, 0][None, :]] = block
-        return m.float().reshape(shape)
+        keep_rows, keep_in, pos = _read_units(data, pos, shape, cls.name)
+        block_shape = (int(keep_rows.sum()), int(keep_in.sum()), math.prod(shape[2:]))
+        q = _symbols(data, pos, math.prod(block_shape), cls.name)
+        block = torch.from_numpy(q).double().reshape(block_shape) * step
+        return _scatter_units(block, keep_rows, keep_in, shape).float()
 
 
 @dataclass(frozen=True)
@@ -366,8 +383,7 @@ class Units(Codec):
             kind, data = 1, KMeans(self.inner.k).encode(block)  # <= k values: kept exactly
         else:
             kind, data = 0, Uniform(self.inner.step).encode(block)  # multiples of the step: kept exactly
-        masks = np.packbits(np.concatenate([rows.numpy(), inputs.numpy()])).tobytes()
-        return struct.pack("<B", kind) + masks + data
+        return struct.pack("<B", kind) + _pack_units(rows, inputs) + data
 
     @classmethod
     def decode(cls, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
@@ -376,17 +392,9 @@ class Units(Codec):
         (kind,), pos = _header("<B", data, cls.name)
         if kind >= len(cls.KINDS):
             raise CodecError(f"{cls.name} data names block code {kind} (known: 0..{len(cls.KINDS) - 1}): damaged")
-        o, i, k = shape[0], shape[1], math.prod(shape[2:])
-        nmask = (o + i + 7) // 8
-        if len(data) < pos + nmask:
-            raise CodecError(f"{cls.name} data ends inside its unit masks: truncated")
-        bits = np.unpackbits(np.frombuffer(data[pos:pos + nmask], dtype=np.uint8))[: o + i].astype(bool)
-        rows, inputs = torch.from_numpy(bits[:o].copy()), torch.from_numpy(bits[o:].copy())
-        block_shape = (int(rows.sum()), int(inputs.sum()), k)
-        block = CODECS[cls.KINDS[kind]].decode(data[pos + nmask:], block_shape)
-        m = torch.zeros(o, i, k)
-        m[rows.nonzero()[:, 0][:, None], inputs.nonzero()[:, 0][None, :]] = block
-        return m.reshape(shape)
+        rows, inputs, pos = _read_units(data, pos, shape, cls.name)
+        block_shape = (int(rows.sum()), int(inputs.sum()), math.prod(shape[2:]))
+        return _scatter_units(CODECS[cls.KINDS[kind]].decode(data[pos:], block_shape), rows, inputs, shape)
 
 
 CODECS = {c.name: c for c in (Raw, Uniform, Prune, Structured, KMeans, DCT, Units)}
