@@ -59,7 +59,7 @@ class LoopConfig:
     # group lasso between rounds: after every step, each output unit's weights (rows, dim 0) and each
     # input unit's weights (dim 1, with its kernel) shrink towards 0 by lr x group x sqrt(group
     # size) in L2 norm, and groups smaller than that become exactly 0 (the proximal step of
-    # group x sum_g sqrt(|g|) ||w_g||). Whole units then die, and `structured` codes them for the
+    # group x sum_g sqrt(|g|) ||w_g||). Whole units then die, and `structured` or `units` code them for the
     # price of one bit each instead of one symbol per weight. The last weight layer keeps its rows
     # (the classes); tensors with a single input unit keep it. 0 = off
     group: float = 0.0
