@@ -42,7 +42,7 @@ def test_the_teacher_makes_the_policy_attend_where_the_twin_finds_evidence():
     opt = torch.optim.Adam(model.policy.parameters(), lr=1e-2)
 
     def agreement():
-        attend = 1 - model.attention.logits.softmax(1)[:, 0]
+        attend = 1 - model.attention.logits.detach().softmax(1)[:, 0]
         return float(attend[target == 1].mean() - attend[target == 0].mean())
 
     losses = []
