@@ -271,13 +271,9 @@ def dead_units(w: torch.Tensor) -> tuple[float, float] | None:
     are, or the tensor has fewer than 2 dimensions)."""
     if w.dim() < 2:
         return None
-    m = w.detach().reshape(w.shape[0], w.shape[1], -1)
-    dead_rows = (m == 0).all(2).all(1)  # (O,)
-    n_rows = int(dead_rows.sum())
-    if n_rows == w.shape[0]:
-        return None
-    n_in = int((m[~dead_rows] == 0).all(2).all(0).sum())
-    if n_rows == 0 and n_in == 0:
+    rows, inputs = unit_masks(w.detach())
+    n_rows, n_in = int((~rows).sum()), int((~inputs).sum())
+    if n_rows == w.shape[0] or (n_rows == 0 and n_in == 0):
         return None
     # int(fraction x count) must give back the count: aim half a unit above it
     return (n_rows + 0.5) / w.shape[0] if n_rows else 0.0, (n_in + 0.5) / w.shape[1] if n_in else 0.0

@@ -97,10 +97,7 @@ class SaccadicCNN(nn.Module):
         x = F.pad(self.check(x), self.pad)  # (B, C, gh*s, gw*s)
         h = x
         if self.dense:
-            h = x.contiguous(memory_format=torch.channels_last)  # the faster layout for CPU convs: a fair control
-            for i, stage in enumerate(self.stages):
-                h = F.relu(stage.forward_dense(F.max_pool2d(h, 2) if i else h))
-            return self.fc(self._head(F.max_pool2d(h, self.stages[-1].block_size)))
+            return self.fc(self._head(self.dense_blocks(x)))
         logits, value = self.policy(x)
         att = choose_levels(logits, value, self.level_costs, self.estimator, self.training, self.tau,
                             fixed=self.fixed_levels, min_blocks=self.min_blocks, top_blocks=self._top_blocks())
@@ -113,6 +110,14 @@ class SaccadicCNN(nn.Module):
         # only the chosen blocks are computed, handed from stage to stage as tiles
         blocks = BlockSet(att.levels)
         return self.fc(self._sparse_head(self._sparse_stages(x, blocks), blocks))
+
+    def dense_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense path's block vectors (B, C, gh, gw): every stage at level 1 over the whole padded
+        input `x`, then a max per block."""
+        h = x.contiguous(memory_format=torch.channels_last)  # the faster layout for CPU convs: a fair control
+        for i, stage in enumerate(self.stages):
+            h = F.relu(stage.forward_dense(F.max_pool2d(h, 2) if i else h))
+        return F.max_pool2d(h, self.stages[-1].block_size)
 
     def _top_blocks(self) -> int | None:
         f = self.inference_fraction

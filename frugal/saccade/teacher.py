@@ -26,10 +26,7 @@ def block_evidence(twin: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, gh, gw) 0/1: the blocks where at least one channel of the twin's last-stage block
     features takes its maximum over the grid. `twin` is a dense `SaccadicCNN` (`blockcnn`) and `x`
     its normalised input."""
-    h = F.pad(twin.check(x), twin.pad)
-    for i, stage in enumerate(twin.stages):
-        h = F.relu(stage.forward_dense(F.max_pool2d(h, 2) if i else h))
-    g = F.max_pool2d(h, twin.stages[-1].block_size)  # (B, C, gh, gw): one vector per block
+    g = twin.dense_blocks(F.pad(twin.check(x), twin.pad))  # (B, C, gh, gw): one vector per block
     b, _, gh, gw = g.shape
     marked = torch.zeros(b, gh * gw, dtype=x.dtype, device=x.device)
     marked.scatter_(1, g.flatten(2).argmax(2), 1.0)  # the winning block of every channel
