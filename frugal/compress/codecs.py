@@ -314,8 +314,6 @@ class Structured(Codec):
 
     @classmethod
     def decode(cls, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-        if len(shape) < 2:
-            raise CodecError(f"{cls.name} data for a tensor of shape {shape}: needs 2 or more dimensions")
         (step,), pos = _header("<f", data, cls.name)
         keep_rows, keep_in, pos = _read_units(data, pos, shape, cls.name)
         block_shape = (int(keep_rows.sum()), int(keep_in.sum()), math.prod(shape[2:]))
@@ -387,8 +385,6 @@ class Units(Codec):
 
     @classmethod
     def decode(cls, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-        if len(shape) < 2:
-            raise CodecError(f"{cls.name} data for a tensor of shape {shape}: needs 2 or more dimensions")
         (kind,), pos = _header("<B", data, cls.name)
         if kind >= len(cls.KINDS):
             raise CodecError(f"{cls.name} data names block code {kind} (known: 0..{len(cls.KINDS) - 1}): damaged")
