@@ -69,3 +69,20 @@ def test_the_teacher_refuses_a_model_that_is_not_a_dense_twin():
         TwinTeacher(create_model("saccadic", image_size=(28, 28)))
     with pytest.raises(ValueError, match="weight"):
         TwinTeacher(create_model("blockcnn", image_size=(28, 28)), weight=-1.0)
+
+
+def test_a_run_with_a_teacher_resumes_only_with_the_same_weight(tmp_path):
+    from frugal.train import TrainConfig, train
+
+    twin_cfg = TrainConfig(task="digits", model="blockcnn", epochs=1, train_limit=128, seed=0, device="cpu")
+    train(twin_cfg, tmp_path / "twin", quiet=True, progress=False)
+    cfg = TrainConfig(task="digits", model="saccadic", epochs=1, train_limit=128, seed=0, device="cpu",
+                      init_from=str(tmp_path / "twin"))
+    res = train(cfg, tmp_path / "sacc", hooks=[TwinTeacher(tmp_path / "twin", 0.5)], quiet=True, progress=False)
+    assert 0 <= res.test_acc <= 1
+    with pytest.raises(ValueError, match="teacher weight 0.5, now 1.0"):
+        train(cfg, tmp_path / "sacc", hooks=[TwinTeacher(tmp_path / "twin", 1.0)], resume=True, quiet=True,
+              progress=False)
+    again = train(cfg, tmp_path / "sacc", hooks=[TwinTeacher(tmp_path / "twin", 0.5)], resume=True, quiet=True,
+                  progress=False)
+    assert again.test_acc == res.test_acc  # finished: resuming only reloads it

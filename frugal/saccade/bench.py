@@ -15,6 +15,7 @@ import torch
 from frugal.bench import BenchContext, register_method, train_and_measure
 from frugal.data import load_task
 from frugal.measure import measure
+from frugal.saccade.teacher import TwinTeacher
 from frugal.train import TrainConfig, load_run, normalize
 
 # Per task: training settings per budget (lr is the peak Adam learning rate per batch of 128);
@@ -54,9 +55,9 @@ TWIN = "blockcnn"  # the dense twin's variant: trained first, it starts the sacc
 # fell (at 85% of the blocks it still gave every block p > 0.5, so it dropped digit blocks at
 # random). A quarter epoch of learning-rate warmup with the budget falling over 1500 steps instead
 # of 500 did not save it: 0.946, 0.921, 0.856 after epochs 1-3 (seed 0: 0.975, 0.974, 0.969).
-# `TwinTeacher` (frugal.saccade.teacher) held seed 1 at 0.97; it is not used here until it has
-# been run on every seed and budget.
+# `TwinTeacher` (frugal.saccade.teacher) held seed 1 at 0.97: weight of its term per task.
 FINETUNE = {"lr": 1e-3, "init_from": TWIN}
+TEACHER = {"cluttered-mnist-60": 1.0}
 # (variant, model, model options, training overrides of the task plan). The saccadic model is
 # fine-tuned from the twin (`init_from`): trained from scratch on cluttered-mnist-60 (12 epochs,
 # budget 0.3) it reached 2.83% error against the twin's 1.99%, at 1.6x the twin's training time.
@@ -113,9 +114,11 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
                 model_kw["kernel_sizes"] = KERNEL_SIZES[task]
         cfg = TrainConfig(task=task, model=model, model_kw=model_kw, seed=seed, device=str(ctx.device),
                           data_dir=ctx.data_dir, **settings)
-        row = train_and_measure(ctx, cfg, ctx.run_dir("saccade", task, seed, variant),
+        teacher = TEACHER.get(task) if model == "saccadic" and twin else None
+        hooks = [TwinTeacher(settings["init_from"], teacher)] if teacher else []
+        row = train_and_measure(ctx, cfg, ctx.run_dir("saccade", task, seed, variant), hooks=hooks,
                                 extra=lambda m, d, v=variant: attention_stats(m, d, ctx, v, seed))
-        row["variant"] = variant
+        row.update(variant=variant, teacher_weight=teacher or 0.0)
         # what it took to get there: a fine-tuned model's own training plus its twin's
         row["train_seconds_total"] = row["train_seconds"] + (rows[twin]["train_seconds"] if twin else 0.0)
         rows[variant] = row
@@ -134,7 +137,8 @@ def at_fractions(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -
         model.inference_fraction = f
         variant = f"saccadic top {f:.0%}"
         r = measure(model, data, ctx.device, data_dir=ctx.data_dir, speed=ctx.budget != "tiny")
-        r.update({k: row[k] for k in ("val_acc", "train_seconds", "train_seconds_total", "epochs", "model", "run_dir")},
+        r.update({k: row[k] for k in ("val_acc", "train_seconds", "train_seconds_total", "epochs", "model", "run_dir",
+                                      "teacher_weight")},
                  variant=variant, inference_fraction=f,
                  **attention_stats(model, data, ctx, variant, seed, draw=False))
         out[variant] = r

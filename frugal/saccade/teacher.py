@@ -62,5 +62,16 @@ class TwinTeacher(Hook):
         attend = 1 - att.logits.softmax(dim=1)[:, 0]  # (B, gh, gw)
         return self.weight * F.binary_cross_entropy(attend.clamp(1e-6, 1 - 1e-6), target)
 
+    def state_dict(self) -> dict[str, float]:
+        return {"weight": self.weight}  # kept in the checkpoint: a resumed run keeps its teacher
+
+    def load_state_dict(self, d: dict[str, float]) -> None:
+        if d.get("weight") != self.weight:
+            raise ValueError(f"cannot resume: the run was trained with teacher weight {d.get('weight')}, "
+                             f"now {self.weight}; resume with the same weight")
+
+    def __repr__(self) -> str:
+        return f"TwinTeacher(weight={self.weight})"
+
 
 __all__ = ["TwinTeacher", "block_evidence"]
