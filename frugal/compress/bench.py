@@ -31,6 +31,10 @@ from frugal.measure import measure
 from frugal.train import TrainConfig, model_spec, train
 from frugal.utils import atomic_write_bytes
 
+# Model options per model. The genes' generator: the factored form, rank 32 with 64 hidden units
+# (24,432 parameters writing 425,000 weights). The additive form (hidden 16) reached 77.2%
+# validation accuracy after 3 epochs on mnist, this one 93.5%.
+MODEL_KW = {"genes_lenet5": {"rank": 32, "hidden": 64}}
 # Per task: (model, training settings per budget). lr is Adam's peak rate per batch of 128.
 PLANS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "mnist": [("lenet5", dict(quick=dict(epochs=4), full=dict(epochs=20))),
@@ -109,8 +113,8 @@ def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]
     rows = []
     for model_name, plan in PLANS[task]:
         settings = {"optimizer": "adam", "lr": 1e-3, **(TINY if ctx.budget == "tiny" else plan[ctx.budget])}
-        base = TrainConfig(task=task, model=model_name, seed=seed, device=str(ctx.device), data_dir=ctx.data_dir,
-                           **settings)
+        base = TrainConfig(task=task, model=model_name, model_kw=MODEL_KW.get(model_name, {}), seed=seed,
+                           device=str(ctx.device), data_dir=ctx.data_dir, **settings)
         every = max(1, base.epochs // 4)
         data = load_task(task, data_dir=ctx.data_dir, val_size=base.val_size)
         spec = model_spec(base, data)
