@@ -23,11 +23,15 @@ def test_explain_refuses_a_model_without_attention(tmp_path, capsys):
     assert "has no attention to explain" in capsys.readouterr().err
 
 
-def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path):
+def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path, monkeypatch):
     import json
 
+    import torch
+
+    import frugal.saccade.bench as saccade_bench
     from frugal.bench import BenchConfig, bench
 
+    monkeypatch.setitem(saccade_bench.TEACHER, "digits", 0.5)  # the twin teaches the saccadic variant
     bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("saccade",), tasks=("digits",), seeds=1,
                       device="cpu"), log=lambda s: None)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
@@ -41,6 +45,10 @@ def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path)
     # the saccadic model starts from its trained dense twin, and its cost includes the twin's
     cfg = json.loads((tmp_path / "runs/saccade/digits/saccadic-seed0/config.json").read_text())["config"]
     assert cfg["init_from"].endswith("blockcnn-seed0")
+    assert by["saccadic"]["teacher_weight"] == by["saccadic top 24%"]["teacher_weight"] == 0.5
+    assert by["blockcnn"]["teacher_weight"] == by["ram"]["teacher_weight"] == 0.0
+    ck = torch.load(tmp_path / "runs/saccade/digits/saccadic-seed0/checkpoint.pt", weights_only=False)
+    assert ck["hooks"] == [{"weight": 0.5}]  # kept with the run: a resume must bring the same teacher
     assert by["saccadic"]["train_seconds_total"] == pytest.approx(
         by["saccadic"]["train_seconds"] + by["blockcnn"]["train_seconds"])
     md = (tmp_path / "report.md").read_text()
