@@ -133,6 +133,21 @@ def test_compress_bench_method_writes_real_files_that_reproduce_each_row(tmp_pat
     assert "file bytes" in md and "zero weights" in md
 
 
+def test_compress_bench_trains_each_model_with_its_own_settings(tmp_path, monkeypatch):
+    from frugal.bench import BenchConfig, bench
+    from frugal.compress import bench as cb
+
+    monkeypatch.setattr(cb, "LAMBDAS", (0.03,))
+    monkeypatch.setattr(cb, "MODEL_TRAIN", {"lenet300": {"lr": 4e-3}})
+    bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("compress",), tasks=("digits",), seeds=1,
+                      device="cpu"), log=lambda s: None)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    lrs = {r["variant"]: json.loads((tmp_path / r["run_dir"] / "config.json").read_text())["config"]["lr"]
+           for r in rows}
+    # the dense and loop runs train at the model's rate; the control fine-tunes at a tenth of it
+    assert lrs == {"lenet300 dense": 4e-3, "lenet300 loop λ=0.03": 4e-3, "lenet300 torch-prune λ=0.03": 4e-4}
+
+
 def test_pareto_front_keeps_exactly_the_undominated_codes():
     from frugal.compress.loop import pareto_front
     g = torch.Generator().manual_seed(0)
