@@ -88,3 +88,25 @@ def test_dream_speed_times_an_epoch_against_a_dreamed_set(capsys):
     assert json.loads(capsys.readouterr().out)["dream_over_epoch"] == pytest.approx(one["dream_over_epoch"])
     assert one["n"] == 256 and one["train_epoch_seconds"] > 0 and one["dream_seconds"] > 0
     assert one["dream_over_epoch"] == pytest.approx(one["dream_seconds"] / one["train_epoch_seconds"])
+
+
+def test_tree_parallel_benchmark_times_both_runners_on_the_same_tree(tmp_path, capsys):
+    from frugal.benchmarks import tree_parallel
+
+    base = tmp_path / "base"
+    train(TrainConfig(task="digits", model="convnet", epochs=1, device="cpu", optimizer="adam", lr=3e-3), base,
+          quiet=True, progress=False)
+    out = tree_parallel.main(["--base", str(base), "--k", "2", "--epochs", "1", "--min-cluster", "30",
+                              "--widths", "4", "8", "--repeats", "1"])
+    assert json.loads(capsys.readouterr().out)["speedup"] == pytest.approx(out["speedup"])
+    assert out["jobs_per_level"] == [2] and len(out["node_train_sizes"]) == 2
+    assert len(out["serial_seconds"]) == len(out["process_seconds"]) == 1
+    assert out["speedup"] == pytest.approx(out["serial_seconds"][0] / out["process_seconds"][0])
+    assert out["identical_nodes"]  # the two runners wrote the same specialists
+
+
+def test_tree_parallel_benchmark_refuses_a_folder_that_is_not_a_run(tmp_path):
+    from frugal.benchmarks import tree_parallel
+
+    with pytest.raises(SystemExit, match="not a run folder"):
+        tree_parallel.main(["--base", str(tmp_path)])

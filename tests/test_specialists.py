@@ -103,6 +103,23 @@ def test_bad_tree_settings():
         TreeConfig(k=1)
 
 
+def _record_start(job):
+    import time
+    return job["name"], time.perf_counter()
+
+
+def test_costliest_jobs_start_first_and_results_keep_job_order():
+    from frugal.specialists.runner import run_jobs
+
+    jobs = [{"name": n} for n in "abcd"]
+    out = run_jobs(_record_start, jobs, backend="serial", costs=[1, 5, 2, 9])
+    assert [name for name, _ in out] == list("abcd")  # job order
+    started = [name for name, t in sorted(out, key=lambda r: r[1])]
+    assert started == list("dbca")  # costliest first
+    with pytest.raises(ValueError, match="one cost per job"):
+        run_jobs(_record_start, jobs, backend="serial", costs=[1, 2])
+
+
 def test_spatial_features_are_computed_only_where_the_gate_fires(base_run, digits_x):
     from frugal.measure import count_macs
     from frugal.specialists import SpatialSpecialist, choose_features

@@ -98,7 +98,8 @@ def build_tree(base_run: str | Path, out: str | Path, cfg: TreeConfig = TreeConf
                              "residual": cfg.combine == "residual"})
                 placed.append((node, ancestors, c, idx_tr, idx_va))
         t0 = time.perf_counter()
-        results = run_jobs(train_node, jobs, backend=backend, workers=workers)
+        results = run_jobs(train_node, jobs, backend=backend, workers=workers,
+                           costs=[len(j["train_idx"]) for j in jobs])
         record["levels"].append({"level": level, "jobs": len(jobs), "seconds": time.perf_counter() - t0,
                                  "backend": backend, "workers": workers})
         frontier = []
