@@ -86,6 +86,34 @@ def test_lateral_inputs_really_come_from_the_parent(base_run, digits_x):
     assert isinstance(spec, Specialist) and not any(p is first.weight for p in spec.parameters())  # parent not trained
 
 
+def test_each_stage_reads_its_twin_tap_and_only_that_one(digits_x):
+    from frugal.models import create_model
+    from frugal.specialists.nets import twin_taps
+
+    # one tap per stage: stage j reads tap j - 1; the ResNet's stem and blocks (28, 28, 14, 7 on mnist):
+    # the second stage (input 14x14) reads the 14x14 block
+    assert twin_taps([24, 8], 2, 28) == [0] and twin_taps([28, 28, 14, 7], 2, 28) == [2]
+    assert twin_taps([28, 28, 14, 7], 3, 28) == [2, 3]
+    x, d = digits_x
+    torch.manual_seed(0)
+    base = create_model("resnet", in_channels=1, image_size=(8, 8), num_classes=10).eval()
+    parent = Tapped(base)
+    assert len(parent.taps) == 4
+    spec = make_specialist(parent, d, (4, 8), "cpu", residual=False).eval()
+    assert spec.reads == [2]
+    with torch.no_grad():
+        logits, acts, pen = parent(x[:8])
+        out = spec(x[:8], parent_out=(logits, acts, pen))
+        for i in range(len(acts)):
+            changed = [a + 1.0 if j == i else a for j, a in enumerate(acts)]
+            moved = not torch.allclose(out, spec(x[:8], parent_out=(logits, changed, pen)))
+            assert moved == (i == 2), i  # the read tap changes the output; the others cannot
+    with pytest.raises(ValueError, match="one stage per parent tap"):
+        Specialist(parent, 1, 10, (4, 8), [a.shape[1] for a in acts], pen.shape[1])
+    with pytest.raises(ValueError, match="reads must name one of"):
+        Specialist(parent, 1, 10, (4, 8), [a.shape[1] for a in acts], pen.shape[1], reads=[4])
+
+
 def test_an_untrained_residual_specialist_is_its_parent(base_run, digits_x):
     from frugal.train import load_run
 

@@ -66,22 +66,44 @@ def _fit(a: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(a, size=size, mode="nearest")
 
 
+def twin_taps(tap_sizes: Sequence[int], stages: int, image_size: int) -> list[int]:
+    """Which parent tap each specialist stage j > 0 reads: the deepest one whose map is at least
+    as large as that stage's input (image_size // 2**j; each stage halves the map). A parent with
+    one tap per stage (LeNet-5, the ConvNet, a specialist) gives taps 0, 1, ...; the ResNet (stem
+    and three blocks at 28, 28, 14, 7) gives its 14x14 block to the second stage."""
+    reads = []
+    for j in range(1, stages):
+        size = image_size // 2 ** j
+        fits = [i for i, s in enumerate(tap_sizes) if s >= size]
+        reads.append(max(fits[-1] if fits else 0, reads[-1] if reads else 0))
+    return reads
+
+
 class Specialist(nn.Module):
     """Conv stages of `widths` (conv-BN-ReLU, 2x2 max-pool), stage j > 0 also reading the parent's
-    tap j - 1; a classifier on [own pooled features, parent's penultimate features].
+    tap `reads[j - 1]` (by default tap j - 1); a classifier on [own pooled features, parent's
+    penultimate features].
 
     `parent` is a `Tapped` frozen net; it is kept outside this module's parameters and state."""
 
     def __init__(self, parent: Tapped, in_channels: int, num_classes: int, widths: Sequence[int],
-                 tap_channels: Sequence[int], penultimate: int, residual: bool = True):
+                 tap_channels: Sequence[int], penultimate: int, residual: bool = True,
+                 reads: Sequence[int] | None = None):
         super().__init__()
         # residual: the output is the parent's logits plus a correction, and the correction starts at
         # zero, so an untrained specialist is exactly its parent and training can only refine it
         self.residual = residual
-        if len(widths) != len(tap_channels):
-            raise ValueError(f"one stage per parent tap: {len(tap_channels)} taps, {len(widths)} widths")
+        if reads is None:
+            if len(widths) != len(tap_channels):
+                raise ValueError(f"one stage per parent tap: {len(tap_channels)} taps, {len(widths)} widths; "
+                                 "or say which tap each stage reads (reads=, see twin_taps)")
+            reads = range(len(widths) - 1)
+        self.reads = [int(i) for i in reads]
+        if len(self.reads) != len(widths) - 1 or not all(0 <= i < len(tap_channels) for i in self.reads):
+            raise ValueError(f"reads must name one of the parent's {len(tap_channels)} taps for each of the "
+                             f"{len(widths) - 1} stages after the first, got {list(reads)}")
         object.__setattr__(self, "parent", parent)  # frozen, shared, not saved with the node
-        cins = [in_channels] + [w + c for w, c in zip(widths[:-1], tap_channels[:-1])]
+        cins = [in_channels] + [w + tap_channels[i] for w, i in zip(widths[:-1], self.reads)]
         self.stages = nn.ModuleList(nn.Sequential(conv_bn(cin, w), nn.MaxPool2d(2)) for cin, w in zip(cins, widths))
         self.head = nn.Linear(widths[-1] + penultimate, num_classes)
         if residual:
@@ -99,7 +121,7 @@ class Specialist(nn.Module):
         h = x
         for j, stage in enumerate(self.stages):
             if j:
-                h = torch.cat([h, _fit(acts[j - 1], h.shape[-2:])], dim=1)  # (B, own + tap channels, h, w)
+                h = torch.cat([h, _fit(acts[self.reads[j - 1]], h.shape[-2:])], dim=1)  # (B, own + tap, h, w)
             h = stage(h)
         own = self.head(torch.cat([h.mean(dim=(2, 3)), pen], dim=1))  # (B, classes)
         return parent_logits + own if self.residual else own
