@@ -329,3 +329,47 @@ def test_a_round_cuts_out_dead_units_and_keeps_ties_through_them(trained, tmp_pa
     assert torch.equal(codec_from_spec(spec).roundtrip(w)[0], w)
     assert "hidden.0.weight" in hook._ties  # the k-means values inside stay shared
     assert hook.rounds[-1]["tensor_bytes"]["hidden.0.weight"] == len(codec_from_spec(spec).encode(w))
+
+
+def test_batchnorm_statistics_are_estimated_again_as_plain_averages():
+    from frugal.compress.loop import recalibrate_batchnorm
+
+    data = load_task("digits")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 3, 3)
+    model = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(3, momentum=0.3), torch.nn.ReLU())
+    model.eval()
+    assert recalibrate_batchnorm(model, data, 256, "cpu", batch=64)
+    assert not model.training and model[1].momentum == 0.3  # eval mode again, its momentum kept
+    # the reference: per batch of 64, the conv outputs' mean and unbiased variance per channel, averaged
+    from frugal.train import normalize
+
+    with torch.no_grad():
+        outs = [conv(normalize(data.train.x[i:i + 64], data.mean, data.std)) for i in range(0, 256, 64)]
+    means = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+    variances = torch.stack([o.transpose(0, 1).reshape(3, -1).var(1) for o in outs]).mean(0)
+    torch.testing.assert_close(model[1].running_mean, means)
+    torch.testing.assert_close(model[1].running_var, variances)
+    # nothing to do without batch norm, or with n = 0
+    lin = torch.nn.Linear(4, 2)
+    assert not recalibrate_batchnorm(lin, data, 256, "cpu")
+    before = model[1].running_mean.clone()
+    assert not recalibrate_batchnorm(model, data, 0, "cpu") and torch.equal(model[1].running_mean, before)
+    with pytest.raises(ValueError, match="recalibrate must be >= 0"):
+        LoopConfig(recalibrate=-1)
+
+
+def test_a_round_leaves_batchnorm_statistics_that_fit_the_coded_weights(tmp_path):
+    from frugal.compress.loop import recalibrate_batchnorm
+
+    hook = CompressInTheLoop(LoopConfig(every=1, lam=0.05, steps=(0.2,), kmeans_k=(8,), dct_cutoffs=(0,),
+                                        recalibrate=300))
+    res = train(TrainConfig(epochs=1, **{**CFG, "model": "resnet", "train_limit": 512}), tmp_path / "run",
+                hooks=[hook], quiet=True, progress=False)
+    assert [r["recalibrated"] for r in hook.rounds] == [True]
+    bns = [m for m in res.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    kept = [m.running_var.clone() for m in bns]
+    data = load_task("digits")
+    recalibrate_batchnorm(res.model, data, 300, "cpu")  # again, on the final weights: nothing changes
+    for m, v in zip(bns, kept):
+        torch.testing.assert_close(m.running_var, v)
