@@ -158,7 +158,7 @@ def test_spatial_features_are_computed_only_where_the_gate_fires(base_run, digit
     base, _, _ = load_run(base_run)
     parent = Tapped(base.eval())
     channels, thr = choose_features(parent, x[:64], tap=0, n=2, quantile=0.9)
-    _, pen = probe(parent, x[:2])
+    _, pen, _ = probe(parent, x[:2])
     spatial = SpatialSpecialist(parent, 1, (8, 8), 10, tap=0, channels=channels, thresholds=thr, penultimate=pen,
                                 block=4).eval()
     with torch.no_grad():

@@ -156,7 +156,7 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
     parent = Tapped(base)
     xs = normalize(data.train.x[:512].to(ctx.device), data.mean, data.std)
     channels, thr = choose_features(parent, xs, tap=len(parent.taps) - 1, n=4, quantile=0.9)
-    _, pen = probe(parent, xs[:2])
+    _, pen, _ = probe(parent, xs[:2])
     block = 4 if data.image_size[0] % 4 == 0 else 2
     spatial = SpatialSpecialist(parent, data.in_channels, data.image_size, data.num_classes, len(parent.taps) - 1,
                                 channels, thr, pen, width=16, block=block).to(ctx.device)

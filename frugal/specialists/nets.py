@@ -128,8 +128,9 @@ class Specialist(nn.Module):
 
 
 @torch.no_grad()
-def probe(parent: Tapped, example: torch.Tensor) -> tuple[list[int], int]:
-    """Channels of each tap and of the penultimate features, from one forward pass."""
+def probe(parent: Tapped, example: torch.Tensor) -> tuple[list[int], int, list[int]]:
+    """Channels of each tap, of the penultimate features, and each tap's map height, from one
+    forward pass."""
     parent.eval()
     _, acts, pen = parent(example)
-    return [a.shape[1] for a in acts], pen.shape[1]
+    return [a.shape[1] for a in acts], pen.shape[1], [a.shape[-2] for a in acts]

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from frugal.data import Split, TaskData
-from frugal.specialists.nets import Specialist, Tapped, twin_taps
+from frugal.specialists.nets import Specialist, Tapped, probe, twin_taps
 from frugal.train import normalize
 from frugal.utils import atomic_write_json
 
@@ -172,13 +172,9 @@ class Tree(nn.Module):
 
 def make_specialist(parent: Tapped, data: TaskData, widths, device, residual: bool = True) -> Specialist:
     """A specialist of `widths` on the frozen `parent` (whose ancestors run inside it when needed)."""
-    example = normalize(data.train.x[:2].to(device), data.mean, data.std)
-    with torch.no_grad():
-        parent.eval()
-        _, acts, pen = parent(example)
-    reads = twin_taps([a.shape[-2] for a in acts], len(widths), data.image_size[0])
-    spec = Specialist(parent, data.in_channels, data.num_classes, widths, [a.shape[1] for a in acts],
-                      pen.shape[1], residual, reads=reads).to(device)
+    taps, pen, sizes = probe(parent, normalize(data.train.x[:2].to(device), data.mean, data.std))
+    spec = Specialist(parent, data.in_channels, data.num_classes, widths, taps, pen, residual,
+                      reads=twin_taps(sizes, len(widths), data.image_size[0])).to(device)
     spec.widths = tuple(widths)
     return spec
 
