@@ -19,22 +19,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
-from frugal.specialists.build import build_tree
+from frugal.specialists.build import build_tree, same_nodes
 from frugal.specialists.tree import TreeConfig
 from frugal.utils import versions
-
-
-def _same_nodes(a: Path, b: Path) -> bool:
-    names = sorted(p.name for p in a.glob("root.*.safetensors"))  # the specialists, not the base
-    if not names or names != sorted(p.name for p in b.glob("root.*.safetensors")):
-        return False
-    for n in names:
-        x, y = load_file(str(a / n)), load_file(str(b / n))
-        if x.keys() != y.keys() or any(not torch.equal(x[k], y[k]) for k in x):
-            return False
-    return True
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -64,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        log=lambda s: None)
                 seconds[backend].append(sum(lv["seconds"] for lv in record["levels"]))
                 dirs[backend] = out
-            same.append(_same_nodes(dirs["serial"], dirs["process"]))
+            same.append(same_nodes(dirs["serial"], dirs["process"]))
         jobs = [lv["jobs"] for lv in record["levels"]]
         sizes = {name: n["train_examples"] for name, n in record["nodes"].items() if "train_examples" in n}
     t_serial, t_pool = statistics.median(seconds["serial"]), statistics.median(seconds["process"])

@@ -55,6 +55,21 @@ def train_node(job: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
+def same_nodes(a: str | Path, b: str | Path) -> bool:
+    """Whether two tree folders hold the same specialists (every node's weights equal, bit for bit;
+    the base is not compared). False when either has none."""
+    from safetensors.torch import load_file
+
+    names = sorted(f.name for f in Path(a).glob("root.*.safetensors"))
+    if not names or names != sorted(f.name for f in Path(b).glob("root.*.safetensors")):
+        return False
+    for n in names:
+        x, y = load_file(str(Path(a) / n)), load_file(str(Path(b) / n))
+        if x.keys() != y.keys() or any(not torch.equal(x[k], y[k]) for k in x):
+            return False
+    return True
+
+
 def build_tree(base_run: str | Path, out: str | Path, cfg: TreeConfig = TreeConfig(), backend: str = "process",
                workers: int = 2, data_dir: str | None = None, log=print) -> tuple[Tree, dict[str, Any]]:
     """Cluster and train a tree on top of a finished base run. Returns the tree and a record of
