@@ -42,7 +42,9 @@ class TrainConfig:
     task: str = "mnist"  # data set name (see `frugal data list`)
     model: str = "lenet5"  # registered model name (see frugal.models.list_models)
     model_kw: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
-    epochs: int = 5  # passes over the training split
+    epochs: int = 5  # passes over the training split (see epoch_size)
+    epoch_size: int | None = None  # examples per epoch: a fresh random subset of the training split each
+    # epoch, none twice; None = all of it. Fixes the optimiser steps when the training set grows.
     batch_size: int = 128  # examples per optimizer step
     optimizer: str = "adam"  # adam | adamw | sgd
     lr: float = 1e-3  # peak learning rate
@@ -73,6 +75,7 @@ class TrainConfig:
              f"unknown schedule {self.schedule!r}; known: cosine, constant, onecycle"),
             (self.augment in AUGMENTS, f"unknown augment {self.augment!r}; known: {', '.join(AUGMENTS)}"),
             (self.train_limit is None or self.train_limit >= 1, "train_limit must be >= 1 or None"),
+            (self.epoch_size is None or self.epoch_size >= 1, "epoch_size must be >= 1 or None"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -99,6 +102,7 @@ class Result:
     test_acc: float
     test_loss: float
     train_seconds: float  # wall-clock of all epochs in this and earlier (resumed) processes
+    steps: int = 0  # optimiser steps taken
 
     @property
     def val_acc(self) -> float:
@@ -317,7 +321,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, hooks: Sequence[Hook] = (), 
 
     # the whole training split lives on the device as uint8; batches are index slices of it
     xs, ys = train_split.x.to(device), train_split.y.to(device)
-    n = len(train_split)
+    n = min(len(train_split), cfg.epoch_size or len(train_split))  # examples per epoch
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     dtype = next(model.parameters()).dtype
     show_bar = sys.stderr.isatty() if progress is None else progress
@@ -328,7 +332,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, hooks: Sequence[Hook] = (), 
         t0 = time.perf_counter()
         model.train()
         gen = epoch_generator(cfg.seed, epoch)
-        order = torch.randperm(n, generator=gen).to(device)
+        order = torch.randperm(len(train_split), generator=gen)[:n].to(device)
         loss_sum = torch.zeros((), device=device)  # summed on device: no sync point per step
         correct = torch.zeros((), device=device, dtype=torch.long)
         batches = range(steps_per_epoch)
@@ -391,9 +395,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, hooks: Sequence[Hook] = (), 
                                                   metadata={"config": json.dumps(cfg.to_dict())}))
     atomic_write_json(run_dir / "metrics.json", {
         "test_acc": test_acc, "test_loss": test_loss, "val_acc": state.history[-1]["val_acc"],
-        "train_seconds": train_seconds, "epochs": state.history, "versions": versions()})
+        "train_seconds": train_seconds, "steps": state.step, "epochs": state.history, "versions": versions()})
     log(f"done: test_acc {test_acc:.4f} val_acc {state.history[-1]['val_acc']:.4f} train {train_seconds:.1f}s")
-    return Result(run_dir, cfg, model, state.history, test_acc, test_loss, train_seconds)
+    return Result(run_dir, cfg, model, state.history, test_acc, test_loss, train_seconds, state.step)
 
 
 def _save_checkpoint(path: Path, cfg: TrainConfig, state: TrainState, hooks: Sequence[Hook],

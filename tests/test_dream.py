@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -39,11 +41,25 @@ def test_dream_rounds_build_the_expected_data_sets(tmp_path):
         dreams, drift = load_dreams(tmp_path / f"round-{r}" / "dreams.npz")
         assert torch.equal(dreams.y, d.train.y[:n])  # labels are the source images' labels
         assert dreams.x.dtype == torch.uint8 and (drift > 0).all()
-    # round 2 trained on A plus both dreamed sets
+    # round 2 drew its epochs from A plus both dreamed sets, with round 0's steps
     log = (tmp_path / "round-2" / "log.txt").read_text()
     assert f"train={len(d.train) + 2 * n}" in log
+    assert rounds[2]["result"].steps == rounds[0]["result"].steps > 0
     again = dream_training(TrainConfig(epochs=1, **BASE), tmp_path, cfg, d, log=lambda s: None)  # resumes
     assert [r["result"].test_acc for r in again] == [r["result"].test_acc for r in rounds]
+
+
+def test_an_epochs_budget_gives_later_rounds_more_steps(tmp_path):
+    d = load_task("digits")
+    cfg = DreamTrainConfig(rounds=1, mix=0.5, budget="epochs", dream=DreamConfig(steps=1, octaves=1))
+    base = TrainConfig(epochs=1, train_limit=400, **BASE)
+    rounds = dream_training(base, tmp_path, cfg, d, log=lambda s: None)
+    assert rounds[1]["dreams"] == 200  # half of A, which is cut to train_limit
+    steps = [r["result"].steps for r in rounds]
+    assert steps == [math.ceil(400 / base.batch_size), math.ceil(600 / base.batch_size)]
+    assert rounds[1]["dream_seconds"] > 0
+    again = dream_training(base, tmp_path, cfg, d, log=lambda s: None)  # read back from the run folders
+    assert again[1]["dream_seconds"] == rounds[1]["dream_seconds"]
 
 
 def test_drift_filter_keeps_the_least_changed_dreams(tmp_path):
@@ -74,10 +90,13 @@ def test_dream_bench_runs_rounds_and_every_control(tmp_path):
     bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("dream",), tasks=("digits",), seeds=1,
                       device="cpu"), log=lambda s: None)
     rows = {r["variant"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
-    assert set(rows) == {"round 0", "round 1", "control plain", "control augment", "control adversarial"}
+    assert set(rows) == {"round 0 (plain)", "round 1", "control augment", "control adversarial"}
     for r in rows.values():
         assert {"pgd_acc", "other_dream_acc", "shape_bias", "test_acc"} <= r.keys()
-    assert rows["control plain"]["epochs"] > rows["round 0"]["epochs"]  # the same steps as the last round
+    assert len({r["steps"] for r in rows.values()}) == 1 and rows["round 1"]["steps"] > 0  # one budget
+    assert rows["round 1"]["dreams"] == 256  # the tiny budget's A, dreamed once
+    other = json.loads((tmp_path / "runs" / "dream" / "digits" / "other-seed0" / "config.json").read_text())
+    assert other["config"]["seed"] == 1  # dreams of the test images come from a net no row is
     assert rows["round 1"]["dream_seconds"] > 0
     assert (tmp_path / "figures" / "dreams-digits.png").stat().st_size > 1000
 

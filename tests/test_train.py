@@ -127,12 +127,29 @@ def test_a_damaged_checkpoint_is_reported(tmp_path):
     with pytest.raises(RuntimeError, match="damaged"):
         train(TrainConfig(epochs=1, train_limit=64, **DIGITS), tmp_path, resume=True, quiet=True)
 
+def test_epoch_size_draws_a_fresh_subset_without_repeats_each_epoch(tmp_path):
+    seen = []
+
+    class Rec(Hook):
+        def extra_loss(self, s, logits, x, y):
+            while len(seen) <= s.epoch:
+                seen.append([])
+            seen[s.epoch] += [tuple(row.tolist()) for row in x.flatten(1)]
+
+    res = train(TrainConfig(epochs=2, epoch_size=100, **DIGITS), tmp_path, hooks=[Rec()], quiet=True)
+    assert res.steps == 2 * 2  # ceil(100 / 64) steps per epoch
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 4
+    for epoch in seen:
+        assert len(epoch) == len(set(epoch)) == 100  # 100 examples, none twice
+    assert set(seen[0]) != set(seen[1])  # a new subset each epoch
+
 
 @pytest.mark.parametrize("bad, msg", [
     (dict(optimizer="lbfgs"), "unknown optimizer 'lbfgs'"),
     (dict(epochs=0), "epochs must be >= 1"),
     (dict(augment="mixup"), "unknown augment 'mixup'"),
     (dict(schedule="step"), "unknown schedule 'step'"),
+    (dict(epoch_size=0), "epoch_size must be >= 1"),
 ])
 def test_bad_config_values(bad, msg):
     with pytest.raises(ValueError, match=msg):

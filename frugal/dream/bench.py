@@ -1,11 +1,14 @@
 """Bench method `dream`: iterated dream training against controls at the same training budget.
 
-Per task: rounds 0..R of dream training (round 0 is plain training on A); then, each with as
-many optimiser steps as the last round (its data is A plus R dreamed sets), plain training, the
-standard augmentation (random affine + pixel noise) and adversarial training (PGD). Every model is
-measured on the clean test set, the corrupted suite (mean over corruptions and severities),
-dreams of the test images made by the plain control, a small PGD attack, and the shape-texture
-cue conflict. Example dreams go into the report.
+The budget is the optimiser steps of the task's baseline run. Per task: rounds 0..R of dream
+training, each with those steps (round 0 is plain training on A, the plain control; round r draws
+its epochs from A and the r dreamed sets); then, with the same steps, the standard augmentation
+(random affine + pixel noise in place of the baseline's shifts) and adversarial training (PGD, a few
+steps: it costs several times the compute per step). Every model is measured on the clean test
+set, the corrupted suite (mean over corruptions and severities), a small PGD attack, the
+shape-texture cue conflict, and dreams of the test images made by another network: a plainly
+trained net of the same config and the next seed, which none of the rows has seen or dreamed with.
+Example dreams go into the report.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from frugal.measure import measure
 from frugal.train import CHECKPOINT, train
 
 ROUNDS = dict(tiny=1, quick=1, full=3)
+ADV_STEPS = 2  # PGD steps per training batch of the adversarial control (the attack in evaluation takes 10)
+DREAM = dict(steps=5, step=0.1, octaves=2)  # the bench's dreams: half the default steps at twice the step
 EVAL_N = dict(tiny=100, quick=1000, full=2000)  # test images for PGD, other-net dreams and cue conflict
 
 
@@ -36,41 +41,39 @@ def _base(ctx: BenchContext, task: str, seed: int):
 @register_method("dream", tasks=("mnist", "fashion-mnist", "digits"), default_tasks=("mnist", "fashion-mnist"),
                  description="iterated DeepDream training vs plain, augmented and adversarial training",
                  fields=(("pgd_acc", "PGD acc (eps 0.1)", "{:.1%}"), ("other_dream_acc", "acc on other net's dreams", "{:.1%}"),
-                         ("shape_bias", "shape bias", "{:.2f}"), ("dream_seconds", "dreaming s", "{:,.0f}"),
-                         ("epoch_seconds", "1 epoch on A s", "{:,.0f}")))
+                         ("shape_bias", "shape bias", "{:.2f}"), ("steps", "optimiser steps", "{:,.0f}"),
+                         ("dream_seconds", "dreaming s", "{:,.0f}"), ("epoch_seconds", "1 epoch on A s", "{:,.0f}")))
 def run_dream(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     base = _base(ctx, task, seed)
     data = load_task(task, data_dir=ctx.data_dir, val_size=base.val_size)
     R = ROUNDS[ctx.budget]
     n_eval = EVAL_N[ctx.budget]
     corrupted = f"{task}-c" in KNOWN and ctx.budget != "tiny"
-    dcfg = DreamTrainConfig(rounds=R, dream=DreamConfig(seed=seed))
+    dcfg = DreamTrainConfig(rounds=R, dream=DreamConfig(seed=seed, **DREAM))
     rounds = dream_training(base, ctx.run_dir("dream", task, seed, "rounds"), dcfg, data, device=ctx.device,
                             quiet=ctx.quiet, log=lambda s: None)
     epoch_seconds = rounds[0]["result"].history[0]["seconds"]
 
-    # the controls: as many optimiser steps as the last round had
-    scale = len(data.train) + sum(r["dreams"] for r in rounds)
-    epochs = max(1, round(base.epochs * scale / len(data.train)))
-    controls = {}
-    for name, cfg, hooks in (
-            ("plain", dataclasses.replace(base, epochs=epochs), []),
-            ("augment", dataclasses.replace(base, epochs=epochs, augment="affine-noise"), []),
-            ("adversarial", dataclasses.replace(base, epochs=epochs), [AdversarialTraining()])):
-        run_dir = ctx.run_dir("dream", task, seed, f"control-{name}")
-        controls[name] = (train(cfg, run_dir, resume=(run_dir / CHECKPOINT).exists(), data=data, hooks=hooks,
-                                quiet=ctx.quiet, progress=False), run_dir)
-    other = controls["plain"][0].model.eval()
+    def fit(name: str, cfg, hooks=()):
+        run_dir = ctx.run_dir("dream", task, seed, name)
+        return train(cfg, run_dir, resume=(run_dir / CHECKPOINT).exists(), data=data, hooks=list(hooks),
+                     quiet=ctx.quiet, progress=False), run_dir
+
+    # the controls: the same config and steps as round 0 (which is the plain control)
+    controls = {"augment": fit("control-augment", dataclasses.replace(base, augment="affine-noise")),
+                "adversarial": fit("control-adversarial", base, [AdversarialTraining(steps=ADV_STEPS)])}
+    other = fit("other", dataclasses.replace(base, seed=seed + 1))[0].model.eval()
 
     rows = []
-    models = [(f"round {r['round']}", r["result"], r, ctx.run_dir("dream", task, seed, "rounds") / f"round-{r['round']}")
-              for r in rounds]
+    rounds_dir = ctx.run_dir("dream", task, seed, "rounds")
+    models = [(f"round {r['round']}" + (" (plain)" if r["round"] == 0 else ""), r["result"], r,
+               rounds_dir / f"round-{r['round']}") for r in rounds]
     models += [(f"control {name}", res, {}, run_dir) for name, (res, run_dir) in controls.items()]
     for variant, res, info, run_dir in models:
         row = measure(res.model, data, ctx.device, corrupted=corrupted, data_dir=ctx.data_dir,
                       speed=ctx.budget != "tiny")
         row.update(generalisation(res.model, data, ctx.device, other=other, n=n_eval))
-        row.update(variant=variant, epochs=res.config.epochs, train_seconds=res.train_seconds, model=base.model,
+        row.update(variant=variant, epochs=res.config.epochs, steps=res.steps, train_seconds=res.train_seconds, model=base.model,
                    run_dir=str(run_dir.relative_to(ctx.out_dir)), epoch_seconds=epoch_seconds,
                    dreams=info.get("dreams", 0))
         if info.get("dream_seconds"):
@@ -79,7 +82,7 @@ def run_dream(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     if seed == 0 and len(rounds) > 1:
         from frugal.dream.rounds import load_dreams
 
-        dreams, _ = load_dreams(ctx.run_dir("dream", task, seed, "rounds") / "round-1" / "dreams.npz")
+        dreams, _ = load_dreams(rounds_dir / "round-1" / "dreams.npz")
         draw_dreams(Split(data.train.x[:16], data.train.y[:16]), dreams.x[:16], ctx.figures / f"dreams-{task}.png",
                     title=f"{task}: training images and their round-1 dreams")
     return rows

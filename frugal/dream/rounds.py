@@ -4,7 +4,10 @@ and every dreamed set so far; repeat.
 Round r (r >= 1) dreams `mix` x |A| images (A's first ones, in its shuffled order) with the net of
 round r - 1, labels each with its source image's label, optionally drops the ones that drifted
 most (`max_drift`: a quantile of the per-image change), and trains a fresh net of the same config
-on A plus dreams 1..r. Each round keeps its run folder and its dreams (`dreams.npz`) under the
+on A plus dreams 1..r. With `budget="steps"` (the default) every round takes the optimiser steps of
+round 0: an epoch is |A| examples drawn afresh from A and the dreams, so the comparison with
+round 0 is at a fixed budget, not "more data and more steps". With `budget="epochs"` an epoch is a
+pass over all of it, and round r takes (1 + r x mix) times round 0's steps. Each round keeps its run folder and its dreams (`dreams.npz`) under the
 output folder; a killed run resumes: finished rounds and written dreams are reused.
 """
 
@@ -34,10 +37,13 @@ class DreamTrainConfig:
     max_drift: float | None = None  # keep dreams below this quantile of drift (None: keep all)
     dream: DreamConfig = field(default_factory=DreamConfig)
     batch: int = 256  # images dreamed at once
+    budget: str = "steps"  # steps: every round takes round 0's optimiser steps | epochs: passes over all data
 
     def __post_init__(self):
         if self.rounds < 0 or not 0 < self.mix <= 1:
             raise ValueError(f"rounds must be >= 0 and mix in (0, 1], got {self.rounds}, {self.mix}")
+        if self.budget not in ("steps", "epochs"):
+            raise ValueError(f"budget must be 'steps' or 'epochs', got {self.budget!r}")
         if self.max_drift is not None and not 0 < self.max_drift <= 1:
             raise ValueError(f"max_drift is a quantile in (0, 1], got {self.max_drift}")
 
@@ -66,15 +72,22 @@ def dream_split(model: torch.nn.Module, split: Split, mean: float, std: float, c
     return Split(torch.cat(xs), split.y.clone()), torch.cat(drift)
 
 
-def save_dreams(path: Path, split: Split, drift: torch.Tensor) -> None:
+def save_dreams(path: Path, split: Split, drift: torch.Tensor, seconds: float = 0.0) -> None:
+    """The dreams, each one's drift, and the seconds it took to make them."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, x=split.x.numpy(), y=split.y.numpy(), drift=drift.numpy())
+    np.savez_compressed(buf, x=split.x.numpy(), y=split.y.numpy(), drift=drift.numpy(), seconds=np.float64(seconds))
     atomic_write_bytes(path, buf.getvalue())
 
 
 def load_dreams(path: Path) -> tuple[Split, torch.Tensor]:
     with np.load(path) as f:
         return Split(torch.from_numpy(f["x"]), torch.from_numpy(f["y"])), torch.from_numpy(f["drift"])
+
+
+def dreaming_seconds(path: Path) -> float:
+    """The seconds spent making the dreams in `path` (0 if the file does not say)."""
+    with np.load(path) as f:
+        return float(f["seconds"]) if "seconds" in f.files else 0.0
 
 
 def with_extra(data: TaskData, extra: list[Split]) -> TaskData:
@@ -95,7 +108,9 @@ def dream_training(base: TrainConfig, out: str | Path, cfg: DreamTrainConfig, da
     dreamed: list[Split] = []
     rounds = []
     prev: torch.nn.Module | None = None
-    n = max(1, round(cfg.mix * len(data.train)))
+    a = data.train.subset(base.train_limit)  # A: what round 0 trains on
+    data = TaskData(data.name, a, data.val, data.test, data.num_classes, data.mean, data.std)
+    n = max(1, round(cfg.mix * len(a)))
     for r in range(cfg.rounds + 1):
         rdir = out / f"round-{r}"
         info: dict[str, Any] = {"round": r, "dreams": 0, "dream_seconds": 0.0}
@@ -103,6 +118,7 @@ def dream_training(base: TrainConfig, out: str | Path, cfg: DreamTrainConfig, da
             path = rdir / DREAMS
             if path.exists():
                 split, drift = load_dreams(path)
+                info["dream_seconds"] = dreaming_seconds(path)
             else:
                 t0 = time.perf_counter()
                 src = Split(data.train.x[:n], data.train.y[:n])
@@ -112,10 +128,13 @@ def dream_training(base: TrainConfig, out: str | Path, cfg: DreamTrainConfig, da
                 if cfg.max_drift is not None:
                     keep = drift <= torch.quantile(drift, cfg.max_drift)
                     split, drift = Split(split.x[keep], split.y[keep]), drift[keep]
-                save_dreams(path, split, drift)
+                save_dreams(path, split, drift, info["dream_seconds"])
             dreamed.append(split)
             info.update(dreams=len(split), mean_drift=float(drift.mean()))
-        res: Result = train(base, rdir, resume=(rdir / CHECKPOINT).exists(), data=with_extra(data, dreamed),
+        cfg_r = base
+        if r:  # A is already cut to train_limit; the dreams come after it
+            cfg_r = replace(base, train_limit=None, epoch_size=len(a) if cfg.budget == "steps" else None)
+        res: Result = train(cfg_r, rdir, resume=(rdir / CHECKPOINT).exists(), data=with_extra(data, dreamed),
                             quiet=quiet, progress=False)
         prev = res.model
         info["result"] = res
