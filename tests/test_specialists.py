@@ -1,5 +1,6 @@
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -206,3 +207,27 @@ def test_specialists_bench_method_runs_the_tree_and_every_control(tmp_path):
     assert rows["tree d1"]["train_seconds_serial"] > 0 and 0 < rows["spatial"]["computed_fraction"] < 1
     assert rows[ensemble]["params"] >= 2 * rows["base"]["params"]
     assert (tmp_path / "figures" / "specialists-digits-clusters.png").stat().st_size > 1000
+    assert (tmp_path / "figures" / "specialists-digits-confusion.png").stat().st_size > 1000
+
+
+def test_cluster_confusions_match_a_confusion_matrix_per_routed_group(tree1, base_run):
+    from sklearn.metrics import confusion_matrix
+
+    from frugal.specialists.analysis import biggest_changes, cluster_confusions, main_classes, routed_predictions
+    from frugal.train import evaluate, load_run
+
+    d = load_task("digits")
+    base = load_run(base_run)[0]
+    pred = routed_predictions(tree1[0], base, d.test, d.mean, d.std, "cpu", batch=50)
+    assert (pred.base == pred.y).mean() == pytest.approx(evaluate(base, d.test, d.mean, d.std, "cpu")[0])
+    confs = cluster_confusions(pred, d.num_classes)
+    assert sum(c["tree"].sum() for c in confs.values()) == len(d.test)
+    for c, m in confs.items():
+        sel = pred.route == c
+        for which, p in (("base", pred.base), ("tree", pred.tree)):
+            assert np.array_equal(m[which], confusion_matrix(pred.y[sel], p[sel], labels=range(d.num_classes)))
+    # the helpers on a made-up pair of matrices
+    b = np.array([[50, 10, 0], [5, 30, 0], [0, 0, 2]])
+    t = np.array([[58, 2, 0], [6, 29, 0], [0, 0, 2]])
+    assert main_classes(b) == [0, 1]  # class 2 is under 5% of the inputs
+    assert biggest_changes(b, t, n=2) == [(0, 1, 10, 2), (1, 0, 5, 6)]

@@ -16,7 +16,7 @@ from frugal.data.errors import DataError
 from frugal.data.idx import encode_idx, parse_idx, read_idx
 from frugal.data.registry import (KNOWN, DatasetInfo, default_val_size, fetch, format_dataset_table,
                                   list_datasets, load_arrays, load_task, split_indices)
-from frugal.data.sources import Arrays
+from frugal.data.sources import Arrays, class_names
 from frugal.data.types import Split, TaskData
 
 __all__ = [
@@ -24,5 +24,5 @@ __all__ = [
     "LIBRARY_CORRUPTIONS", "SEVERITIES", "Split", "TaskData", "build_corrupted_suite", "clutter",
     "corrupt_images", "data_root", "default_val_size", "encode_idx", "fetch", "format_dataset_table",
     "list_datasets", "load_arrays", "load_corrupted", "load_task", "parse_idx", "read_idx",
-    "split_indices",
+    "split_indices", "class_names",
 ]

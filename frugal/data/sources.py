@@ -70,6 +70,7 @@ class PinnedSource:
     md5: tuple[tuple[str, str], ...]  # (file name, md5 hex)
     image_shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int
+    class_names: tuple[str, ...] = ()  # label i's name, where the labels are not self-explanatory
 
 
 MNIST = PinnedSource(
@@ -95,9 +96,16 @@ FASHION_MNIST = PinnedSource(
          ("t10k-labels-idx1-ubyte", "15d484375f8d13e6eb1aabb0c3f46965")),
     image_shape=(1, 28, 28),
     num_classes=10,
+    class_names=("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"),
 )
 
 PINNED = {s.name: s for s in (MNIST, FASHION_MNIST)}
+
+
+def class_names(task: str, num_classes: int) -> list[str]:
+    """Names of a task's labels: the data set's own, else the label numbers."""
+    names = PINNED[task].class_names if task in PINNED else ()
+    return list(names) if len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
 def _tail(text: str, n: int = 300) -> str:

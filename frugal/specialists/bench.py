@@ -9,8 +9,8 @@ Variants per task (base = the baseline method's model and plan):
 - controls: `equal-MACs CNN` (the base family, widened until its multiply-adds match the depth-1
   tree's), and `ensemble` (copies of the base, as many as the tree has parameters for).
 The depth-1 tree is built twice, on the process pool and serially, to time parallel training
-(the two give identical nodes, which the tests check). A per-cluster table (seed 0) shows where
-the tree gains or loses against its base.
+(the two give identical nodes, which the tests check). A per-cluster table and per-cluster
+confusion matrices of base and tree (seed 0) show where the tree gains or loses against its base.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -26,6 +27,8 @@ from frugal.bench import BenchContext, baseline_config, register_method, train_a
 from frugal.data import load_task
 from frugal.measure import count_macs, measure
 from frugal.models import create_model
+from frugal.specialists.analysis import (RoutedPredictions, cluster_confusions, draw_cluster_confusions,
+                                         routed_predictions)
 from frugal.specialists.build import build_tree
 from frugal.specialists.nets import Tapped, probe
 from frugal.specialists.spatial import SpatialSpecialist, choose_features
@@ -81,7 +84,7 @@ def _width_for_macs(name: str, data, target: float) -> tuple[str, dict]:
     return family, {"width": best}
 
 
-def _cluster_figure(tree, base, data, device, path: Path) -> None:
+def _cluster_figure(pred: RoutedPredictions, data, path: Path) -> None:
     """Per depth-1 cluster: test inputs routed there, their commonest classes, base vs tree accuracy."""
     import matplotlib
     matplotlib.use("Agg")
@@ -89,22 +92,15 @@ def _cluster_figure(tree, base, data, device, path: Path) -> None:
 
     from frugal.utils import atomic_file
 
-    x = normalize(data.test.x.to(device), data.mean, data.std)
-    y = data.test.y.to(device)
-    preds, route_list = [], []
-    with torch.no_grad():
-        for xb in x.split(512):
-            preds.append(tree(xb).argmax(1))
-            route_list.append(tree.routes[:, 0])  # the depth-1 cluster of each input (-1: the parent)
-        pt, routes = torch.cat(preds), torch.cat(route_list).to(device)
-        pb = torch.cat([base(xb).argmax(1) for xb in x.split(512)])
     rows = []
-    for c in sorted(set(routes.tolist())):
-        sel = (routes == c).to(y.device)
-        top = torch.bincount(y[sel], minlength=data.num_classes).topk(3)
+    for c in sorted(set(pred.route.tolist())):
+        sel = pred.route == c
+        top = np.bincount(pred.y[sel], minlength=data.num_classes)
+        top_k = np.argsort(-top, kind="stable")[:3]
         rows.append(["parent" if c < 0 else str(c), str(int(sel.sum())),
-                     ", ".join(f"{int(k)}:{int(v)}" for v, k in zip(top.values, top.indices) if v > 0),
-                     f"{100 * (pb[sel] == y[sel]).float().mean():.2f}", f"{100 * (pt[sel] == y[sel]).float().mean():.2f}"])
+                     ", ".join(f"{k}:{top[k]}" for k in top_k if top[k] > 0),
+                     f"{100 * (pred.base[sel] == pred.y[sel]).mean():.2f}",
+                     f"{100 * (pred.tree[sel] == pred.y[sel]).mean():.2f}"])
     fig, ax = plt.subplots(figsize=(7, 0.4 + 0.3 * len(rows)))
     ax.axis("off")
     ax.table(cellText=rows, colLabels=["cluster", "test inputs", "top classes (class:count)", "base acc %",
@@ -150,7 +146,10 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
         trees[depth] = tree
         rows.append({**row, "variant": f"tree d{depth}"})
     if seed == 0:
-        _cluster_figure(trees[1], base, data, ctx.device, ctx.figures / f"specialists-{task}-clusters.png")
+        pred = routed_predictions(trees[1], base, data.test, data.mean, data.std, ctx.device)
+        _cluster_figure(pred, data, ctx.figures / f"specialists-{task}-clusters.png")
+        draw_cluster_confusions(cluster_confusions(pred, data.num_classes), task, data.num_classes,
+                                ctx.figures / f"specialists-{task}-confusion.png")
 
     # spatial specialisation on the base's last stage
     parent = Tapped(base)
