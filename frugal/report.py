@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .utils import atomic_write_text
+from .utils import atomic_write_text, save_figure
 
 # (field, header, format) of the main table; accuracy columns are mean ± std over seeds
 COLUMNS = [
@@ -156,10 +156,7 @@ def plot_tradeoffs(agg: list[dict[str, Any]], out: Path) -> list[Path]:
             if ax.has_data():
                 ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out / fname
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / fname))
     return written
 
 
@@ -187,12 +184,7 @@ def write_task_samples(out: Path, task: str, n: int = 16, data_dir=None) -> Path
             ax.set_title(str(int(y[i])), fontsize=8)
     fig.suptitle(f"{task}: test images and labels", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def corrupted_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:

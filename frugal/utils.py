@@ -49,6 +49,17 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write a matplotlib figure to `path` as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
 def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from frugal.data import Split
-from frugal.utils import atomic_file
+from frugal.utils import save_figure
 
 
 def draw_dreams(originals: Split, dreams: torch.Tensor, path: str | Path, title: str = "") -> Path:
@@ -32,8 +32,4 @@ def draw_dreams(originals: Split, dreams: torch.Tensor, path: str | Path, title:
         axes[2 * g, c].set_title(str(int(originals.y[i])), fontsize=7)
     fig.suptitle(title or "images (top) and dreams (below)", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_file(path) as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from frugal.kernels.penalty import conv_kernels
 from frugal.kernels.snap import SnapResult
-from frugal.utils import atomic_file
+from frugal.utils import save_figure
 
 COLOURS = {"free": "#888888", "lr": "#1f77b4", "ud": "#17becf", "lrud": "#2ca02c", "c4": "#9467bd",
            "d4": "#d62728", "radial": "#ff7f0e", "rank1": "#8c564b", "blur": "#e377c2"}
@@ -48,9 +48,4 @@ def draw_kernels(model: nn.Module, path: str | Path, result: SnapResult | None =
         ax.set_title(cls, fontsize=6, color=COLOURS.get(cls, "black"))
     fig.suptitle(title or f"{name}: {len(picks)} of {o * i} kernels", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

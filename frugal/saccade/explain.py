@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from frugal.utils import save_figure
+
 LEVEL_COLOURS = [None, "tab:blue", "tab:orange", "tab:green", "tab:purple"]  # skip draws nothing
 
 
@@ -35,15 +37,9 @@ def _show(ax, img: torch.Tensor, label: int, pred: int) -> None:
     ax.set_title(f"{label} -> {pred}", fontsize=8, color="black" if label == pred else "red")
 
 
-def _save(fig, plt, path: str | Path, title: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _save(fig, path: str | Path, title: str) -> Path:
     fig.suptitle(title, fontsize=9)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def draw_block_attention(images: torch.Tensor, levels: torch.Tensor, block_size: int, labels: torch.Tensor,
@@ -63,7 +59,7 @@ def draw_block_attention(images: torch.Tensor, levels: torch.Tensor, block_size:
         ax.set_ylim(img.shape[1] - 0.5, -0.5)
     legend = ", ".join(f"{LEVEL_COLOURS[i + 1].removeprefix('tab:')} = {k}x{k}" for i, k in enumerate(kernel_sizes))
     frac = (levels > 0).float().mean().item()
-    return _save(fig, plt, path, f"attended blocks ({legend}; untinted = skipped); {100 * frac:.0f}% attended")
+    return _save(fig, path, f"attended blocks ({legend}; untinted = skipped); {100 * frac:.0f}% attended")
 
 
 def draw_glimpses(images: torch.Tensor, boxes: list[list[list[tuple[int, int, int]]]], labels: torch.Tensor,
@@ -86,4 +82,4 @@ def draw_glimpses(images: torch.Tensor, boxes: list[list[list[tuple[int, int, in
         ax.plot(xs, ys, color="yellow", lw=0.7)
         ax.set_xlim(-0.5, img.shape[2] - 0.5)
         ax.set_ylim(img.shape[1] - 0.5, -0.5)
-    return _save(fig, plt, path, "glimpse paths (orange: finest patch; cyan: coarser ones; numbers: order)")
+    return _save(fig, path, "glimpse paths (orange: finest patch; cyan: coarser ones; numbers: order)")

@@ -80,7 +80,7 @@ def draw_cluster_confusions(confs: dict[int, dict[str, np.ndarray]], task: str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from frugal.utils import atomic_file
+    from frugal.utils import save_figure
 
     names = class_names(task, num_classes)
     clusters = sorted(confs)
@@ -104,7 +104,4 @@ def draw_cluster_confusions(confs: dict[int, dict[str, np.ndarray]], task: str, 
         axes[row, 0].set_xlabel("predicted (rows: true)   biggest changes: " + note, fontsize=7, loc="left")
     fig.suptitle(f"{task}: depth-1 tree, confusion by cluster (base | tree)", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
-        fig.savefig(f, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

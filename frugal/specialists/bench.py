@@ -90,7 +90,7 @@ def _cluster_figure(pred: RoutedPredictions, data, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from frugal.utils import atomic_file
+    from frugal.utils import save_figure
 
     rows = []
     for c in sorted(set(pred.route.tolist())):
@@ -107,10 +107,7 @@ def _cluster_figure(pred: RoutedPredictions, data, path: Path) -> None:
                                        "tree acc %"], loc="center")
     ax.set_title(f"{data.name}: depth-1 tree by cluster", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @register_method("specialists", tasks=TASKS, default_tasks=("fashion-mnist", "mnist"),
