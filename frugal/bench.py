@@ -65,21 +65,25 @@ class Method:
     description: str = ""
     fields: tuple[tuple[str, str, str], ...] = ()  # the method's own row fields: (key, header, format)
     references: dict[str, list[tuple[str, float, float]]] | None = None  # task -> published (label, acc, bytes)
+    plots: tuple[tuple[str, str], ...] = ()  # own fields to plot accuracy against: (key, axis label)
 
 
 _METHODS: dict[str, Method] = {}
 def register_method(name: str, *, tasks: tuple[str, ...], default_tasks: tuple[str, ...] | None = None,
                     description: str = "", fields: tuple[tuple[str, str, str], ...] = (),
-                    references: dict[str, list[tuple[str, float, float]]] | None = None) -> Callable:
+                    references: dict[str, list[tuple[str, float, float]]] | None = None,
+                    plots: tuple[tuple[str, str], ...] = ()) -> Callable:
     """`fields` names the numeric fields a method adds to its rows, as (key, table header, format),
     e.g. ("attended_fraction", "blocks attended", "{:.1%}"); the report tabulates their means.
     `references` are published points per task, (label, accuracy, bytes), drawn on the
-    accuracy-vs-bytes plot. A row with `file_bytes` (a real compressed file) is plotted at that size."""
+    accuracy-vs-bytes plot. A row with `file_bytes` (a real compressed file) is plotted at that size.
+    `plots` names own fields, as (key, axis label), to plot test accuracy against, per task (log x),
+    e.g. ("conv_free_params", "conv free parameters")."""
     def deco(fn: Callable[[BenchContext, str, int], list[dict[str, Any]]]):
         if name in _METHODS:
             raise ValueError(f"bench method {name!r} is registered twice")
         _METHODS[name] = Method(name, fn, tuple(tasks), tuple(default_tasks or tasks), description, tuple(fields),
-                                references)
+                                references, tuple(plots))
         return fn
     return deco
 

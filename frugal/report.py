@@ -79,6 +79,44 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def method_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Per registered method that declares `plots`: per field, test accuracy (mean ± std over
+    seeds) against the field's mean, one panel per task, one marker per variant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from frugal.bench import list_methods
+
+    written = []
+    for name, m in list_methods().items():
+        for key, label in m.plots:
+            groups: dict[tuple, list[dict]] = defaultdict(list)
+            for r in rows:
+                if r["method"] == name and r.get(key) is not None:
+                    groups[(r["task"], r.get("variant", name))].append(r)
+            tasks = sorted({t for t, _ in groups})
+            if not tasks:
+                continue
+            fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+            for ax, task in zip(axes[0], tasks):
+                for (t, variant), rs in sorted(groups.items()):
+                    if t != task:
+                        continue
+                    acc, std = _mean_std([r["test_acc"] for r in rs])
+                    ax.errorbar(float(np.mean([r[key] for r in rs])), 100 * acc, yerr=100 * std, fmt="o", capsize=3,
+                                label=variant)
+                ax.set_xscale("log")
+                ax.set_title(f"{task}: {name}")
+                ax.set_xlabel(label)
+                ax.set_ylabel("test accuracy %")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+            fig.tight_layout()
+            written.append(save_figure(fig, out / f"{name}_acc_vs_{key}.png"))
+    return written
+
+
 def _fmt(e: dict, key: str, fmt: str) -> str:
     return fmt.format(e[key]) if key in e and e[key] is not None and not math.isnan(e[key]) else "–"
 
@@ -241,7 +279,7 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     if not rows:
         raise ValueError(f"{res_path} holds no rows yet; the bench has not finished a run")
     agg = aggregate(rows)
-    plots = [p.name for p in plot_tradeoffs(agg, out)]
+    plots = [p.name for p in plot_tradeoffs(agg, out) + method_plots(rows, out)]
     samples = [f"samples/{p.name}" for p in sorted((out / "samples").glob("*.png"))] if (out / "samples").exists() else []
     meta = results.get("meta", {})
     cfg, ver = meta.get("config", {}), meta.get("versions", {})

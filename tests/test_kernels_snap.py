@@ -102,3 +102,5 @@ def test_kernels_bench_method_runs_every_route_and_draws_kernels(tmp_path):
     assert rows["penalty gmm 0.001"]["kernel_bytes"] < plain["kernel_bytes"]
     md = (tmp_path / "report.md").read_text()
     assert "kernels-digits-plain.png" in md and "kernels-digits-snapped.png" in md and "kernels snapped" in md
+    for key in ("conv_free_params", "kernel_bytes"):  # accuracy against the method's own measures
+        assert f"(kernels_acc_vs_{key}.png)" in md and (tmp_path / f"kernels_acc_vs_{key}.png").stat().st_size > 1000
