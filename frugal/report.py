@@ -79,6 +79,19 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _accuracy_axes(ax, title: str, xlabel: str) -> None:
+    """The common dress of an accuracy-against-cost panel: log x, the y axis ending at 100%."""
+    ax.set_xscale("log")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, min(hi, 100.2))  # accuracy ends at 100%
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy %")
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+        ax.legend(fontsize=7)
+
+
 def method_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """Per registered method that declares `plots`: per field, test accuracy (mean ± std over
     seeds) against the field's mean, one panel per task, one marker per variant."""
@@ -106,12 +119,7 @@ def method_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                     acc, std = _mean_std([r["test_acc"] for r in rs])
                     ax.errorbar(float(np.mean([r[key] for r in rs])), 100 * acc, yerr=100 * std, fmt="o", capsize=3,
                                 label=variant)
-                ax.set_xscale("log")
-                ax.set_title(f"{task}: {name}")
-                ax.set_xlabel(label)
-                ax.set_ylabel("test accuracy %")
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=7)
+                _accuracy_axes(ax, f"{task}: {name}", label)
             fig.tight_layout()
             written.append(save_figure(fig, out / f"{name}_acc_vs_{key}.png"))
     return written
@@ -184,15 +192,7 @@ def plot_tradeoffs(agg: list[dict[str, Any]], out: Path) -> list[Path]:
                 for label, acc, size in refs.get(task, []):
                     ax.plot(size, 100 * acc, "k*", markersize=8)
                     ax.annotate(label, (size, 100 * acc), fontsize=6, xytext=(3, 3), textcoords="offset points")
-            ax.set_xscale("log")
-            lo, hi = ax.get_ylim()
-            ax.set_ylim(lo, min(hi, 100.2))  # accuracy ends at 100%
-            ax.set_title(task)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("test accuracy %")
-            ax.grid(alpha=0.3)
-            if ax.has_data():
-                ax.legend(fontsize=7)
+            _accuracy_axes(ax, task, xlabel)
         fig.tight_layout()
         written.append(save_figure(fig, out / fname))
     return written

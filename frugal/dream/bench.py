@@ -73,8 +73,8 @@ def run_dream(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
         row = measure(res.model, data, ctx.device, corrupted=corrupted, data_dir=ctx.data_dir,
                       speed=ctx.budget != "tiny")
         row.update(generalisation(res.model, data, ctx.device, other=other, n=n_eval))
-        row.update(variant=variant, epochs=res.config.epochs, steps=res.steps, train_seconds=res.train_seconds, model=base.model,
-                   run_dir=str(run_dir.relative_to(ctx.out_dir)), epoch_seconds=epoch_seconds,
+        row.update(variant=variant, epochs=res.config.epochs, steps=res.steps, train_seconds=res.train_seconds,
+                   model=base.model, run_dir=str(run_dir.relative_to(ctx.out_dir)), epoch_seconds=epoch_seconds,
                    dreams=info.get("dreams", 0))
         if info.get("dream_seconds"):
             row["dream_seconds"] = info["dream_seconds"]

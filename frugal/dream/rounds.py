@@ -7,8 +7,9 @@ most (`max_drift`: a quantile of the per-image change), and trains a fresh net o
 on A plus dreams 1..r. With `budget="steps"` (the default) every round takes the optimiser steps of
 round 0: an epoch is |A| examples drawn afresh from A and the dreams, so the comparison with
 round 0 is at a fixed budget, not "more data and more steps". With `budget="epochs"` an epoch is a
-pass over all of it, and round r takes (1 + r x mix) times round 0's steps. Each round keeps its run folder and its dreams (`dreams.npz`) under the
-output folder; a killed run resumes: finished rounds and written dreams are reused.
+pass over all of it, and round r takes (1 + r x mix) times round 0's steps. Each round keeps its
+run folder and its dreams (`dreams.npz`) under the output folder; a killed run resumes: finished
+rounds and written dreams are reused.
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ def _kernel_fields(model: torch.nn.Module, result=None) -> dict[str, Any]:
                  fields=(("conv_free_params", "conv free params", "{:,.0f}"),
                          ("kernel_bytes", "kernel bytes", "{:,.0f}"),
                          ("snapped_fraction", "kernels snapped", "{:.1%}")),
-                 plots=(("conv_free_params", "conv free parameters"), ("kernel_bytes", "conv kernel bytes (range-coded)")))
+                 plots=(("conv_free_params", "conv free parameters"),
+                        ("kernel_bytes", "conv kernel bytes (range-coded)")))
 def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     plan = PLANS[task]
     if task == "digits":
