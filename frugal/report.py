@@ -79,6 +79,15 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _variant_groups(rows: list[dict[str, Any]], method: str, keys) -> dict[tuple, list[dict]]:
+    """A method's rows that carry any of `keys`, grouped by (task, variant): one entry per seed."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["method"] == method and any(r.get(k) is not None for k in keys):
+            groups[(r["task"], r.get("variant", method))].append(r)
+    return groups
+
+
 def _accuracy_axes(ax, title: str, xlabel: str) -> None:
     """The common dress of an accuracy-against-cost panel: log x, the y axis ending at 100%."""
     ax.set_xscale("log")
@@ -104,10 +113,7 @@ def method_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     written = []
     for name, m in list_methods().items():
         for key, label in m.plots:
-            groups: dict[tuple, list[dict]] = defaultdict(list)
-            for r in rows:
-                if r["method"] == name and r.get(key) is not None:
-                    groups[(r["task"], r.get("variant", name))].append(r)
+            groups = _variant_groups(rows, name, (key,))
             tasks = sorted({t for t, _ in groups})
             if not tasks:
                 continue
@@ -151,10 +157,7 @@ def method_tables(rows: list[dict[str, Any]]) -> list[tuple[str, tuple[list[str]
 
     out = []
     for name, m in list_methods().items():
-        groups: dict[tuple, list[dict]] = defaultdict(list)
-        for r in rows:
-            if r["method"] == name and any(k in r for k, _, _ in m.fields):
-                groups[(r["task"], r.get("variant", name))].append(r)
+        groups = _variant_groups(rows, name, [k for k, _, _ in m.fields])
         if not groups:
             continue
         header = ["task", "variant", "seeds"] + [h for _, h, _ in m.fields]

@@ -27,8 +27,7 @@ from frugal.bench import BenchContext, baseline_config, register_method, train_a
 from frugal.data import load_task
 from frugal.measure import count_macs, measure
 from frugal.models import create_model
-from frugal.specialists.analysis import (RoutedPredictions, cluster_confusions, draw_cluster_confusions,
-                                         routed_predictions)
+from frugal.specialists.analysis import cluster_confusions, draw_cluster_confusions, routed_predictions
 from frugal.specialists.build import build_tree
 from frugal.specialists.nets import Tapped, probe
 from frugal.specialists.spatial import SpatialSpecialist, choose_features
@@ -84,8 +83,9 @@ def _width_for_macs(name: str, data, target: float) -> tuple[str, dict]:
     return family, {"width": best}
 
 
-def _cluster_figure(pred: RoutedPredictions, data, path: Path) -> None:
-    """Per depth-1 cluster: test inputs routed there, their commonest classes, base vs tree accuracy."""
+def _cluster_figure(confs: dict[int, dict[str, np.ndarray]], data, path: Path) -> None:
+    """Per depth-1 cluster: test inputs routed there, their commonest classes, base vs tree accuracy
+    (all read off the cluster's confusion matrices)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -93,14 +93,14 @@ def _cluster_figure(pred: RoutedPredictions, data, path: Path) -> None:
     from frugal.utils import save_figure
 
     rows = []
-    for c in sorted(set(pred.route.tolist())):
-        sel = pred.route == c
-        top = np.bincount(pred.y[sel], minlength=data.num_classes)
-        top_k = np.argsort(-top, kind="stable")[:3]
-        rows.append(["parent" if c < 0 else str(c), str(int(sel.sum())),
-                     ", ".join(f"{k}:{top[k]}" for k in top_k if top[k] > 0),
-                     f"{100 * (pred.base[sel] == pred.y[sel]).mean():.2f}",
-                     f"{100 * (pred.tree[sel] == pred.y[sel]).mean():.2f}"])
+    for c in sorted(confs):
+        base, tree = confs[c]["base"], confs[c]["tree"]
+        per_class = base.sum(1)
+        n = int(per_class.sum())
+        top_k = np.argsort(-per_class, kind="stable")[:3]
+        rows.append(["parent" if c < 0 else str(c), str(n),
+                     ", ".join(f"{k}:{per_class[k]}" for k in top_k if per_class[k] > 0),
+                     f"{100 * np.trace(base) / n:.2f}", f"{100 * np.trace(tree) / n:.2f}"])
     fig, ax = plt.subplots(figsize=(7, 0.4 + 0.3 * len(rows)))
     ax.axis("off")
     ax.table(cellText=rows, colLabels=["cluster", "test inputs", "top classes (class:count)", "base acc %",
@@ -144,9 +144,9 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
         rows.append({**row, "variant": f"tree d{depth}"})
     if seed == 0:
         pred = routed_predictions(trees[1], base, data.test, data.mean, data.std, ctx.device)
-        _cluster_figure(pred, data, ctx.figures / f"specialists-{task}-clusters.png")
-        draw_cluster_confusions(cluster_confusions(pred, data.num_classes), task, data.num_classes,
-                                ctx.figures / f"specialists-{task}-confusion.png")
+        confs = cluster_confusions(pred, data.num_classes)
+        _cluster_figure(confs, data, ctx.figures / f"specialists-{task}-clusters.png")
+        draw_cluster_confusions(confs, task, data.num_classes, ctx.figures / f"specialists-{task}-confusion.png")
 
     # spatial specialisation on the base's last stage
     parent = Tapped(base)
