@@ -150,3 +150,64 @@ def test_layer_separable_at_full_rank_is_the_original_kernel_and_thin_layers_are
     assert thin.parametrizations.weight.original1.shape == (5, 1, 5)
     m = create_model("constrained", base="lenet5", kind="lsep8")
     assert sum(isinstance(c, nn.Conv2d) for c in m.modules()) == 2 and conv_free_parameters(m) == 3325
+
+
+# group-tied kernels: the reference transforms, written out independently of frugal.kernels.group
+def _rot(a, r):
+    return torch.rot90(a, r, (-2, -1))
+
+
+def _d4(a, g):  # element g: mirror left-right when g >= 4, then rotate g % 4 quarter turns
+    return _rot(a.flip(-1) if g >= 4 else a, g % 4)
+
+
+@pytest.mark.parametrize("kind, order", [("p4", 4), ("p4m", 8)])
+def test_group_kinds_tie_each_orbit_of_channels_and_count_a_share_of_the_free_values(kind, order):
+    torch.manual_seed(0)
+    lift = constrain_conv(nn.Conv2d(2, 2 * order, 3, bias=False), kind, lifting=True)
+    w = lift.weight.detach().reshape(2, order, 2, 3, 3)
+    for g in range(order):  # every kernel of an orbit is its first kernel, transformed
+        assert torch.equal(w[:, g], _d4(w[:, 0], g))
+    assert conv_free_parameters(lift) == 2 * order * 2 * 9 // order
+    conv = constrain_conv(nn.Conv2d(3 * order, 2 * order, 3, bias=False), kind)
+    w = conv.weight.detach().reshape(2, order, 3, order, 3, 3)
+    if kind == "p4":  # for output rotation t, input rotation s reads the free kernel of s - t, turned by t
+        for t in range(4):
+            for s in range(4):
+                assert torch.equal(w[:, t, :, s], _rot(w[:, 0, :, (s - t) % 4], t))
+    assert conv_free_parameters(conv) == 2 * order * 3 * order * 9 // order
+
+
+@pytest.mark.parametrize("kind, order", [("p4", 4), ("p4m", 8)])
+def test_a_group_tied_resnet_is_equivariant_to_rotations_and_mirrors(kind, order):
+    # on 25 x 25 images every stride-2 grid is symmetric, so equivariance is exact through the net
+    torch.manual_seed(0)
+    m = create_model("constrained", base="resnet", kind=kind, image_size=(25, 25)).eval()
+    assert conv_free_parameters(m) * order == conv_free_parameters(create_model("resnet", image_size=(25, 25)))
+    x = torch.randn(3, 1, 25, 25)
+
+    def orbits(img):  # pooled features, (B, features, group elements)
+        return m.layers(m.stem(img)).mean(dim=(2, 3)).reshape(3, -1, order)
+
+    f = orbits(x)
+    for g in range(1, order):
+        fg = orbits(_d4(x, g))
+        # the transformed image gives the same orbits with their elements permuted, and not trivially
+        perm = [next(s for s in range(order) if torch.allclose(fg[:, :, s], f[:, :, t], atol=1e-5))
+                for t in range(order)]
+        assert sorted(perm) == list(range(order))
+        assert not torch.allclose(fg, f, atol=1e-3)
+
+
+def test_group_kinds_keep_a_tied_weight_and_name_widths_that_do_not_divide():
+    torch.manual_seed(0)
+    clean = constrain_conv(nn.Conv2d(8, 8, 3), "p4").weight.detach().clone()
+    conv = nn.Conv2d(8, 8, 3)
+    with torch.no_grad():
+        conv.weight.copy_(clean)
+    torch.testing.assert_close(constrain_conv(conv, "p4").weight.detach(), clean, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="orbits of 4; this conv has 50 output channels"):
+        create_model("constrained", base="lenet5", kind="p4")
+    with pytest.raises(ValueError, match="ties whole channels"):
+        from frugal.kernels import parametrization_for
+        parametrization_for("p4m", 3)

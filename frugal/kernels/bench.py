@@ -29,12 +29,13 @@ from frugal.kernels.snap import FreezeKernels, snap, snapped_kernel_bytes
 from frugal.measure import measure
 from frugal.train import train
 
-# Per task: constrained kinds (those with fewer free values than the plain kernel), penalties
+# Per task: constrained kinds (those with fewer free values than the plain kernel; the group kinds
+# p4 and p4m need conv widths that divide by 4 and 8, which lenet5's 50 channels do not), penalties
 # (kind, weight), snapping thresholds (relative residual energy, rising) and fine-tuning epochs.
 PLANS: dict[str, dict[str, Any]] = {
     "mnist": dict(kinds=("lr", "d4", "radial", "dct6", "rank1", "lsep8"), penalties=(("entropy", 0.01), ("gmm", 1e-3)),
                   thresholds=(0.1, 0.2, 0.35, 0.5), finetune=dict(tiny=1, quick=1, full=2)),
-    "fashion-mnist": dict(kinds=("lr", "lrud", "d4", "dct4", "lsep8"), penalties=(("entropy", 0.01), ("gmm", 1e-3)),
+    "fashion-mnist": dict(kinds=("lr", "lrud", "d4", "dct4", "lsep8", "p4", "p4m"), penalties=(("entropy", 0.01), ("gmm", 1e-3)),
                           thresholds=(0.1, 0.2, 0.35, 0.5), finetune=dict(tiny=1, quick=1, full=2)),
     "digits": dict(kinds=("lr", "d4"), penalties=(("gmm", 1e-3),), thresholds=(0.2, 0.5),
                    finetune=dict(tiny=1, quick=1, full=2)),

@@ -16,6 +16,9 @@ coefficients, and the forward pass is the ordinary `F.conv2d`. Two families:
   h[o, r] (horizontal, 1 x k) outer v[r, i] (vertical, k x 1): the layer is a k x 1 conv to R
   channels then a 1 x k conv, and it runs that way (`LayerSeparableConv2d`), so its cost follows its
   R k (I + O) free values instead of O I k^2.
+- `p4`, `p4m` (group-tied, `frugal.kernels.group`): output channels in orbits of rotations (and
+  mirrors), one free kernel per orbit, as in group-equivariant CNNs. These tie whole channels,
+  so they apply to 1x1 convs too, and the first conv of a net lifts the image to the group.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
+from frugal.kernels.group import GROUPS, GroupKernel
+
 SYMMETRIES = ("lr", "ud", "lrud", "c4", "d4", "radial")
 
 
 def kind_names() -> list[str]:
-    return [*SYMMETRIES, "dct<m> (e.g. dct3)", "rank<r> (e.g. rank1)", "lsep<R> (e.g. lsep8)"]
+    return [*SYMMETRIES, "dct<m> (e.g. dct3)", "rank<r> (e.g. rank1)", "lsep<R> (e.g. lsep8)", *GROUPS]
 
 
 def pixel_classes(k: int, kind: str) -> list[list[int]]:
@@ -187,13 +192,16 @@ def parametrization_for(kind: str, k: int) -> nn.Module:
         return SeparableKernel(r)
     if re.fullmatch(r"lsep(\d+)", kind):
         raise ValueError(f"{kind!r} replaces the whole conv: use constrain_conv / constrain")
+    if kind in GROUPS:
+        raise ValueError(f"{kind!r} ties whole channels: use constrain_conv(..., lifting=) / constrain")
     raise ValueError(f"unknown kernel kind {kind!r}; known: {', '.join(kind_names())}")
 
 
-def constrain_conv(conv: nn.Conv2d, kind: str, rescale: bool = False) -> nn.Conv2d:
+def constrain_conv(conv: nn.Conv2d, kind: str, rescale: bool = False, lifting: bool = False) -> nn.Conv2d:
     """Constrain one conv (in place; `lsep<R>` returns a new `LayerSeparableConv2d` to put in its
     place): its weight becomes the projection of the current weight onto the kind, and from then
-    on a transform of the free coefficients. With `rescale` (for a fresh,
+    on a transform of the free coefficients. For a group kind, `lifting` says the conv reads plain
+    channels (the image) rather than group-structured ones. With `rescale` (for a fresh,
     untrained layer) the projection is scaled back to the original weight's norm, so that the
     initialisation keeps its variance; projecting a random kernel onto a symmetry loses energy."""
     kh, kw = conv.kernel_size
@@ -207,6 +215,10 @@ def constrain_conv(conv: nn.Conv2d, kind: str, rescale: bool = False) -> nn.Conv
             raise ValueError(f"layer-separable rank must be >= 1, got {kind!r}")
         # the unfolded weight (O k) x (I k) has no higher rank: a thin layer (e.g. 1 input channel) gets less
         conv = LayerSeparableConv2d(conv, min(r, conv.in_channels * kh, conv.out_channels * kh))
+    elif kind in GROUPS:
+        if conv.groups != 1:
+            raise ValueError(f"{kind!r} ties the channels of ordinary convs; this one has groups={conv.groups}")
+        parametrize.register_parametrization(conv, "weight", GroupKernel(kind, lifting))
     else:
         parametrize.register_parametrization(conv, "weight", parametrization_for(kind, kh))
     if rescale:
@@ -218,15 +230,20 @@ def constrain_conv(conv: nn.Conv2d, kind: str, rescale: bool = False) -> nn.Conv
     return conv
 
 
-def constrain(model: nn.Module, kind: str, min_size: int = 2, rescale: bool = False) -> nn.Module:
-    """Swap every conv of `model` with kernels of at least `min_size` (1x1 convs have nothing to
-    tie) for the constrained kind, in place. Returns the model."""
+def constrain(model: nn.Module, kind: str, min_size: int | None = None, rescale: bool = False) -> nn.Module:
+    """Swap every conv of `model` with kernels of at least `min_size` for the constrained kind, in
+    place. Returns the model. `min_size` defaults to 2 (a 1x1 kernel has nothing to tie), or 1 for
+    the group kinds, which tie channels; for those the first conv in registration order lifts the
+    image and every other conv must read group-structured channels."""
+    if min_size is None:
+        min_size = 1 if kind in GROUPS else 2
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, nn.Conv2d) and child.kernel_size[0] >= min_size]
     if not targets:
         raise ValueError(f"{type(model).__name__} has no conv with kernels of {min_size}x{min_size} or more")
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     for parent, name, conv in targets:
-        new = constrain_conv(conv, kind, rescale=rescale)
+        new = constrain_conv(conv, kind, rescale=rescale, lifting=conv is first)
         if new is not conv:  # a layer-separable conv is a new module in the old one's place
             setattr(parent, name, new)
     return model
