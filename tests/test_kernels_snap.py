@@ -93,8 +93,13 @@ def test_kernels_bench_method_runs_every_route_and_draws_kernels(tmp_path):
     bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("kernels",), tasks=("digits",), seeds=1,
                       device="cpu"), log=lambda s: None)
     rows = {r["variant"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
-    assert set(rows) == {"plain", "constrained lr", "constrained d4", "penalty gmm 0.001", "snap 0.2", "snap 0.5"}
+    assert set(rows) == {"plain", "plain width 8", "constrained lr", "constrained d4", "constrained p4",
+                         "penalty gmm 0.001", "snap 0.2", "snap 0.5"}
     plain = rows["plain"]
+    # the narrow control has about as few free conv values as p4 (a quarter), and far fewer multiply-adds
+    assert 0.9 < rows["plain width 8"]["conv_free_params"] / rows["constrained p4"]["conv_free_params"] < 1.1
+    assert 4 * rows["constrained p4"]["conv_free_params"] < 1.1 * plain["conv_free_params"]
+    assert rows["plain width 8"]["macs"] < 0.5 * rows["constrained p4"]["macs"] == 0.5 * plain["macs"]
     assert rows["constrained d4"]["conv_free_params"] < rows["constrained lr"]["conv_free_params"] < \
         plain["conv_free_params"]
     assert rows["snap 0.2"]["snapped_fraction"] <= rows["snap 0.5"]["snapped_fraction"]
