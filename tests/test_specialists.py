@@ -16,7 +16,8 @@ CFG = TreeConfig(k=3, depth=1, epochs=1, min_cluster=50, widths=(8, 16))
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("spec") / "base"
-    train(TrainConfig(task="digits", model="convnet", epochs=2, device="cpu", optimizer="adam", lr=3e-3), run,
+    train(TrainConfig(task="digits", model="convnet", epochs=2, device="cpu", optimizer="adam", lr=3e-3,
+                      augment="shift"), run,
           quiet=True, progress=False)
     return run
 
@@ -41,6 +42,17 @@ def test_building_is_deterministic_under_a_seed(base_run, tree1, digits_x, tmp_p
     assert torch.equal(tree.root.centroids, again.root.centroids)
     with torch.no_grad():
         assert torch.equal(tree(x), again(x)) and torch.equal(tree.routes, again.routes)
+
+
+def test_nodes_train_with_their_base_runs_augmentation_unless_told(tree1, base_run, tmp_path):
+    import json
+
+    def augments(out):
+        return {json.loads(f.read_text())["config"]["augment"] for f in (out / "runs").glob("*/config.json")}
+
+    assert augments(tree1[2]) == {"shift"}
+    build_tree(base_run, tmp_path, dataclasses.replace(CFG, augment="none"), backend="serial", log=lambda s: None)
+    assert augments(tmp_path) == {"none"}
 
 
 def test_process_pool_trains_the_same_nodes_as_the_serial_runner(base_run, tree1, tmp_path):

@@ -46,7 +46,8 @@ def train_node(job: dict[str, Any]) -> dict[str, Any]:
         torch.manual_seed(job["seed"])  # the specialist's initial weights
         spec = make_specialist(node.tapped, part, job["widths"], "cpu", job["residual"])
         cfg = TrainConfig(task=job["task"], model=f"specialist:{job['name']}", epochs=job["epochs"], lr=job["lr"],
-                          optimizer="adam", seed=job["seed"], device="cpu", threads=1, data_dir=job.get("data_dir"))
+                          optimizer="adam", seed=job["seed"], device="cpu", threads=1, data_dir=job.get("data_dir"),
+                          augment=job["augment"])
         res = train(cfg, out / "runs" / job["name"], model=spec, data=part, quiet=True, progress=False)
         save_net(spec, out / f"{job['name']}.safetensors")
         return {"name": job["name"], "val_acc": res.val_acc, "train_examples": len(part.train),
@@ -110,6 +111,7 @@ def build_tree(base_run: str | Path, out: str | Path, cfg: TreeConfig = TreeConf
                              "base_spec": base_spec, "ancestors": ancestors, "widths": widths,
                              "train_idx": idx_tr.tolist(), "val_idx": idx_va.tolist(), "epochs": cfg.epochs,
                              "lr": cfg.lr, "seed": node_seed(cfg.seed, name),
+                             "augment": base_cfg.augment if cfg.augment is None else cfg.augment,
                              "residual": cfg.combine == "residual"})
                 placed.append((node, ancestors, c, idx_tr, idx_va))
         t0 = time.perf_counter()

@@ -45,6 +45,7 @@ class TreeConfig:
     shrink: float = 0.5  # width factor per level deeper: less data, fewer new features
     epochs: int = 3  # training epochs per node
     lr: float = 1e-3  # Adam, per batch of 128
+    augment: str | None = None  # the nodes' training augmentation; None: the base run's own
     min_cluster: int = 200  # a cluster with fewer training examples gets no specialist
     routing: str = "hard"  # hard | soft
     temperature: float = 1.0  # soft routing: softmax(-d^2 / (temperature * mean d^2))
