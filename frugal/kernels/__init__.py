@@ -1,10 +1,11 @@
 """Simple kernels: fewer degrees of freedom per kernel, before, during and after training.
 
 `constrained`: conv layers whose kernels are symmetric, separable or in a low-frequency DCT basis
-by construction, or tied in channel orbits of rotations and mirrors (`group`), and the model `constrained` that swaps every conv of a registered model for one
-kind. `penalty`: information penalties during training. `snap`: detect, snap and freeze
-near-simple kernels after training. `pictures`: kernel grids. Importing this package registers the
-model `constrained` and the bench method `kernels`.
+by construction, or tied in channel orbits of rotations and mirrors (`group`), and the model
+`constrained` that swaps every conv of a registered model for one kind. `penalty`: information
+penalties during training. `snap`: detect, snap and freeze near-simple kernels after training.
+`pictures`: kernel grids. Importing this package registers the model `constrained` and the bench
+method `kernels`.
 """
 
 from __future__ import annotations

@@ -38,8 +38,9 @@ from frugal.train import train
 PLANS: dict[str, dict[str, Any]] = {
     "mnist": dict(kinds=("lr", "d4", "radial", "dct6", "rank1", "lsep8"), penalties=(("entropy", 0.01), ("gmm", 1e-3)),
                   thresholds=(0.1, 0.2, 0.35, 0.5), finetune=dict(tiny=1, quick=1, full=2)),
-    "fashion-mnist": dict(kinds=("lr", "lrud", "d4", "dct4", "lsep8", "p4", "p4m"), widths=(8, 11), penalties=(("entropy", 0.01), ("gmm", 1e-3)),
-                          thresholds=(0.1, 0.2, 0.35, 0.5), finetune=dict(tiny=1, quick=1, full=2)),
+    "fashion-mnist": dict(kinds=("lr", "lrud", "d4", "dct4", "lsep8", "p4", "p4m"), widths=(8, 11),
+                          penalties=(("entropy", 0.01), ("gmm", 1e-3)), thresholds=(0.1, 0.2, 0.35, 0.5),
+                          finetune=dict(tiny=1, quick=1, full=2)),
     "digits": dict(kinds=("lr", "d4", "p4"), widths=(8,), penalties=(("gmm", 1e-3),), thresholds=(0.2, 0.5),
                    finetune=dict(tiny=1, quick=1, full=2)),
 }
