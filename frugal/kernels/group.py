@@ -55,9 +55,9 @@ class GroupKernel(nn.Module):
         if group not in GROUPS:
             raise ValueError(f"unknown group {group!r}; known: {', '.join(GROUPS)}")
         self.group, self.order, self.lifting = group, GROUPS[group], lifting
-        inverse, product = _tables(self.order)
+        self.inverse, self.product = _tables(self.order)
         # for output element t, the input elements read in order s = 0..G-1 are t^-1 s
-        self.register_buffer("source", torch.tensor([[product[inverse[t]][s] for s in range(self.order)]
+        self.register_buffer("source", torch.tensor([[self.product[self.inverse[t]][s] for s in range(self.order)]
                                                      for t in range(self.order)]), persistent=False)
 
     def forward(self, free: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,7 @@ class GroupKernel(nn.Module):
         and every transform permutes pixels)."""
         g = self.order
         o, i, k, _ = weight.shape
-        inverse, _ = _tables(g)
+        inverse, product = self.inverse, self.product
         if o % g or (not self.lifting and i % g):
             what = f"{o} output channels" if o % g else f"{i} input channels"
             raise ValueError(f"{self.group} ties channels in orbits of {g}; this conv has {what}: use a model "
@@ -86,6 +86,5 @@ class GroupKernel(nn.Module):
             return torch.stack([transform(w[:, t], inverse[t]) for t in range(g)]).mean(0)
         w = w.reshape(o // g, g, i // g, g, k, k)
         # W[:, t, :, s] = T_t free[:, :, t^-1 s], so free[:, :, u] = T_t^-1 W[:, t, :, t u]
-        _, product = _tables(g)
         back = [transform(w[:, t][:, :, [product[t][u] for u in range(g)]], inverse[t]) for t in range(g)]
         return torch.stack(back).mean(0)
