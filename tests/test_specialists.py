@@ -144,6 +144,8 @@ def test_bad_tree_settings():
         TreeConfig(routing="nearest")
     with pytest.raises(ValueError, match="k >= 2"):
         TreeConfig(k=1)
+    with pytest.raises(ValueError, match="augment must be one of"):
+        TreeConfig(augment="rotate")
 
 
 def _record_start(job):

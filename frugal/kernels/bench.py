@@ -80,18 +80,17 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
 
     rows.append({**train_and_measure(ctx, base, plain_dir, extra=plain_extra), "variant": "plain"})
 
-    for width in plan.get("widths", ()):
-        cfg = dataclasses.replace(base, model_kw={**base.model_kw, "width": width})
-        row = train_and_measure(ctx, cfg, ctx.run_dir("kernels", task, seed, f"plain-width{width}"),
+    # (variant, run folder, config): the narrow plain controls, then each constrained kind
+    trained = [(f"plain width {w}", f"plain-width{w}",
+                dataclasses.replace(base, model_kw={**base.model_kw, "width": w})) for w in plan.get("widths", ())]
+    trained += [(f"constrained {kind}", f"constrained-{kind}",
+                 dataclasses.replace(base, model="constrained", model_kw={"base": base.model, "kind": kind,
+                                                                          **base.model_kw}))
+                for kind in plan["kinds"]]
+    for variant, name, cfg in trained:
+        row = train_and_measure(ctx, cfg, ctx.run_dir("kernels", task, seed, name),
                                 extra=lambda m, d: _kernel_fields(m))
-        rows.append({**row, "variant": f"plain width {width}"})
-
-    for kind in plan["kinds"]:
-        cfg = dataclasses.replace(base, model="constrained", model_kw={"base": base.model, "kind": kind,
-                                                                        **base.model_kw})
-        row = train_and_measure(ctx, cfg, ctx.run_dir("kernels", task, seed, f"constrained-{kind}"),
-                                extra=lambda m, d: _kernel_fields(m))
-        rows.append({**row, "variant": f"constrained {kind}"})
+        rows.append({**row, "variant": variant})
 
     for kind, weight in plan["penalties"]:
         hook = KernelPenalty(PenaltyConfig(kind=kind, weight=weight))

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from frugal.data import Split, TaskData
 from frugal.specialists.nets import Specialist, Tapped, probe, twin_taps
-from frugal.train import normalize
+from frugal.train import AUGMENTS, normalize
 from frugal.utils import atomic_write_json
 
 ROUTINGS = ("hard", "soft")
@@ -60,6 +60,8 @@ class TreeConfig:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.combine not in COMBINES:
             raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
+        if self.augment is not None and self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS} or None (the base run's), got {self.augment!r}")
 
     def widths_at(self, level: int) -> tuple[int, ...]:
         return tuple(max(4, round(w * self.shrink ** (level - 1))) for w in self.widths)
