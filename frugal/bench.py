@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
+import fnmatch
 import json
 import os
 import socket
@@ -45,6 +46,12 @@ class BenchContext:
     corrupted: bool = False  # also measure accuracy on the corrupted test suites
     process_id: str = ""  # rows measured in the same process share it: their times are comparable
     quiet: bool = True  # no per-epoch lines on stderr
+    variants: tuple[str, ...] = ()  # glob patterns on variant labels; empty: every variant of the plan
+
+    def wants(self, variant: str) -> bool:
+        """Whether the bench was asked for this variant (a method that registers `selectable=True`
+        asks before it trains one)."""
+        return not self.variants or any(fnmatch.fnmatchcase(variant, p) for p in self.variants)
 
     @property
     def figures(self) -> Path:
@@ -66,24 +73,26 @@ class Method:
     fields: tuple[tuple[str, str, str], ...] = ()  # the method's own row fields: (key, header, format)
     references: dict[str, list[tuple[str, float, float]]] | None = None  # task -> published (label, acc, bytes)
     plots: tuple[tuple[str, str], ...] = ()  # own fields to plot accuracy against: (key, axis label)
+    selectable: bool = False  # honours --variants: trains only the variants `ctx.wants`
 
 
 _METHODS: dict[str, Method] = {}
 def register_method(name: str, *, tasks: tuple[str, ...], default_tasks: tuple[str, ...] | None = None,
                     description: str = "", fields: tuple[tuple[str, str, str], ...] = (),
                     references: dict[str, list[tuple[str, float, float]]] | None = None,
-                    plots: tuple[tuple[str, str], ...] = ()) -> Callable:
+                    plots: tuple[tuple[str, str], ...] = (), selectable: bool = False) -> Callable:
     """`fields` names the numeric fields a method adds to its rows, as (key, table header, format),
     e.g. ("attended_fraction", "blocks attended", "{:.1%}"); the report tabulates their means.
     `references` are published points per task, (label, accuracy, bytes), drawn on the
     accuracy-vs-bytes plot. A row with `file_bytes` (a real compressed file) is plotted at that size.
     `plots` names own fields, as (key, axis label), to plot test accuracy against, per task (log x),
-    e.g. ("conv_free_params", "conv free parameters")."""
+    e.g. ("conv_free_params", "conv free parameters"). `selectable` says the method asks
+    `ctx.wants(variant)` before it trains a variant, so that `--variants` can pick a part of its plan."""
     def deco(fn: Callable[[BenchContext, str, int], list[dict[str, Any]]]):
         if name in _METHODS:
             raise ValueError(f"bench method {name!r} is registered twice")
         _METHODS[name] = Method(name, fn, tuple(tasks), tuple(default_tasks or tasks), description, tuple(fields),
-                                references, tuple(plots))
+                                references, tuple(plots), selectable)
         return fn
     return deco
 
@@ -176,10 +185,13 @@ class BenchConfig:
     corrupted: bool = False  # measure accuracy on the corrupted suites (mnist, fashion-mnist)
     threads: int | None = None  # torch intra-op threads; None = torch's default
     verbose: bool = False  # per-epoch lines on stderr
+    variants: tuple[str, ...] = ()  # glob patterns on variant labels, e.g. ("plain", "snap *"); empty: all
 
 
 def _key(row: dict[str, Any]) -> tuple:
-    return (row["method"], row["task"], row["seed"])
+    """A (method, task, seed) run is done for a selection of variants if it was run with that
+    selection or with the whole plan ("")."""
+    return (row["method"], row["task"], row["seed"], row.get("selection", ""))
 
 
 @contextlib.contextmanager
@@ -226,10 +238,14 @@ def _read_results(path: Path) -> dict[str, Any]:
 
 
 def _append_rows(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """Re-read results.json under the lock, add the new rows, write it back atomically."""
+    """Re-read results.json under the lock, add the new rows, write it back atomically. A new row
+    replaces an older one of the same method, task, seed and variant (a selection run measured
+    before the whole plan, say)."""
+    new = {(r["method"], r["task"], r["seed"], r["variant"]) for r in rows}
     with _locked(path):
         res = _read_results(path)
-        res["rows"] += rows
+        res["rows"] = [r for r in res["rows"]
+                       if (r["method"], r["task"], r["seed"], r.get("variant", r["method"])) not in new] + rows
         res["meta"] = {**meta, "updated": dt.datetime.now().isoformat(timespec="seconds")}
         atomic_write_json(path, res)
 
@@ -245,6 +261,13 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     methods = [get_method(m) for m in cfg.methods]
+    if cfg.variants:
+        fixed = [m.name for m in methods if not m.selectable]
+        if fixed:
+            can = [m.name for m in list_methods().values() if m.selectable]
+            raise ValueError(f"--variants picks variants out of a method's plan, but {', '.join(fixed)} trains its "
+                             f"plan as a whole; leave out --variants, or use it with: {', '.join(can) or 'none'}")
+    selection = ",".join(cfg.variants)
     plan: list[tuple[Method, str, int]] = []
     for m in methods:
         tasks = cfg.tasks or m.default_tasks
@@ -261,7 +284,7 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     ctx = BenchContext(out, cfg.budget, resolve_device(cfg.device), cfg.data_dir, cfg.corrupted,
-                       process_id=uuid.uuid4().hex[:12], quiet=not cfg.verbose)
+                       process_id=uuid.uuid4().hex[:12], quiet=not cfg.verbose, variants=tuple(cfg.variants))
     meta = {"config": dataclasses.asdict(cfg), "versions": versions(), "argv": sys.argv,
             "device": str(ctx.device)}
     with _locked(results_path):
@@ -275,11 +298,12 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
         claim = out / "runs" / m.name / task / f".seed{seed}.claim"
         with _locked(results_path):
             done = {_key(r) for r in _read_results(results_path)["rows"]}
+            is_done = (m.name, task, seed, "") in done or (m.name, task, seed, selection) in done
             holder = _claim_holder(claim)
-            if (m.name, task, seed) not in done and holder is None:
+            if not is_done and holder is None:
                 claim.parent.mkdir(parents=True, exist_ok=True)
                 claim.write_text(f"{socket.gethostname()} {os.getpid()}\n")
-        if (m.name, task, seed) in done:
+        if is_done:
             log(f"[{i + 1}/{len(plan)}] {m.name} {task} seed {seed}: done before, kept")
             continue
         if holder is not None:
@@ -291,8 +315,10 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
             rows = m.run(ctx, task, seed)
         finally:
             claim.unlink(missing_ok=True)
+        if not rows:
+            log(f"    no variant of {m.name} matches --variants {' '.join(cfg.variants)}")
         for r in rows:
-            r.update(method=m.name, task=task, seed=seed, process_id=ctx.process_id)
+            r.update(method=m.name, task=task, seed=seed, process_id=ctx.process_id, selection=selection)
             r.setdefault("variant", m.name)
         _append_rows(results_path, meta, rows)
         secs = time.perf_counter() - t0

@@ -105,7 +105,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     seeds = a.seeds if a.seeds is not None else (1 if budget != "full" else 3)
     cfg = BenchConfig(out=a.out, budget=budget, methods=tuple(a.methods), tasks=tuple(a.tasks or ()),
                       seeds=seeds, device=a.device, data_dir=a.data_dir, corrupted=a.corrupted,
-                      threads=a.threads, verbose=a.verbose)
+                      threads=a.threads, verbose=a.verbose, variants=tuple(a.variants or ()))
     path = bench(cfg, log=lambda s: print(s, flush=True))
     print(f"results: {path}\nreport:  {path.parent / 'report.md'} and {path.parent / 'report.html'}")
     return 0
@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--corrupted", action="store_true", help="also accuracy on the corrupted test suites")
     b.add_argument("--threads", type=int)
     b.add_argument("--verbose", action="store_true", help="per-epoch lines")
+    b.add_argument("--variants", nargs="+", metavar="PATTERN",
+                   help="only the variants whose label matches one of these glob patterns, e.g. 'plain' 'snap *' "
+                        "(methods whose plan can be split: kernels)")
 
     r = sub.add_parser("report", help="rebuild report.md and report.html from DIR/results.json")
     r.add_argument("dir")

@@ -80,6 +80,12 @@ def test_registered_method_runs_through_the_bench(tmp_path):
     assert "| digits | constant-test-method | v | 2 | 55.00 ± 7.07 |" in md
 
 
+def test_variants_are_refused_for_a_method_that_trains_its_plan_as_a_whole(tmp_path):
+    with pytest.raises(ValueError, match=r"baseline trains its plan as a whole.*use it with: .*kernels"):
+        bench(BenchConfig(out=str(tmp_path), budget="tiny", tasks=("digits",), variants=("x*",)), log=lambda s: None)
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_unknown_method_and_task_are_named():
     with pytest.raises(ValueError, match=r"unknown bench method 'nope'; known: .*baseline"):
         get_method("nope")

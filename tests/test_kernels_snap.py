@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -90,9 +92,21 @@ def test_kernels_bench_method_runs_every_route_and_draws_kernels(tmp_path):
 
     from frugal.bench import BenchConfig, bench
 
-    bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("kernels",), tasks=("digits",), seeds=1,
-                      device="cpu"), log=lambda s: None)
-    rows = {r["variant"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    cfg = BenchConfig(out=str(tmp_path), budget="tiny", methods=("kernels",), tasks=("digits",), seeds=1, device="cpu")
+    # a part of the plan first: one constrained kind and the last snapping round (which needs the plain
+    # net and the round before it, but gives no rows for them)
+    bench(dataclasses.replace(cfg, variants=("constrained d4", "snap 0.[5-9]")), log=lambda s: None)
+    part = {r["variant"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert set(part) == {"constrained d4", "snap 0.5"}
+    runs = tmp_path / "runs" / "kernels" / "digits"
+    assert (runs / "plain-seed0").is_dir() and (runs / "snap-0.2-seed0").is_dir()
+    assert not (runs / "constrained-lr-seed0").exists()
+
+    bench(cfg, log=lambda s: None)  # the whole plan: the part's runs are reloaded, its rows replaced
+    all_rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    rows = {r["variant"]: r for r in all_rows}
+    assert len(all_rows) == len(rows)
+    assert rows["constrained d4"]["test_acc"] == part["constrained d4"]["test_acc"]
     assert set(rows) == {"plain", "plain width 8", "constrained lr", "constrained d4", "constrained p4",
                          "penalty gmm 0.001", "snap 0.2", "snap 0.5"}
     plain = rows["plain"]

@@ -61,7 +61,8 @@ def _kernel_fields(model: torch.nn.Module, result=None) -> dict[str, Any]:
                          ("kernel_bytes", "kernel bytes", "{:,.0f}"),
                          ("snapped_fraction", "kernels snapped", "{:.1%}")),
                  plots=(("conv_free_params", "conv free parameters"),
-                        ("kernel_bytes", "conv kernel bytes (range-coded)")))
+                        ("kernel_bytes", "conv kernel bytes (range-coded)")),
+                 selectable=True)
 def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     plan = PLANS[task]
     if task == "digits":
@@ -78,7 +79,11 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
         holder["model"] = m
         return _kernel_fields(m)
 
-    rows.append({**train_and_measure(ctx, base, plain_dir, extra=plain_extra), "variant": "plain"})
+    snaps = [t for t in plan["thresholds"] if ctx.wants(f"snap {t:g}")]
+    if ctx.wants("plain") or snaps:  # snapping starts from the plain net
+        row = train_and_measure(ctx, base, plain_dir, extra=plain_extra)
+        if ctx.wants("plain"):
+            rows.append({**row, "variant": "plain"})
 
     # (variant, run folder, config): the narrow plain controls, then each constrained kind
     trained = [(f"plain width {w}", f"plain-width{w}",
@@ -88,11 +93,15 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
                                                                           **base.model_kw}))
                 for kind in plan["kinds"]]
     for variant, name, cfg in trained:
+        if not ctx.wants(variant):
+            continue
         row = train_and_measure(ctx, cfg, ctx.run_dir("kernels", task, seed, name),
                                 extra=lambda m, d: _kernel_fields(m))
         rows.append({**row, "variant": variant})
 
     for kind, weight in plan["penalties"]:
+        if not ctx.wants(f"penalty {kind} {weight:g}"):
+            continue
         hook = KernelPenalty(PenaltyConfig(kind=kind, weight=weight))
         run_dir = ctx.run_dir("kernels", task, seed, f"penalty-{kind}-{weight:g}")
 
@@ -108,7 +117,10 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
         row = train_and_measure(ctx, base, run_dir, extra=penalty_extra, hooks=[hook])
         rows.append({**row, "variant": f"penalty {kind} {weight:g}"})
 
-    # post-hoc snapping, in rounds, from the plain net
+    # post-hoc snapping, in rounds, from the plain net (each round builds on the one before, so a
+    # selected threshold also runs the lower ones, without rows)
+    if not snaps:
+        return rows
     data = load_task(task, data_dir=ctx.data_dir, val_size=base.val_size)
     model = holder["model"]
     if seed == 0:
@@ -116,6 +128,8 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
     result = None
     epochs = plan["finetune"][ctx.budget]
     for t in plan["thresholds"]:
+        if t > max(snaps):
+            break
         result = snap(model, t, earlier=result)
         before = measure(model, data, ctx.device, data_dir=ctx.data_dir, speed=False)["test_acc"]
         cfg = dataclasses.replace(base, epochs=epochs, lr=base.lr / 10, warmup_epochs=0.0)
@@ -127,8 +141,9 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
         row.update(_kernel_fields(model, result), acc_before_finetune=before, threshold=t, epochs=epochs,
                    model=base.model, run_dir=str(run_dir.relative_to(ctx.out_dir)), train_seconds=res.train_seconds,
                    snapped_counts=dict(result.counts))
-        rows.append({**row, "variant": f"snap {t:g}"})
+        if t in snaps:
+            rows.append({**row, "variant": f"snap {t:g}"})
     if seed == 0 and result is not None:
         draw_kernels(model, ctx.figures / f"kernels-{task}-snapped.png", result,
-                     title=f"{task}: after snapping rounds up to {plan['thresholds'][-1]:g}, first conv")
+                     title=f"{task}: after snapping rounds up to {max(snaps):g}, first conv")
     return rows
