@@ -8,7 +8,8 @@ Variants per task:
   width-16 net's, as many as p4; width 11 has 47%, as dct4 has 46%) but also fewer multiply-adds.
 - `constrained <kind>`: every conv of 2x2 or more constrained from the start (`constrained` model).
 - `penalty <kind> <weight>`: the plain model trained with a kernel information penalty; `gmm`
-  kernels are then set to their mixture component's mean.
+  kernels are then set to their mixture component's mean and fine-tuned with the values of each
+  component tied (the row keeps the accuracy before and right after the sharing).
 - `snap <threshold>`: post-hoc, from the plain run: rounds of snapping at rising thresholds, each
   followed by fine-tuning with the snapped kernels frozen; one row after each round.
 
@@ -26,11 +27,11 @@ import torch
 from frugal.bench import BenchContext, baseline_config, register_method, train_and_measure
 from frugal.data import load_task
 from frugal.kernels.constrained import conv_free_parameters
-from frugal.kernels.penalty import KernelPenalty, PenaltyConfig, kernel_bytes
+from frugal.kernels.penalty import KernelPenalty, PenaltyConfig, SharedValues, kernel_bytes
 from frugal.kernels.pictures import draw_kernels
 from frugal.kernels.snap import FreezeKernels, snap, snapped_kernel_bytes
 from frugal.measure import measure
-from frugal.train import train
+from frugal.train import CHECKPOINT, train
 
 # Per task: constrained kinds (those with fewer free values than the plain kernel; the group kinds
 # p4 and p4m need conv widths that divide by 4 and 8, which lenet5's 50 channels do not), penalties
@@ -99,20 +100,28 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
                                 extra=lambda m, d: _kernel_fields(m))
         rows.append({**row, "variant": variant})
 
+    epochs = plan["finetune"][ctx.budget]  # fine-tuning after weight sharing and after each snapping round
+    finetune_cfg = dataclasses.replace(base, epochs=epochs, lr=base.lr / 10, warmup_epochs=0.0)
     for kind, weight in plan["penalties"]:
         if not ctx.wants(f"penalty {kind} {weight:g}"):
             continue
         hook = KernelPenalty(PenaltyConfig(kind=kind, weight=weight))
         run_dir = ctx.run_dir("kernels", task, seed, f"penalty-{kind}-{weight:g}")
 
-        def penalty_extra(m, d, hook=hook):
+        def penalty_extra(m, d, hook=hook, run_dir=run_dir):
             if hook.cfg.kind != "gmm":
                 return _kernel_fields(m)
-            # soft weight sharing ends by setting each value to its component's mean: measure that net
+            # soft weight sharing ends by setting each value to its component's mean, then fine-tunes
+            # with the values of each component tied (as the snapping rounds do): measure that net
             before = measure(m, d, ctx.device, speed=False)["test_acc"]
-            hook.quantize_to_mixture(m)
-            shared = measure(m, d, ctx.device, data_dir=ctx.data_dir, speed=ctx.budget != "tiny")
-            return {**shared, "acc_before_sharing": before, **_kernel_fields(m)}
+            components = hook.quantize_to_mixture(m)
+            after = measure(m, d, ctx.device, speed=False)["test_acc"]
+            tune_dir = run_dir.with_name(run_dir.name.replace("-seed", "-tuned-seed"))
+            res = train(finetune_cfg, tune_dir, resume=(tune_dir / CHECKPOINT).exists(), model=m, data=d,
+                        hooks=[SharedValues(components)], quiet=ctx.quiet, progress=False)
+            tuned = measure(res.model, d, ctx.device, data_dir=ctx.data_dir, speed=ctx.budget != "tiny")
+            return {**tuned, "acc_before_sharing": before, "acc_after_sharing": after,
+                    "tune_seconds": res.train_seconds, **_kernel_fields(res.model)}
 
         row = train_and_measure(ctx, base, run_dir, extra=penalty_extra, hooks=[hook])
         rows.append({**row, "variant": f"penalty {kind} {weight:g}"})
@@ -126,15 +135,13 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
     if seed == 0:
         draw_kernels(model, ctx.figures / f"kernels-{task}-plain.png", title=f"{task}: plain, first conv")
     result = None
-    epochs = plan["finetune"][ctx.budget]
     for t in plan["thresholds"]:
         if t > max(snaps):
             break
         result = snap(model, t, earlier=result)
         before = measure(model, data, ctx.device, data_dir=ctx.data_dir, speed=False)["test_acc"]
-        cfg = dataclasses.replace(base, epochs=epochs, lr=base.lr / 10, warmup_epochs=0.0)
         run_dir = ctx.run_dir("kernels", task, seed, f"snap-{t:g}")
-        res = train(cfg, run_dir, resume=(run_dir / "checkpoint.pt").exists(), model=model, data=data,
+        res = train(finetune_cfg, run_dir, resume=(run_dir / CHECKPOINT).exists(), model=model, data=data,
                     hooks=[FreezeKernels(model, result)], quiet=ctx.quiet, progress=False)
         model = res.model
         row = measure(model, data, ctx.device, data_dir=ctx.data_dir, speed=ctx.budget != "tiny")

@@ -6,7 +6,8 @@ towards few distinct values, added to the training loss by a hook.
 - `gmm`: soft weight sharing (Ullrich, Meeds & Welling 2017): the negative log-likelihood of the
   values under a learned mixture of Gaussians with one component pinned at 0; the mixture's means,
   widths and weights learn with the net. After training each value can be set to its component's
-  mean (`quantize_to_mixture`), leaving as many distinct values as components.
+  mean (`quantize_to_mixture`), leaving as many distinct values as components, and the net
+  fine-tuned with the values of each component moving together (`SharedValues`).
 
 `distinct_values` and `kernel_bytes` measure the result: count of distinct values and the
 length of the range-coded file of the conv kernels.
@@ -22,9 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from frugal.compress.loop import tied
 from frugal.train import Hook, TrainState
 
 KINDS = ("entropy", "gmm")
+SHARE_BY = ("nearest", "responsibility")
 
 
 def conv_kernels(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
@@ -65,12 +68,24 @@ class GaussianMixturePrior(nn.Module):
         return -torch.logsumexp(ll, dim=1).mean()
 
     @torch.no_grad()
-    def nearest_mean(self, x: torch.Tensor) -> torch.Tensor:
-        """Each value replaced by the mean of its most responsible component."""
-        mu, var = self.all_means(), self.log_var.exp()
-        log_pi = F.log_softmax(self.logits, 0)
-        ll = log_pi - 0.5 * self.log_var - 0.5 * (x.reshape(-1, 1) - mu) ** 2 / var
-        return mu[ll.argmax(1)].reshape(x.shape)
+    def assign(self, x: torch.Tensor, by: str = "nearest") -> torch.Tensor:
+        """Each value's component (0 is the one pinned at 0), shaped as x: the one with the nearest
+        mean, or the most responsible one. The mixture tends to grow one broad component that
+        catches every value no narrow one holds; by responsibility all those values get its single
+        mean (on lenet5 that took 45% of the first conv's values to one value, and 99.45% test
+        accuracy to 84.5%), by nearest mean each keeps the closest shared value."""
+        if by not in SHARE_BY:
+            raise ValueError(f"assign by must be one of {SHARE_BY}, got {by!r}")
+        mu, flat = self.all_means(), x.reshape(-1, 1)  # (K,), (n, 1)
+        if by == "nearest":
+            return (flat - mu).abs().argmin(1).reshape(x.shape)
+        ll = F.log_softmax(self.logits, 0) - 0.5 * self.log_var - 0.5 * (flat - mu) ** 2 / self.log_var.exp()
+        return ll.argmax(1).reshape(x.shape)  # (n, K) -> x's shape
+
+    @torch.no_grad()
+    def nearest_mean(self, x: torch.Tensor, by: str = "nearest") -> torch.Tensor:
+        """Each value replaced by the mean of its component (see `assign`)."""
+        return self.all_means()[self.assign(x, by)]
 
 
 @dataclass(frozen=True)
@@ -81,12 +96,15 @@ class PenaltyConfig:
     sigma: float = 1.0  # entropy: Gaussian spread of a value, in bins
     components: int = 16  # gmm: mixture components (0 included)
     prior_lr: float = 5e-3  # gmm: Adam learning rate of the mixture's parameters
+    share_by: str = "nearest"  # gmm: a value's shared value is its nearest mean, or its most responsible component's
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"penalty kind must be one of {KINDS}, got {self.kind!r}")
         if self.weight < 0:
             raise ValueError(f"penalty weight must be >= 0, got {self.weight}")
+        if self.share_by not in SHARE_BY:
+            raise ValueError(f"share_by must be one of {SHARE_BY}, got {self.share_by!r}")
 
 
 class KernelPenalty(Hook):
@@ -145,14 +163,53 @@ class KernelPenalty(Hook):
         self._saved = d
 
     @torch.no_grad()
-    def quantize_to_mixture(self, model: nn.Module) -> None:
+    def quantize_to_mixture(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """gmm: set every kernel value to its component's mean (few distinct values per layer).
-        For plain convs (a constrained conv's weight is computed, not stored)."""
+        For plain convs (a constrained conv's weight is computed, not stored). Returns each value's
+        component per layer, -1 for the component pinned at 0, as `SharedValues` takes them."""
         if self.cfg.kind != "gmm":
             raise ValueError("quantize_to_mixture needs the gmm penalty")
         self._ensure_priors(model)
+        components = {}
         for name, conv in conv_kernels(model):
-            conv.weight.copy_(self.priors[name].nearest_mean(conv.weight))
+            k = self.priors[name].assign(conv.weight, self.cfg.share_by)
+            conv.weight.copy_(self.priors[name].all_means()[k])
+            components[name] = k - 1  # the zero component becomes -1: held at exactly 0
+        return components
+
+
+class SharedValues(Hook):
+    """Fine-tuning after weight sharing: the values of each conv kernel that share a component move
+    together (their gradients averaged, then each value set to its component's mean after the step,
+    so that momentum or weight decay cannot pull them apart); values of component -1 stay at 0.
+    `components` maps conv names to a component index per value (`quantize_to_mixture`)."""
+
+    def __init__(self, components: dict[str, torch.Tensor]):
+        self.components = {k: v.detach().clone() for k, v in components.items()}
+
+    def _weights(self, state: TrainState) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        convs = dict(conv_kernels(state.model))
+        missing = set(self.components) - set(convs)
+        if missing:
+            raise ValueError(f"SharedValues was built for convs {sorted(missing)}, which this model does not have")
+        return [(convs[n].weight, c.to(convs[n].weight.device)) for n, c in self.components.items()]
+
+    @torch.no_grad()
+    def after_backward(self, state: TrainState) -> None:
+        for w, comp in self._weights(state):
+            if w.grad is not None:
+                w.grad.copy_(tied(w.grad, comp))
+
+    @torch.no_grad()
+    def after_step(self, state: TrainState) -> None:
+        for w, comp in self._weights(state):
+            w.copy_(tied(w, comp))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"components": self.components}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.components = d["components"]
 
 
 def distinct_values(model: nn.Module) -> int:
