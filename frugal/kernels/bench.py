@@ -60,7 +60,8 @@ def _kernel_fields(model: torch.nn.Module, result=None) -> dict[str, Any]:
                  description="constrained, penalised and snapped kernels against the plain net",
                  fields=(("conv_free_params", "conv free params", "{:,.0f}"),
                          ("kernel_bytes", "kernel bytes", "{:,.0f}"),
-                         ("snapped_fraction", "kernels snapped", "{:.1%}")),
+                         ("snapped_fraction", "kernels snapped", "{:.1%}"),
+                         ("acc_after_sharing", "acc right after weight sharing", "{:.2%}")),
                  plots=(("conv_free_params", "conv free parameters"),
                         ("kernel_bytes", "conv kernel bytes (range-coded)")),
                  selectable=True)
