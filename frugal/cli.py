@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verbose", action="store_true", help="per-epoch lines")
     b.add_argument("--variants", nargs="+", metavar="PATTERN",
                    help="only the variants whose label matches one of these glob patterns, e.g. 'plain' 'snap *' "
-                        "(methods whose plan can be split: kernels)")
+                        "(methods whose plan can be split: kernels, specialists)")
 
     r = sub.add_parser("report", help="rebuild report.md and report.html from DIR/results.json")
     r.add_argument("dir")

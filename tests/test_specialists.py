@@ -65,6 +65,38 @@ def test_process_pool_trains_the_same_nodes_as_the_serial_runner(base_run, tree1
     assert not same_nodes(serial_dir, tmp_path / "seed1")  # the comparison can fail
 
 
+def test_a_finished_build_is_loaded_not_built_again(base_run, tree1, digits_x):
+    tree, record, out = tree1
+    stamps = {f.name: f.stat().st_mtime_ns for f in out.glob("*.safetensors")}
+    again, again_record = build_tree(base_run, out, CFG, backend="serial", log=lambda s: None)
+    assert again_record["levels"] == record["levels"]  # the original times, not a rebuild's
+    assert {f.name: f.stat().st_mtime_ns for f in out.glob("*.safetensors")} == stamps
+    x, _ = digits_x
+    with torch.no_grad():
+        assert torch.equal(again(x), tree(x))
+    # another config is not built over it
+    with pytest.raises(ValueError, match=r"built differently.*'epochs': '1 -> 2'"):
+        build_tree(base_run, out, dataclasses.replace(CFG, epochs=2), backend="serial", log=lambda s: None)
+    assert {f.name: f.stat().st_mtime_ns for f in out.glob("*.safetensors")} == stamps
+
+
+def test_a_stopped_build_resumes_its_nodes_and_ends_with_the_same_tree(base_run, tree1, tmp_path):
+    import shutil
+
+    from frugal.specialists.build import BUILD_FILE
+    from frugal.specialists.tree import TREE_FILE
+
+    _, record, out = tree1
+    stopped = tmp_path / "stopped"
+    shutil.copytree(out, stopped)
+    names = sorted(n for n in record["nodes"] if n != "root")
+    for f in (BUILD_FILE, TREE_FILE, f"{names[0]}.safetensors"):
+        (stopped / f).unlink()
+    _, resumed = build_tree(base_run, stopped, CFG, backend="serial", log=lambda s: None)
+    assert resumed["levels"][0]["resumed"] and not record["levels"][0]["resumed"]
+    assert same_nodes(out, stopped)
+
+
 def test_a_saved_tree_loads_and_predicts_identically(tree1, digits_x):
     tree, _, out = tree1
     x, _ = digits_x
@@ -210,9 +242,24 @@ def test_specialists_bench_method_runs_the_tree_and_every_control(tmp_path):
 
     from frugal.bench import BenchConfig, bench
 
-    bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("specialists",), tasks=("digits",), seeds=1,
-                      device="cpu"), log=lambda s: None)
-    rows = {r["variant"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    def results():
+        return {r["variant"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+
+    # a part of the plan first: the base and the depth-1 tree
+    cfg = BenchConfig(out=str(tmp_path), budget="tiny", methods=("specialists",), tasks=("digits",), seeds=1,
+                      device="cpu")
+    bench(dataclasses.replace(cfg, variants=("base", "tree d1")), log=lambda s: None)
+    part = results()
+    assert set(part) == {"base", "tree d1"}
+    tree_dir = tmp_path / part["tree d1"]["run_dir"]
+    stamps = {f.name: f.stat().st_mtime_ns for f in tree_dir.glob("*.safetensors")}
+    assert not (tmp_path / "runs" / "specialists" / "digits" / "spatial-seed0").exists()
+    # then the whole plan: the tree is reloaded (same files, same figures), the rest trained
+    bench(cfg, log=lambda s: None)
+    rows = results()
+    assert {f.name: f.stat().st_mtime_ns for f in tree_dir.glob("*.safetensors")} == stamps
+    assert rows["tree d1"]["test_acc"] == part["tree d1"]["test_acc"]
+    assert rows["tree d1"]["train_seconds_parallel"] == part["tree d1"]["train_seconds_parallel"]
     assert {"base", "tree d1", "tree d2", "spatial", "autoencoder (probe)", "unsupervised tree"} <= set(rows)
     control = next(v for v in rows if v.startswith("equal-MACs CNN"))
     ensemble = next(v for v in rows if v.startswith("ensemble of"))

@@ -114,20 +114,28 @@ def _cluster_figure(confs: dict[int, dict[str, np.ndarray]], data, path: Path) -
                  description="feature-cluster trees and spatial specialists vs base, equal-MACs CNN and ensemble",
                  fields=(("train_seconds_serial", "tree train s (serial)", "{:,.0f}"),
                          ("train_seconds_parallel", "tree train s (2 workers)", "{:,.0f}"),
-                         ("computed_fraction", "blocks computed", "{:.1%}")))
+                         ("computed_fraction", "blocks computed", "{:.1%}")),
+                 selectable=True)
 def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     base_cfg = _base_config(ctx, task, seed)
     data = load_task(task, data_dir=ctx.data_dir, val_size=base_cfg.val_size)
     tcfg = dict(TREES[ctx.budget])
     backend = "serial" if ctx.budget == "tiny" else "process"  # tiny (tests): no worker start-up
+    speed = ctx.budget != "tiny"
     rows = []
     base_dir = ctx.run_dir("specialists", task, seed, "base")
-    rows.append({**train_and_measure(ctx, base_cfg, base_dir), "variant": "base"})
+    base_row = {**train_and_measure(ctx, base_cfg, base_dir), "variant": "base"}  # every variant builds on it
+    if ctx.wants("base"):
+        rows.append(base_row)
     base = load_run(base_dir, device=ctx.device)[0].eval()
-    speed = ctx.budget != "tiny"
+    # the controls are sized by the depth-1 tree (its MACs and parameters), so they need it built
+    want_wide, want_ensemble = _wants_control(ctx, "equal-MACs CNN"), _wants_control(ctx, "ensemble")
+    controls = want_wide or want_ensemble
 
-    trees = {}
+    trees, tree_rows = {}, {}
     for depth in (1, 2):
+        if not (ctx.wants(f"tree d{depth}") or (depth == 1 and controls)):
+            continue
         cfg = TreeConfig(depth=depth, seed=seed, **tcfg)
         out = ctx.run_dir("specialists", task, seed, f"tree-d{depth}")
         tree, record = build_tree(base_dir, out, cfg, backend=backend, workers=2, data_dir=ctx.data_dir,
@@ -135,20 +143,56 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
         row = measure(tree.to(ctx.device), data, ctx.device, data_dir=ctx.data_dir, speed=speed)
         row.update(train_seconds_parallel=sum(lv["seconds"] for lv in record["levels"]),
                    nodes=len(tree.nodes()), model=base_cfg.model, run_dir=str(out.relative_to(ctx.out_dir)))
-        if depth == 1:
+        if depth == 1 and seed == 0 and ctx.wants("tree d1"):
+            # the same nodes trained one after another (bit for bit, which the tests check): only its time
+            # is new, so it is measured on the first seed only
             serial_out = ctx.run_dir("specialists", task, seed, "tree-d1-serial")
             _, serial = build_tree(base_dir, serial_out, cfg, backend="serial", data_dir=ctx.data_dir,
                                    log=lambda s: None)
             row["train_seconds_serial"] = sum(lv["seconds"] for lv in serial["levels"])
-        trees[depth] = tree
-        rows.append({**row, "variant": f"tree d{depth}"})
-    if seed == 0:
+        trees[depth], tree_rows[depth] = tree, {**row, "variant": f"tree d{depth}"}
+        if ctx.wants(f"tree d{depth}"):
+            rows.append(tree_rows[depth])
+    if seed == 0 and 1 in trees and ctx.wants("tree d1"):
         pred = routed_predictions(trees[1], base, data.test, data.mean, data.std, ctx.device)
         confs = cluster_confusions(pred, data.num_classes)
         _cluster_figure(confs, data, ctx.figures / f"specialists-{task}-clusters.png")
         draw_cluster_confusions(confs, task, data.num_classes, ctx.figures / f"specialists-{task}-confusion.png")
 
-    # spatial specialisation on the base's last stage
+    if ctx.wants("spatial"):
+        rows.append(_spatial(ctx, base, base_cfg, data, task, seed, tcfg, speed))
+    if ctx.wants("autoencoder (probe)") or ctx.wants("unsupervised tree"):
+        rows += _unsupervised(ctx, base_cfg, data, task, seed, tcfg, backend, speed)
+
+    if controls:  # the same executed MACs in one plain CNN; the same parameters in an ensemble
+        family, kw = _width_for_macs(base_cfg.model, data, tree_rows[1]["macs"])
+        label = f"equal-MACs CNN ({family} width {kw['width']})"
+        if want_wide and (ctx.wants(label) or ctx.wants("equal-MACs CNN")):
+            ctrl_cfg = dataclasses.replace(base_cfg, model=family, model_kw=kw)
+            rows.append({**train_and_measure(ctx, ctrl_cfg, ctx.run_dir("specialists", task, seed, "equal-macs")),
+                         "variant": label})
+        n = max(2, round(tree_rows[1]["params"] / base_row["params"]))
+        if want_ensemble and (ctx.wants(f"ensemble of {n}") or ctx.wants("ensemble")):
+            members = [base]
+            for j in range(1, n):
+                m_dir = ctx.run_dir("specialists", task, seed, f"ensemble-{j}")
+                m_cfg = dataclasses.replace(base_cfg, seed=base_cfg.seed + 1000 * j)
+                train(m_cfg, m_dir, resume=(m_dir / "checkpoint.pt").exists(), quiet=ctx.quiet, progress=False)
+                members.append(load_run(m_dir, device=ctx.device)[0].eval())
+            row = measure(Ensemble(members).eval(), data, ctx.device, data_dir=ctx.data_dir, speed=speed)
+            rows.append({**row, "variant": f"ensemble of {n}"})
+    return rows
+
+
+def _wants_control(ctx: BenchContext, name: str) -> bool:
+    """Whether --variants may ask for a control whose label starts with `name` (its full label, with
+    the width or the member count, is known only once the depth-1 tree is measured)."""
+    return ctx.wants(name) or any(p.startswith(name) for p in ctx.variants)
+
+
+def _spatial(ctx: BenchContext, base: nn.Module, base_cfg: TrainConfig, data, task: str, seed: int, tcfg: dict,
+             speed: bool) -> dict[str, Any]:
+    """Features computed only where the base's strongest last-stage features fire."""
     parent = Tapped(base)
     xs = normalize(data.train.x[:512].to(ctx.device), data.mean, data.std)
     channels, thr = choose_features(parent, xs, tap=len(parent.taps) - 1, n=4, quantile=0.9)
@@ -165,34 +209,25 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
     with torch.no_grad():
         res.model.eval()(normalize(data.test.x[:1000].to(ctx.device), data.mean, data.std))
     row.update(computed_fraction=res.model.computed_fraction, train_seconds=res.train_seconds,
-               run_dir=str(sp_dir.relative_to(ctx.out_dir)))
-    rows.append({**row, "variant": "spatial"})
+               run_dir=str(sp_dir.relative_to(ctx.out_dir)), variant="spatial")
+    return row
 
-    # unsupervised: an autoencoder base, clusters from its code
+
+def _unsupervised(ctx: BenchContext, base_cfg: TrainConfig, data, task: str, seed: int, tcfg: dict, backend: str,
+                  speed: bool) -> list[dict[str, Any]]:
+    """An autoencoder base trained without labels (its row: a linear probe on its code), and a
+    depth-1 tree on clusters of that code."""
+    rows = []
     ae_cfg = dataclasses.replace(base_cfg, model="convae", model_kw={}, optimizer="adam", lr=1e-3,
                                  weight_decay=0.0, augment="none", warmup_epochs=0.0)
     ae_dir = ctx.run_dir("specialists", task, seed, "autoencoder")
-    rows.append({**train_and_measure(ctx, ae_cfg, ae_dir), "variant": "autoencoder (probe)"})
-    out = ctx.run_dir("specialists", task, seed, "unsupervised-tree")
-    utree, _ = build_tree(ae_dir, out, TreeConfig(depth=1, seed=seed, **tcfg), backend=backend, workers=2,
-                          data_dir=ctx.data_dir, log=lambda s: None)
-    rows.append({**measure(utree.to(ctx.device), data, ctx.device, data_dir=ctx.data_dir, speed=speed),
-                 "variant": "unsupervised tree", "run_dir": str(out.relative_to(ctx.out_dir))})
-
-    # controls: the same executed MACs in one plain CNN; the same parameters in an ensemble
-    tree_macs = next(r["macs"] for r in rows if r["variant"] == "tree d1")
-    family, kw = _width_for_macs(base_cfg.model, data, tree_macs)
-    ctrl_cfg = dataclasses.replace(base_cfg, model=family, model_kw=kw)
-    rows.append({**train_and_measure(ctx, ctrl_cfg, ctx.run_dir("specialists", task, seed, "equal-macs")),
-                 "variant": f"equal-MACs CNN ({family} width {kw['width']})"})
-    tree_params = next(r["params"] for r in rows if r["variant"] == "tree d1")
-    n = max(2, round(tree_params / rows[0]["params"]))
-    members = [base]
-    for j in range(1, n):
-        m_dir = ctx.run_dir("specialists", task, seed, f"ensemble-{j}")
-        m_cfg = dataclasses.replace(base_cfg, seed=base_cfg.seed + 1000 * j)
-        train(m_cfg, m_dir, resume=(m_dir / "checkpoint.pt").exists(), quiet=ctx.quiet, progress=False)
-        members.append(load_run(m_dir, device=ctx.device)[0].eval())
-    row = measure(Ensemble(members).eval(), data, ctx.device, data_dir=ctx.data_dir, speed=speed)
-    rows.append({**row, "variant": f"ensemble of {n}"})
+    ae_row = {**train_and_measure(ctx, ae_cfg, ae_dir), "variant": "autoencoder (probe)"}
+    if ctx.wants("autoencoder (probe)"):
+        rows.append(ae_row)
+    if ctx.wants("unsupervised tree"):
+        out = ctx.run_dir("specialists", task, seed, "unsupervised-tree")
+        utree, _ = build_tree(ae_dir, out, TreeConfig(depth=1, seed=seed, **tcfg), backend=backend, workers=2,
+                              data_dir=ctx.data_dir, log=lambda s: None)
+        rows.append({**measure(utree.to(ctx.device), data, ctx.device, data_dir=ctx.data_dir, speed=speed),
+                     "variant": "unsupervised tree", "run_dir": str(out.relative_to(ctx.out_dir))})
     return rows

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,11 @@ import torch
 
 from frugal.specialists.nets import Tapped
 from frugal.specialists.runner import run_jobs
-from frugal.specialists.tree import Node, Tree, TreeConfig, embed, kmeans, make_specialist, node_seed, save_net, \
-    save_tree, subset
+from frugal.specialists.tree import TREE_FILE, Node, Tree, TreeConfig, embed, kmeans, load_tree, make_specialist, \
+    node_seed, save_net, save_tree, subset
+from frugal.utils import atomic_write_json
+
+BUILD_FILE = "build.json"  # the record of a finished build: what it was built from, with, and in how long
 
 
 def _load_node(out: Path, name: str, parent: Tapped | None, data, base_spec, widths, residual=True) -> Node:
@@ -31,7 +36,7 @@ def train_node(job: dict[str, Any]) -> dict[str, Any]:
     """Train one specialist (in any worker): rebuild its ancestors from the tree folder, train it
     on its cluster's examples, save its weights. Returns its name, sizes and time."""
     from frugal.data import load_task
-    from frugal.train import TrainConfig, train
+    from frugal.train import CHECKPOINT, TrainConfig, train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same arithmetic in every backend and worker
@@ -48,10 +53,12 @@ def train_node(job: dict[str, Any]) -> dict[str, Any]:
         cfg = TrainConfig(task=job["task"], model=f"specialist:{job['name']}", epochs=job["epochs"], lr=job["lr"],
                           optimizer="adam", seed=job["seed"], device="cpu", threads=1, data_dir=job.get("data_dir"),
                           augment=job["augment"])
-        res = train(cfg, out / "runs" / job["name"], model=spec, data=part, quiet=True, progress=False)
+        run = out / "runs" / job["name"]
+        resumed = (run / CHECKPOINT).exists()  # a build that was stopped picks up where the node was
+        res = train(cfg, run, resume=resumed, model=spec, data=part, quiet=True, progress=False)
         save_net(spec, out / f"{job['name']}.safetensors")
         return {"name": job["name"], "val_acc": res.val_acc, "train_examples": len(part.train),
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "resumed": resumed}
     finally:
         torch.set_num_threads(threads)
 
@@ -74,11 +81,19 @@ def same_nodes(a: str | Path, b: str | Path) -> bool:
 def build_tree(base_run: str | Path, out: str | Path, cfg: TreeConfig = TreeConfig(), backend: str = "process",
                workers: int = 2, data_dir: str | None = None, log=print) -> tuple[Tree, dict[str, Any]]:
     """Cluster and train a tree on top of a finished base run. Returns the tree and a record of
-    the build (per node: cluster sizes, validation accuracy, seconds; wall-clock per level)."""
+    the build (per node: cluster sizes, validation accuracy, seconds; wall-clock per level).
+
+    A folder that holds a finished build of the same base and config is loaded, not built again,
+    and its record (with the original times) returned; a build that was stopped resumes each
+    node's training from its checkpoint (its levels are then marked `resumed`, their times partial)."""
     from frugal.data import load_task
-    from frugal.train import load_run
+    from frugal.train import WEIGHTS, load_run
 
     out = Path(out)
+    base_digest = hashlib.sha256((Path(base_run) / WEIGHTS).read_bytes()).hexdigest()
+    finished = _finished_build(out, cfg, base_digest)
+    if finished is not None:
+        return load_tree(out), finished
     out.mkdir(parents=True, exist_ok=True)
     base, base_cfg, _ = load_run(base_run, device=torch.device("cpu"))
     base_spec = json.loads((Path(base_run) / "config.json").read_text())["model_spec"]
@@ -118,7 +133,8 @@ def build_tree(base_run: str | Path, out: str | Path, cfg: TreeConfig = TreeConf
         results = run_jobs(train_node, jobs, backend=backend, workers=workers,
                            costs=[len(j["train_idx"]) for j in jobs])
         record["levels"].append({"level": level, "jobs": len(jobs), "seconds": time.perf_counter() - t0,
-                                 "backend": backend, "workers": workers})
+                                 "backend": backend, "workers": workers,
+                                 "resumed": any(r.get("resumed", False) for r in results)})
         frontier = []
         for (node, ancestors, c, idx_tr, idx_va), res in zip(placed, results):
             record["nodes"].setdefault(res["name"], {}).update(res)
@@ -128,4 +144,23 @@ def build_tree(base_run: str | Path, out: str | Path, cfg: TreeConfig = TreeConf
         log(f"level {level}: {len(jobs)} specialists in {record['levels'][-1]['seconds']:.1f}s ({backend})")
     tree = Tree(root, cfg).eval()
     save_tree(tree, out, base_spec, base_cfg.task)
+    record.update(config=asdict(cfg), base_sha256=base_digest)
+    atomic_write_json(out / BUILD_FILE, record)  # last: its presence says the build finished
     return tree, record
+
+
+def _finished_build(out: Path, cfg: TreeConfig, base_digest: str) -> dict[str, Any] | None:
+    """The record of a finished build in `out` of the same config on the same base weights; None if
+    `out` holds no finished build. A finished build of anything else is not overwritten: an error."""
+    path = out / BUILD_FILE
+    if not (path.exists() and (out / TREE_FILE).exists()):
+        return None
+    record = json.loads(path.read_text())
+    saved = TreeConfig.from_dict(record["config"])
+    diff = {k: f"{v!r} -> {getattr(cfg, k)!r}" for k, v in asdict(saved).items() if v != getattr(cfg, k)}
+    if record.get("base_sha256") != base_digest:
+        diff["base"] = "other weights"
+    if diff:
+        raise ValueError(f"{out} holds a finished tree built differently ({diff}); build into another folder, "
+                         "or delete this one to build it again")
+    return record
