@@ -103,5 +103,5 @@ def draw_cluster_confusions(confs: dict[int, dict[str, np.ndarray]], task: str, 
         note = "; ".join(f"{names[t]}->{names[p]} {b}->{a}" for t, p, b, a in changes) or "no change"
         axes[row, 0].set_xlabel("predicted (rows: true)   biggest changes: " + note, fontsize=7, loc="left")
     fig.suptitle(f"{task}: depth-1 tree, confusion by cluster (base | tree)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title above the top row
     save_figure(fig, path, dpi=100)
