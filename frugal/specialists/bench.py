@@ -8,9 +8,11 @@ Variants per task (base = the baseline method's model and plan):
 - `unsupervised tree`: the tree on a conv autoencoder trained without labels;
 - controls: `equal-MACs CNN` (the base family, widened until its multiply-adds match the depth-1
   tree's), and `ensemble` (copies of the base, as many as the tree has parameters for).
-The depth-1 tree is built twice, on the process pool and serially, to time parallel training
-(the two give identical nodes, which the tests check). A per-cluster table and per-cluster
-confusion matrices of base and tree (seed 0) show where the tree gains or loses against its base.
+On the first seed the depth-1 tree is built twice, on the process pool and serially, to time
+parallel training (the two give identical nodes, which the tests check). A per-cluster table and
+per-cluster confusion matrices of base and tree (seed 0) show where the tree gains or loses.
+`--variants` picks a part of the plan; the base, and the depth-1 tree the controls are sized by,
+are trained or reloaded whenever a picked variant needs them.
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
         trees[depth], tree_rows[depth] = tree, {**row, "variant": f"tree d{depth}"}
         if ctx.wants(f"tree d{depth}"):
             rows.append(tree_rows[depth])
-    if seed == 0 and 1 in trees and ctx.wants("tree d1"):
+    if seed == 0 and ctx.wants("tree d1"):
         pred = routed_predictions(trees[1], base, data.test, data.mean, data.std, ctx.device)
         confs = cluster_confusions(pred, data.num_classes)
         _cluster_figure(confs, data, ctx.figures / f"specialists-{task}-clusters.png")
