@@ -94,11 +94,27 @@ def test_dream_bench_runs_rounds_and_every_control(tmp_path):
     for r in rows.values():
         assert {"pgd_acc", "other_dream_acc", "shape_bias", "test_acc"} <= r.keys()
     assert len({r["steps"] for r in rows.values()}) == 1 and rows["round 1"]["steps"] > 0  # one budget
-    assert rows["round 1"]["dreams"] == 256  # the tiny budget's A, dreamed once
+    assert rows["round 1"]["dreams"] == 256 and rows["round 1"]["mix"] == 1.0  # the tiny budget's A, dreamed once
     other = json.loads((tmp_path / "runs" / "dream" / "digits" / "other-seed0" / "config.json").read_text())
     assert other["config"]["seed"] == 1  # dreams of the test images come from a net no row is
     assert rows["round 1"]["dream_seconds"] > 0
     assert (tmp_path / "figures" / "dreams-digits.png").stat().st_size > 1000
+
+
+def test_a_cut_plan_changes_only_the_epochs_of_every_row_and_the_dreamed_fraction():
+    import dataclasses
+
+    from frugal.bench import baseline_config
+    from frugal.dream.bench import PLANS, dream_plan
+
+    assert PLANS  # fashion-mnist's plan is cut
+    for (task, budget), plan in PLANS.items():
+        base, rounds = dream_plan(task, budget, seed=2, device="cpu")
+        ref = baseline_config(task, budget, seed=2, device="cpu")
+        assert base == dataclasses.replace(ref, epochs=plan.get("epochs", ref.epochs))
+        assert rounds.mix == plan.get("mix", 1.0) and rounds.dream.seed == 2
+    base, rounds = dream_plan("mnist", "full", seed=0, device="cpu")
+    assert base == baseline_config("mnist", "full", seed=0, device="cpu") and rounds.mix == 1.0
 
 
 def test_dream_command_writes_a_grid(trained, tmp_path, capsys):
