@@ -152,7 +152,8 @@ def table_rows(agg: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 
 
 def method_tables(rows: list[dict[str, Any]]) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
-    """Per registered method that declares its own fields: a table of their means over seeds."""
+    """Per registered method that declares its own fields: a table of their means (± std where a
+    field has more than one seed)."""
     from frugal.bench import list_methods  # the registry, with the ideas loaded
 
     out = []
@@ -163,9 +164,13 @@ def method_tables(rows: list[dict[str, Any]]) -> list[tuple[str, tuple[list[str]
         header = ["task", "variant", "seeds"] + [h for _, h, _ in m.fields]
         body = []
         for (task, variant), rs in sorted(groups.items()):
-            means = {k: float(np.mean([r[k] for r in rs if k in r])) for k, _, _ in m.fields if any(k in r for r in rs)}
-            body.append([task, variant, str(len(rs))] + [_fmt(means, k, f) for k, _, f in m.fields])
-        out.append((f"Method `{name}`: its own measurements (mean over seeds)", (header, body)))
+            cells = []
+            for k, _, f in m.fields:
+                vals = [r[k] for r in rs if r.get(k) is not None]
+                mean, std = _mean_std(vals) if vals else (None, 0.0)
+                cells.append(_fmt({k: mean}, k, f) + (f" ± {f.format(std)}" if len(vals) > 1 else ""))
+            body.append([task, variant, str(len(rs))] + cells)
+        out.append((f"Method `{name}`: its own measurements (mean ± std over seeds)", (header, body)))
     return out
 
 
@@ -258,6 +263,33 @@ def corrupted_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[st
     return header, body
 
 
+def corrupted_by_variant(rows: list[dict[str, Any]]) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
+    """Per (task, method) with two or more variants measured on a corrupted suite: accuracy % per
+    corruption (a row) for each variant (a column), mean over severities and seeds, so that the
+    variants' robustness can be read side by side; the last row is the mean over the suite."""
+    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("corrupted"):
+            groups[(r["task"], r["method"])][r.get("variant", r["method"])].append(r["corrupted"])
+    out = []
+    for (task, method), variants in sorted(groups.items()):
+        if len(variants) < 2:
+            continue
+        names = list(variants)  # in the order the method wrote them
+        per = {v: defaultdict(list) for v in names}  # variant -> corruption -> accuracies (severities x seeds)
+        for v in names:
+            for c in variants[v]:
+                for split, acc in c.items():
+                    per[v][re.sub(r"-s\d+$", "", split)].append(acc)
+        corruptions = sorted({c for v in names for c in per[v]})
+        body = [[c] + [f"{100 * np.mean(per[v][c]):.1f}" if per[v][c] else "–" for v in names] for c in corruptions]
+        body.append(["mean"] + [f"{100 * np.mean([a for c in variants[v] for a in c.values()]):.1f}" for v in names])
+        header = ["corruption"] + [f"{v} ({len(variants[v])} seed{'s' if len(variants[v]) > 1 else ''})" for v in names]
+        out.append((f"Corrupted suite, {task}, `{method}`: variants side by side (accuracy %, mean over severities "
+                    "and seeds)", (header, body)))
+    return out
+
+
 def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in body]
 
@@ -283,7 +315,8 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
         raise ValueError(f"{res_path} holds no rows yet; the bench has not finished a run")
     agg = aggregate(rows)
     plots = [p.name for p in plot_tradeoffs(agg, out) + method_plots(rows, out)]
-    samples = [f"samples/{p.name}" for p in sorted((out / "samples").glob("*.png"))] if (out / "samples").exists() else []
+    samples = ([f"samples/{p.name}" for p in sorted((out / "samples").glob("*.png"))]
+               if (out / "samples").exists() else [])
     meta = results.get("meta", {})
     cfg, ver = meta.get("config", {}), meta.get("versions", {})
     threads = ver.get("torch_threads", "?")
@@ -298,6 +331,7 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     sections += [(title, table, []) for title, table in method_tables(rows)]
     corr = corrupted_table(rows)
     if corr:
+        sections += [(title, table, []) for title, table in corrupted_by_variant(rows)]
         sections.append(("Corrupted test suites (accuracy % by severity, mean over seeds)", corr, []))
     figures = sorted((out / "figures").glob("*.png")) if (out / "figures").exists() else []
     if figures:

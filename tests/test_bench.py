@@ -140,6 +140,22 @@ def test_baseline_latency_ratio_is_one_and_others_pair_with_their_seed():
     assert agg["idea"]["latency_vs_baseline"] == (1 / 2 + 1 / 4) / 2
 
 
+def test_corrupted_suite_variants_side_by_side_average_severities_and_seeds():
+    from frugal.report import corrupted_by_variant
+
+    def row(variant, seed, c, method="m"):
+        return dict(task="mnist", method=method, variant=variant, seed=seed, test_acc=0.9, corrupted=c)
+
+    rows = [row("plain", 0, {"blur-s1": 0.9, "blur-s2": 0.7, "fog-s1": 0.5}),
+            row("plain", 1, {"blur-s1": 0.8, "blur-s2": 0.6, "fog-s1": 0.3}),
+            row("dreams", 0, {"blur-s1": 1.0, "blur-s2": 1.0, "fog-s1": 0.1}),
+            row("lenet5", 0, {"blur-s1": 0.5}, method="baseline")]  # one variant: no side-by-side table
+    ((title, (header, body)),) = corrupted_by_variant(rows)
+    assert "mnist" in title and "`m`" in title
+    assert header == ["corruption", "plain (2 seeds)", "dreams (1 seed)"]
+    assert body == [["blur", "75.0", "100.0"], ["fog", "40.0", "10.0"], ["mean", "63.3", "70.0"]]
+
+
 def test_a_method_s_own_fields_get_a_table_of_means(tmp_path):
     from frugal.report import method_tables
 
@@ -149,8 +165,12 @@ def test_a_method_s_own_fields_get_a_table_of_means(tmp_path):
             for s, k in ((0, 0.2), (1, 0.4))]
     rows.append({"method": "baseline", "task": "digits", "variant": "convnet", "seed": 0, "test_acc": 0.9})
     tables = dict(method_tables(rows))
-    header, body = tables[f"Method `{name}`: its own measurements (mean over seeds)"]
-    assert header == ["task", "variant", "seeds", "fraction kept"] and body == [["digits", "v", "2", "30.0%"]]
+    header, body = tables[f"Method `{name}`: its own measurements (mean ± std over seeds)"]
+    # std over seeds with ddof 1: |0.4 - 0.2| / sqrt(2)
+    assert header == ["task", "variant", "seeds", "fraction kept"] and body == [["digits", "v", "2", "30.0% ± 14.1%"]]
     (tmp_path / "results.json").write_text(json.dumps({"rows": rows}))
     md, _ = write_report(tmp_path)
-    assert "| digits | v | 2 | 30.0% |" in md.read_text()
+    assert "| digits | v | 2 | 30.0% ± 14.1% |" in md.read_text()
+    rows[1]["seed"], rows[1]["variant"] = 0, "w"  # one seed: no std
+    assert dict(method_tables(rows))[f"Method `{name}`: its own measurements (mean ± std over seeds)"][1] == [
+        ["digits", "v", "1", "20.0%"], ["digits", "w", "1", "40.0%"]]
