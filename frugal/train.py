@@ -4,7 +4,8 @@ One visible loop over epochs and batches. A model may add terms to the loss with
 `extra_loss(x, logits, y) -> Tensor | None`; beyond that, a few hook points the ideas use:
 `extra_loss` (add a term to the loss), `after_backward` (between backward and the optimizer step),
 `end_of_epoch`, and `before_eval`. Every run writes a folder with the resolved config, metrics, the
-weights (safetensors), a log, and a checkpoint per epoch from which `resume=True` continues.
+weights (safetensors), a log, and a checkpoint per epoch from which `resume=True` continues. A
+training split may weight its examples (`Split.w`): the loss is then their weighted mean.
 """
 
 from __future__ import annotations
@@ -321,6 +322,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, hooks: Sequence[Hook] = (), 
 
     # the whole training split lives on the device as uint8; batches are index slices of it
     xs, ys = train_split.x.to(device), train_split.y.to(device)
+    ws = None if train_split.w is None else train_split.w.to(device, torch.float32)  # per-example loss weights
     n = min(len(train_split), cfg.epoch_size or len(train_split))  # examples per epoch
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     dtype = next(model.parameters()).dtype
@@ -346,7 +348,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, hooks: Sequence[Hook] = (), 
             for g in optimizer.param_groups:
                 g["lr"] = cfg.lr * lr_factor(cfg, state.step, steps_per_epoch)
             logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if ws is None:
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            else:  # the weighted mean, as cross_entropy's class weights do: weights count relative to each other
+                per = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing, reduction="none")
+                w = ws[idx]
+                loss = (w * per).sum() / w.sum().clamp_min(1e-12)
             if model_loss is not None:  # a model's own auxiliary terms (e.g. an attention policy's)
                 extra = model_loss(x, logits, y)
                 if extra is not None:

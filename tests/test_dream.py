@@ -70,6 +70,32 @@ def test_drift_filter_keeps_the_least_changed_dreams(tmp_path):
     assert n // 2 - 1 <= rounds[1]["dreams"] <= n // 2 + 1
 
 
+def test_drift_weights_count_each_dream_by_how_little_it_changed(tmp_path):
+    from frugal.dream.rounds import with_extra
+
+    d = load_task("digits")
+    cfg = DreamTrainConfig(rounds=1, mix=0.25, drift_weight=0.05, dream=DreamConfig(steps=2, octaves=1))
+    rounds = dream_training(TrainConfig(epochs=1, **BASE), tmp_path, cfg, d, log=lambda s: None)
+    dreams, drift = load_dreams(tmp_path / "round-1" / "dreams.npz")
+    w = torch.exp(-drift.float() / 0.05)
+    assert rounds[1]["mean_weight"] == pytest.approx(float(w.mean())) and 0 < float(w.min()) < float(w.max()) < 1
+    both = with_extra(d, [Split(dreams.x, dreams.y, w)]).train
+    assert torch.equal(both.w, torch.cat([torch.ones(len(d.train)), w]))  # A's images weigh 1
+    assert with_extra(d, [dreams]).train.w is None  # no weights anywhere: none made up
+
+
+def test_a_folder_of_dreams_is_reused_only_under_its_config(tmp_path):
+    d = load_task("digits")
+    base = TrainConfig(epochs=1, train_limit=200, **BASE)
+    cfg = DreamTrainConfig(rounds=1, mix=0.5, dream=DreamConfig(steps=1, octaves=1))
+    first = dream_training(base, tmp_path, cfg, d, log=lambda s: None)
+    with pytest.raises(ValueError, match=r"another config \(mix: 0.5 there, 0.25 here\)"):
+        dream_training(base, tmp_path, DreamTrainConfig(rounds=1, mix=0.25, dream=cfg.dream), d, log=lambda s: None)
+    more = dream_training(base, tmp_path, DreamTrainConfig(rounds=2, mix=0.5, dream=cfg.dream), d,
+                          log=lambda s: None)  # more rounds extend the folder
+    assert [r["result"].test_acc for r in more[:2]] == [r["result"].test_acc for r in first] and len(more) == 3
+
+
 def test_evaluation_gives_known_numbers(trained):
     d = load_task("digits")
     clean = evaluate(trained.model, Split(d.test.x[:200], d.test.y[:200]), d.mean, d.std, torch.device("cpu"))[0]

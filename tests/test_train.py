@@ -223,3 +223,36 @@ def test_init_weights_from_copies_what_matches_and_refuses_what_does_not(tmp_pat
         init_weights_from(create_model("lenet300", in_channels=1, image_size=(8, 8)), tmp_path / "twin")
     with pytest.raises(FileNotFoundError, match="not a finished run"):
         init_weights_from(sacc, tmp_path / "nowhere")
+
+
+def test_example_weights_give_the_weighted_loss_and_zero_weights_count_for_nothing(tmp_path):
+    from frugal.data import Split, TaskData, load_task
+
+    d = load_task("digits")
+    a = d.train.subset(128)
+    wrong = Split(a.x, (a.y + 1) % 10, torch.zeros(128))  # the same images, wrong labels, weight 0
+    both = Split(torch.cat([a.x, wrong.x]), torch.cat([a.y, wrong.y]), torch.cat([torch.ones(128), wrong.w]))
+
+    def one_step(split, run):  # one full batch: BatchNorm's batch statistics of A and of A twice are the same
+        data = TaskData(d.name, split, d.val, d.test, d.num_classes, d.mean, d.std)
+        # sgd: an update proportional to the gradient (Adam's first step, about lr x sign(g), would
+        # magnify float rounding in the near-zero gradients)
+        cfg = TrainConfig(**{**DIGITS, "batch_size": 256, "optimizer": "sgd", "lr": 0.1}, epochs=1,
+                          schedule="constant")
+        return dict(train(cfg, tmp_path / run, data=data, quiet=True).model.named_parameters())
+
+    plain, weighted = one_step(a, "plain"), one_step(both, "weighted")
+    for name, p in plain.items():
+        torch.testing.assert_close(weighted[name], p, rtol=1e-4, atol=1e-6)
+    both_heavy = Split(both.x, both.y, torch.cat([torch.ones(128), torch.ones(128)]))  # the wrong labels count
+    heavy = one_step(both_heavy, "heavy")
+    assert not all(torch.allclose(heavy[name], p, rtol=1e-4, atol=1e-6) for name, p in plain.items())
+
+
+@pytest.mark.parametrize("w", [torch.ones(3), -torch.ones(4), torch.ones(4, dtype=torch.int64),
+                               torch.tensor([1.0, float("nan"), 1.0, 1.0])])
+def test_bad_example_weights_are_refused(w):
+    from frugal.data import Split
+
+    with pytest.raises(ValueError, match="Split.w must be finite float weights >= 0"):
+        Split(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64), w)

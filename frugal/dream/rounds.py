@@ -3,20 +3,22 @@ and every dreamed set so far; repeat.
 
 Round r (r >= 1) dreams `mix` x |A| images (A's first ones, in its shuffled order) with the net of
 round r - 1, labels each with its source image's label, optionally drops the ones that drifted
-most (`max_drift`: a quantile of the per-image change), and trains a fresh net of the same config
-on A plus dreams 1..r. With `budget="steps"` (the default) every round takes the optimiser steps of
-round 0: an epoch is |A| examples drawn afresh from A and the dreams, so the comparison with
-round 0 is at a fixed budget, not "more data and more steps". With `budget="epochs"` an epoch is a
-pass over all of it, and round r takes (1 + r x mix) times round 0's steps. Each round keeps its
-run folder and its dreams (`dreams.npz`) under the output folder; a killed run resumes: finished
-rounds and written dreams are reused.
+most (`max_drift`: a quantile of the per-image change) or weights each in the loss by how little
+it drifted (`drift_weight`), and trains a fresh net of the same config on A plus dreams 1..r.
+With `budget="steps"` (the default) every round takes the optimiser steps of round 0: an epoch
+is |A| examples drawn afresh from A and the dreams, so the comparison with round 0 is at a fixed
+budget, not "more data and more steps". With `budget="epochs"` an epoch is a pass over all of it,
+and round r takes (1 + r x mix) times round 0's steps. Each round keeps its run folder and its
+dreams (`dreams.npz`) under the output folder; a killed run resumes: finished rounds and written
+dreams are reused, under the config that made them (`dream.json`; more rounds may be added).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,10 @@ import torch
 from frugal.data import Split, TaskData
 from frugal.dream.generator import DreamConfig, dream
 from frugal.train import CHECKPOINT, Result, TrainConfig, normalize, train
-from frugal.utils import atomic_write_bytes
+from frugal.utils import atomic_write_bytes, atomic_write_json
 
 DREAMS = "dreams.npz"
+DREAM_CONFIG = "dream.json"  # the DreamTrainConfig (but rounds) the folder's dreams were made under
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class DreamTrainConfig:
     rounds: int = 3  # dreamed sets after round 0
     mix: float = 1.0  # dreamed images per round, as a fraction of the training set
     max_drift: float | None = None  # keep dreams below this quantile of drift (None: keep all)
+    # weight each dream exp(-drift / drift_weight) in the loss, A's images 1; drift is the RMS change in
+    # pixel units (0-1; about 0.1 at the bench's dreams). None: every dream weighs 1
+    drift_weight: float | None = None
     dream: DreamConfig = field(default_factory=DreamConfig)
     batch: int = 256  # images dreamed at once
     budget: str = "steps"  # steps: every round takes round 0's optimiser steps | epochs: passes over all data
@@ -47,6 +53,8 @@ class DreamTrainConfig:
             raise ValueError(f"budget must be 'steps' or 'epochs', got {self.budget!r}")
         if self.max_drift is not None and not 0 < self.max_drift <= 1:
             raise ValueError(f"max_drift is a quantile in (0, 1], got {self.max_drift}")
+        if self.drift_weight is not None and not self.drift_weight > 0:
+            raise ValueError(f"drift_weight is a drift scale > 0 (pixel units), got {self.drift_weight}")
 
 
 def pixel_range(mean: float, std: float) -> tuple[float, float]:
@@ -92,12 +100,34 @@ def dreaming_seconds(path: Path) -> float:
 
 
 def with_extra(data: TaskData, extra: list[Split]) -> TaskData:
-    """The task with more training examples (validation and test untouched)."""
+    """The task with more training examples (validation and test untouched). Where any split
+    weighs its examples, the unweighted ones weigh 1."""
     if not extra:
         return data
-    x = torch.cat([data.train.x] + [s.x for s in extra])
-    y = torch.cat([data.train.y] + [s.y for s in extra])
-    return TaskData(data.name, Split(x, y), data.val, data.test, data.num_classes, data.mean, data.std)
+    splits = [data.train] + extra
+    x = torch.cat([s.x for s in splits])
+    y = torch.cat([s.y for s in splits])
+    w = None
+    if any(s.w is not None for s in splits):
+        w = torch.cat([torch.ones(len(s)) if s.w is None else s.w.float() for s in splits])
+    return TaskData(data.name, Split(x, y, w), data.val, data.test, data.num_classes, data.mean, data.std)
+
+
+def _check_folder(out: Path, cfg: DreamTrainConfig) -> None:
+    """Dreams and rounds in `out` are reused only under the config that made them; more rounds are
+    an extension, anything else another experiment (kept in `DREAM_CONFIG`)."""
+    made = {k: v for k, v in asdict(cfg).items() if k != "rounds"}
+    path = out / DREAM_CONFIG
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != json.loads(json.dumps(made)):
+            diff = ", ".join(f"{k}: {old.get(k)!r} there, {v!r} here" for k, v in json.loads(json.dumps(made)).items()
+                             if old.get(k) != v)
+            raise ValueError(f"{out} holds dream rounds made under another config ({diff}); "
+                             "use another folder, or the config that made them")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, made)
 
 
 def dream_training(base: TrainConfig, out: str | Path, cfg: DreamTrainConfig, data: TaskData,
@@ -105,6 +135,7 @@ def dream_training(base: TrainConfig, out: str | Path, cfg: DreamTrainConfig, da
     """Rounds 0..cfg.rounds. Returns per round: the Result, the dreams' count and mean drift, and
     the seconds spent dreaming."""
     out = Path(out)
+    _check_folder(out, cfg)
     device = device or torch.device(base.device if base.device != "auto" else "cpu")
     dreamed: list[Split] = []
     rounds = []
@@ -130,8 +161,12 @@ def dream_training(base: TrainConfig, out: str | Path, cfg: DreamTrainConfig, da
                     keep = drift <= torch.quantile(drift, cfg.max_drift)
                     split, drift = Split(split.x[keep], split.y[keep]), drift[keep]
                 save_dreams(path, split, drift, info["dream_seconds"])
+            if cfg.drift_weight is not None:
+                split = Split(split.x, split.y, torch.exp(-drift.float() / cfg.drift_weight))
             dreamed.append(split)
             info.update(dreams=len(split), mean_drift=float(drift.mean()))
+            if split.w is not None:
+                info["mean_weight"] = float(split.w.mean())
         cfg_r = base
         if r:  # A is already cut to train_limit; the dreams come after it
             cfg_r = replace(base, train_limit=None, epoch_size=len(a) if cfg.budget == "steps" else None)
