@@ -99,18 +99,23 @@ def measure_speed(model: nn.Module, example: torch.Tensor, repeats: int = 30, ba
 
 
 def corrupted_accuracy(model: nn.Module, data: TaskData, device: torch.device, data_dir=None,
-                       batch_size: int = 256, suite: str | None = None) -> dict[str, float]:
+                       batch_size: int = 256, suite: str | None = None, n: int | None = None) -> dict[str, float]:
     """Accuracy on each split of a corrupted test suite ("corruption-s<severity>"): the task's own
-    suite, or `suite`, a folder in MNIST-C layout ("folder:/path")."""
+    suite, or `suite`, a folder in MNIST-C layout ("folder:/path"). `n`: only each split's first n
+    images (the same test images in every split), for nets too slow to run the whole suite."""
+    if n is not None and n < 1:
+        raise ValueError(f"n is the test images per corrupted split, >= 1 or None for all; got {n}")
     suite = load_corrupted(suite or data.name, data_dir=data_dir)
-    return {name: evaluate(model, split, data.mean, data.std, device, batch_size)[0]
+    return {name: evaluate(model, split.subset(n), data.mean, data.std, device, batch_size)[0]
             for name, split in sorted(suite.items())}
 
 
 def measure(model: nn.Module, data: TaskData, device: torch.device, *, corrupted: bool = False,
-            data_dir=None, speed: bool = True, mac_examples: int = 512) -> dict[str, float | int | dict]:
+            data_dir=None, speed: bool = True, mac_examples: int = 512,
+            corrupted_n: int | None = None) -> dict[str, float | int | dict]:
     """All the measured fields of one trained model on one task, as a flat dict (plus a
-    'corrupted' dict of per-suite accuracies when asked)."""
+    'corrupted' dict of per-suite accuracies when asked, on each split's first `corrupted_n`
+    images, or all)."""
     model = model.to(device)
     dtype = next(model.parameters()).dtype
     test_acc, test_loss = evaluate(model, data.test, data.mean, data.std, device)
@@ -124,7 +129,9 @@ def measure(model: nn.Module, data: TaskData, device: torch.device, *, corrupted
         s = measure_speed(model, x[:1])
         row.update(latency_ms=s.latency_ms, throughput=s.throughput, threads=s.threads)
     if corrupted:
-        acc = corrupted_accuracy(model, data, device, data_dir=data_dir)
+        acc = corrupted_accuracy(model, data, device, data_dir=data_dir, n=corrupted_n)
         row["corrupted"] = acc
+        if corrupted_n is not None:
+            row["corrupted_n"] = corrupted_n
         row["corrupted_mean_acc"] = float(np.mean(list(acc.values())))
     return row

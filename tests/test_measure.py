@@ -1,6 +1,7 @@
-import zstandard
+import pytest
 import torch
 import torch.nn as nn
+import zstandard
 
 from frugal.measure import count_macs, fp32_bytes, param_counts, time_inference, weight_tensors, zstd_bytes
 from frugal.models import create_model
@@ -82,3 +83,8 @@ def test_corrupted_accuracy_on_a_suite_folder_matches_plain_evaluation(tmp_path)
     with torch.no_grad():
         blank_class = model(torch.full((1, 1, 8, 8), -data.mean / data.std)).argmax().item()
     assert acc["blank-s5"] == (data.test.y == blank_class).sum().item() / len(data.test)
+    first = corrupted_accuracy(model, data, torch.device("cpu"), suite=f"folder:{tmp_path}", n=50)
+    assert first["clean-s1"] == evaluate(model, data.test.subset(50), data.mean, data.std, torch.device("cpu"))[0]
+    assert first["blank-s5"] == (data.test.y[:50] == blank_class).sum().item() / 50
+    with pytest.raises(ValueError, match="n is the test images per corrupted split"):
+        corrupted_accuracy(model, data, torch.device("cpu"), suite=f"folder:{tmp_path}", n=0)
