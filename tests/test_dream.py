@@ -28,7 +28,8 @@ def test_dreams_raise_their_objective_stay_in_range_and_repeat_under_a_seed(trai
     assert objective_value(trained.model, y, cfg).mean() > objective_value(trained.model, x, cfg).mean()
     assert y.min() >= lo - 1e-6 and y.max() <= hi + 1e-6 and y.shape == x.shape
     assert torch.equal(y, dream(trained.model, x, cfg, lo, hi))
-    assert not torch.equal(y, dream(trained.model, x, DreamConfig(objective=objective, target=3, steps=5, seed=1), lo, hi))
+    other_seed = DreamConfig(objective=objective, target=3, steps=5, seed=1)
+    assert not torch.equal(y, dream(trained.model, x, other_seed, lo, hi))
 
 
 def test_dream_rounds_build_the_expected_data_sets(tmp_path):
@@ -106,6 +107,20 @@ def test_evaluation_gives_known_numbers(trained):
     assert (images.x[d.test.x[:0].shape[0]:].float().sum((1, 2, 3)) > 0).float().mean() > 0.9
     sb = shape_bias(trained.model, d.test, d.mean, d.std, "cpu", n=300)
     assert 0 <= sb["cue_shape"] + sb["cue_texture"] <= 1 and 0 <= sb["shape_bias"] <= 1
+
+
+def test_another_net_s_dreams_are_made_once_and_scored_like_a_test_set(trained):
+    from frugal.dream.evaluate import generalisation, other_net_dreams
+
+    d = load_task("digits")
+    torch.manual_seed(1)
+    other = train(TrainConfig(epochs=1, **{**BASE, "seed": 1}), trained.run_dir.parent / "other", quiet=True).model
+    dreams = other_net_dreams(other, d, "cpu", n=120)
+    assert torch.equal(dreams.y, d.test.y[:120]) and not torch.equal(dreams.x, d.test.x[:120])
+    given = generalisation(trained.model, d, "cpu", other_dreams=dreams, n=120)
+    made = generalisation(trained.model, d, "cpu", other=other, n=120)
+    assert given == made  # the dreams are deterministic: made here or passed in, the same numbers
+    assert given["other_dream_acc"] == pytest.approx(evaluate(trained.model, dreams, d.mean, d.std, "cpu")[0], abs=1e-6)
 
 
 def test_dream_bench_runs_rounds_and_every_control(tmp_path):

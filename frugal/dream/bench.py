@@ -25,7 +25,7 @@ from typing import Any
 
 from frugal.bench import BenchContext, baseline_config, register_method
 from frugal.data import KNOWN, Split, load_task
-from frugal.dream.evaluate import AdversarialTraining, generalisation
+from frugal.dream.evaluate import AdversarialTraining, generalisation, other_net_dreams
 from frugal.dream.generator import DreamConfig
 from frugal.dream.pictures import draw_dreams
 from frugal.dream.rounds import DreamTrainConfig, dream_training
@@ -81,6 +81,7 @@ def run_dream(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     controls = {"augment": fit("control-augment", dataclasses.replace(base, augment="affine-noise")),
                 "adversarial": fit("control-adversarial", base, [AdversarialTraining(steps=ADV_STEPS)])}
     other = fit("other", dataclasses.replace(base, seed=seed + 1))[0].model.eval()
+    other_dreams = other_net_dreams(other, data, ctx.device, n=n_eval)  # the same dreams for every row
 
     rows = []
     rounds_dir = ctx.run_dir("dream", task, seed, "rounds")
@@ -90,7 +91,7 @@ def run_dream(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     for variant, res, info, run_dir in models:
         row = measure(res.model, data, ctx.device, corrupted=corrupted, data_dir=ctx.data_dir,
                       speed=ctx.budget != "tiny", corrupted_n=PLANS.get((task, ctx.budget), {}).get("corrupted_n"))
-        row.update(generalisation(res.model, data, ctx.device, other=other, n=n_eval))
+        row.update(generalisation(res.model, data, ctx.device, other_dreams=other_dreams, n=n_eval))
         row.update(variant=variant, epochs=res.config.epochs, steps=res.steps, train_seconds=res.train_seconds,
                    model=base.model, run_dir=str(run_dir.relative_to(ctx.out_dir)), epoch_seconds=epoch_seconds,
                    dreams=info.get("dreams", 0), mix=dcfg.mix)

@@ -95,21 +95,27 @@ class AdversarialTraining(Hook):
         return self.weight * F.cross_entropy(state.model(adv), y)
 
 
-def generalisation(model: nn.Module, data, device, other: nn.Module | None = None, n: int = 1000,
-                   dream_cfg=None) -> dict[str, Any]:
-    """PGD accuracy, accuracy on dreams of the test images made by `other`, and the cue conflict."""
+def other_net_dreams(other: nn.Module, data, device, n: int = 1000, dream_cfg=None) -> Split:
+    """Dreams of the first n test images made by `other` (labels kept): made once, shown to every net."""
+    from frugal.dream.generator import DreamConfig
     from frugal.dream.rounds import dream_split
 
-    out: dict[str, Any] = {"pgd_acc": pgd_accuracy(model, data.test, data.mean, data.std, device, n=n)}
-    if other is not None:
-        from frugal.dream.generator import DreamConfig
+    test = Split(data.test.x[:n], data.test.y[:n])
+    return dream_split(other, test, data.mean, data.std, dream_cfg or DreamConfig(seed=12345), device)[0]
 
-        test = Split(data.test.x[:n], data.test.y[:n])
-        dreams, _ = dream_split(other, test, data.mean, data.std, dream_cfg or DreamConfig(seed=12345), device)
+
+def generalisation(model: nn.Module, data, device, other: nn.Module | None = None, n: int = 1000,
+                   dream_cfg=None, other_dreams: Split | None = None) -> dict[str, Any]:
+    """PGD accuracy, accuracy on dreams of the test images made by another net (`other_dreams`, or
+    made here by `other`), and the cue conflict."""
+    out: dict[str, Any] = {"pgd_acc": pgd_accuracy(model, data.test, data.mean, data.std, device, n=n)}
+    if other_dreams is None and other is not None:
+        other_dreams = other_net_dreams(other, data, device, n, dream_cfg)
+    if other_dreams is not None:
         with torch.no_grad():
             model.eval()
-            preds = torch.cat([model(normalize(dreams.x[k:k + 500].to(device), data.mean, data.std)).argmax(1).cpu()
-                               for k in range(0, len(dreams), 500)])
-        out["other_dream_acc"] = float((preds == dreams.y).float().mean())
+            preds = torch.cat([model(normalize(other_dreams.x[k:k + 500].to(device), data.mean, data.std)).argmax(1)
+                               .cpu() for k in range(0, len(other_dreams), 500)])
+        out["other_dream_acc"] = float((preds == other_dreams.y).float().mean())
     out.update(shape_bias(model, data.test, data.mean, data.std, device, n))
     return out
