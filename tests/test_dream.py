@@ -139,7 +139,8 @@ def test_dream_bench_runs_rounds_and_every_control(tmp_path):
     other = json.loads((tmp_path / "runs" / "dream" / "digits" / "other-seed0" / "config.json").read_text())
     assert other["config"]["seed"] == 1  # dreams of the test images come from a net no row is
     assert rows["round 1"]["dream_seconds"] > 0
-    assert (tmp_path / "figures" / "dreams-digits.png").stat().st_size > 1000
+    for fig in ("dreams-digits", "dreams-digits-other-net", "cue-conflict-digits"):
+        assert (tmp_path / "figures" / f"{fig}.png").stat().st_size > 1000
 
 
 def test_a_cut_plan_changes_only_the_epochs_of_every_row_and_the_dreamed_fraction():

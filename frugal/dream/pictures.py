@@ -33,3 +33,29 @@ def draw_dreams(originals: Split, dreams: torch.Tensor, path: str | Path, title:
     fig.suptitle(title or "images (top) and dreams (below)", fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def draw_cue_conflict(images: Split, texture_labels: torch.Tensor, path: str | Path, title: str = "",
+                      n: int = 16) -> Path:
+    """Cue-conflict images (`frugal.dream.evaluate.cue_conflict`), each captioned with the class
+    its shape says and the class its texture says. Writes a PNG atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(n, len(images))
+    if n == 0:
+        raise ValueError("no images to draw")
+    cols = min(n, 8)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.0, rows * 1.45), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        a = images.x[i].permute(1, 2, 0).numpy()
+        ax = axes.flat[i]
+        ax.imshow(a[..., 0] if a.shape[2] == 1 else a, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"shape {int(images.y[i])}\ntexture {int(texture_labels[i])}", fontsize=6)
+    fig.suptitle(title or "cue conflict: one class's shape, another's texture", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
