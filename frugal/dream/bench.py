@@ -12,7 +12,7 @@ Example dreams go into the report.
 
 fashion-mnist's plan is cut to fit a working day: under its baseline's plan (a residual net, 15
 epochs) the 4 rounds, 3 control nets and their dreams take about 6.7 hours per seed on one core,
-and the whole corrupted suite (71 splits of 10,000 images) about 17 minutes per model. Every
+and the whole corrupted suite (70 splits of 10,000 images) about 17 minutes per model. Every
 fashion-mnist row trains 5 epochs (so the comparison stays at one budget), each round dreams half
 of A, and the corrupted suite is measured on the first 2,000 test images of every split, the same
 for every row (`PLANS`). mnist runs its baseline's plan.
