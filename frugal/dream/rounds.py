@@ -116,13 +116,12 @@ def with_extra(data: TaskData, extra: list[Split]) -> TaskData:
 def _check_folder(out: Path, cfg: DreamTrainConfig) -> None:
     """Dreams and rounds in `out` are reused only under the config that made them; more rounds are
     an extension, anything else another experiment (kept in `DREAM_CONFIG`)."""
-    made = {k: v for k, v in asdict(cfg).items() if k != "rounds"}
+    made = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "rounds"}))  # as stored
     path = out / DREAM_CONFIG
     if path.exists():
         old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(made)):
-            diff = ", ".join(f"{k}: {old.get(k)!r} there, {v!r} here" for k, v in json.loads(json.dumps(made)).items()
-                             if old.get(k) != v)
+        if old != made:
+            diff = ", ".join(f"{k}: {old.get(k)!r} there, {v!r} here" for k, v in made.items() if old.get(k) != v)
             raise ValueError(f"{out} holds dream rounds made under another config ({diff}); "
                              "use another folder, or the config that made them")
     else:
