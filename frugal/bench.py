@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
 import fnmatch
 import json
 import os
@@ -32,7 +31,7 @@ from .data import KNOWN, load_task
 from .measure import measure
 from .plugins import load_ideas
 from .train import CHECKPOINT, TrainConfig, train
-from .utils import atomic_write_json, resolve_device, versions
+from .utils import atomic_write_json, file_lock, resolve_device, versions
 
 BUDGETS = ("tiny", "quick", "full")  # tiny: seconds, for tests; quick: < 10 min; full: the real figures
 
@@ -132,7 +131,8 @@ BASELINE_PLANS: dict[str, dict[str, Any]] = {
 TINY = dict(epochs=1, train_limit=256)  # the tiny budget: one short epoch, to test the plumbing
 
 
-def baseline_config(task: str, budget: str, seed: int, device: str = "auto", data_dir: str | None = None) -> TrainConfig:
+def baseline_config(task: str, budget: str, seed: int, device: str = "auto",
+                    data_dir: str | None = None) -> TrainConfig:
     if task not in BASELINE_PLANS:
         raise ValueError(f"the baseline has no plan for task {task!r}; known: {', '.join(BASELINE_PLANS)}")
     if budget not in BUDGETS:
@@ -199,12 +199,8 @@ def _locked(results_path: Path):
     """An exclusive lock beside results.json, so that several bench processes (say one per task,
     each with --threads 1) can share one --out folder without losing each other's rows; each run
     is claimed by one process while it trains."""
-    with open(results_path.with_name(".results.lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(results_path.with_name(".results.lock")):
+        yield
 
 
 def _claim_holder(claim: Path) -> str | None:

@@ -10,6 +10,7 @@ training split may weight its examples (`Split.w`): the loss is then their weigh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -29,9 +30,11 @@ from safetensors.torch import save as st_save
 from .data import TaskData, load_task
 from .data.types import Split
 from .models import create_model
-from .utils import atomic_write_bytes, atomic_write_json, resolve_device, seed_everything, versions
+from .utils import (LockHeld, atomic_write_bytes, atomic_write_json, file_lock, resolve_device, seed_everything,
+                    versions)
 
 CHECKPOINT = "checkpoint.pt"
+TRAIN_LOCK = ".train.lock"  # held while a process trains the folder
 WEIGHTS = "model.safetensors"
 
 
@@ -283,9 +286,21 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, hooks: Sequence[Hook] = (), 
     """Train cfg.model on cfg.task; write the run folder; return the trained model and its metrics.
 
     `model` replaces the registered model (an idea's own network); `data` skips loading the task.
-    With resume=True, continues from run_dir/checkpoint.pt, which must come from the same config."""
+    With resume=True, continues from run_dir/checkpoint.pt, which must come from the same config.
+    One process at a time trains a run folder: another one gets a clear error, not a mixed run."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(run_dir / TRAIN_LOCK, wait=False))
+        except LockHeld as e:
+            raise RuntimeError(f"{run_dir} is being trained by another process ({e}); wait for it to finish "
+                               "(then resume or read the run), or train into another folder") from None
+        return _train(cfg, run_dir, hooks, resume, model, data, progress, quiet)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool, model: nn.Module | None,
+           data: TaskData | None, progress: bool | None, quiet: bool) -> Result:
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -49,6 +49,33 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
+class LockHeld(RuntimeError):
+    """Another process holds the lock (`file_lock(..., wait=False)`)."""
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, wait: bool = True) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if missing) for the `with` block. wait=False:
+    raise LockHeld at once if another process (or another open of the file) holds it; the holder's
+    pid, written into the file, is in the message."""
+    import fcntl
+
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            raise LockHeld(f"{path} is held by pid {f.read().strip() or '?'}") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Write a matplotlib figure to `path` as PNG, atomically, and close it."""
     import matplotlib.pyplot as plt

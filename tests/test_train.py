@@ -256,3 +256,15 @@ def test_bad_example_weights_are_refused(w):
 
     with pytest.raises(ValueError, match="Split.w must be finite float weights >= 0"):
         Split(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64), w)
+
+
+def test_a_run_folder_being_trained_by_another_process_is_refused(tmp_path):
+    from frugal.train import TRAIN_LOCK
+    from frugal.utils import file_lock
+
+    cfg = TrainConfig(epochs=1, train_limit=64, **DIGITS)
+    with file_lock(tmp_path / TRAIN_LOCK):  # as a process training the folder holds it
+        with pytest.raises(RuntimeError, match=r"is being trained by another process .*held by pid \d+"):
+            train(cfg, tmp_path, quiet=True)
+    assert not (tmp_path / CHECKPOINT).exists()  # nothing written beside the other process's run
+    assert train(cfg, tmp_path, quiet=True).steps == 1  # free again: trains
