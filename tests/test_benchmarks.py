@@ -88,6 +88,11 @@ def test_dream_speed_times_an_epoch_against_a_dreamed_set(capsys):
     assert json.loads(capsys.readouterr().out)["dream_over_epoch"] == pytest.approx(one["dream_over_epoch"])
     assert one["n"] == 256 and one["train_epoch_seconds"] > 0 and one["dream_seconds"] > 0
     assert one["dream_over_epoch"] == pytest.approx(one["dream_seconds"] / one["train_epoch_seconds"])
+    before = torch.backends.mkldnn.enabled
+    off = dream_speed.main(["--task", "digits", "--model", "convnet", "--n", "64", "--steps", "1", "--octaves", "1",
+                            "--repeats", "1", "--threads", "1", "--device", "cpu", "--onednn", "off"])
+    assert one["dream"]["onednn"] == "on" and off["dream"]["onednn"] == "off"
+    assert torch.backends.mkldnn.enabled == before  # switched back after
 
 
 def test_tree_parallel_benchmark_times_both_runners_on_the_same_tree(tmp_path, capsys):

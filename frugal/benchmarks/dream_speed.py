@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layer", default=None, help="layer to dream with (default: the last spatial one)")
     p.add_argument("--batch", type=int, default=256, help="images dreamed at once")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--onednn", choices=("on", "off"), default="on",
+                   help="off: PyTorch's own CPU convolutions in place of oneDNN's, for both costs")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
@@ -62,17 +64,18 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     cfg = DreamConfig(layer=a.layer, steps=a.steps, octaves=a.octaves)
     train_s, dream_s = [], []
-    for _ in range(a.repeats):  # in turn, so a change of load hits both
-        t0 = time.perf_counter()
-        train_epoch(model, opt, split, data.mean, data.std, device)
-        train_s.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        dream_split(model, split, data.mean, data.std, cfg, device, batch=a.batch)
-        dream_s.append(time.perf_counter() - t0)
+    with torch.backends.mkldnn.flags(enabled=a.onednn == "on"):
+        for _ in range(a.repeats):  # in turn, so a change of load hits both
+            t0 = time.perf_counter()
+            train_epoch(model, opt, split, data.mean, data.std, device)
+            train_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            dream_split(model, split, data.mean, data.std, cfg, device, batch=a.batch)
+            dream_s.append(time.perf_counter() - t0)
     t_train, t_dream = statistics.median(train_s), statistics.median(dream_s)
     out = {"benchmark": "dream_speed", "task": a.task, "model": a.model, "n": len(split), "device": str(device),
            "threads": torch.get_num_threads(), "dream": {"steps": a.steps, "octaves": a.octaves, "layer": a.layer,
-                                                          "batch": a.batch},
+                                                          "batch": a.batch, "onednn": a.onednn},
            "train_epoch_seconds": t_train, "dream_seconds": t_dream, "dream_over_epoch": t_dream / t_train,
            "dream_ms_per_image": 1e3 * t_dream / len(split), "versions": versions()}
     print(json.dumps(out, indent=2))
