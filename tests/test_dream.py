@@ -138,7 +138,7 @@ def test_dream_bench_runs_rounds_and_every_control(tmp_path):
     assert rows["round 1"]["dreams"] == 256 and rows["round 1"]["mix"] == 1.0  # the tiny budget's A, dreamed once
     other = json.loads((tmp_path / "runs" / "dream" / "digits" / "other-seed0" / "config.json").read_text())
     assert other["config"]["seed"] == 1  # dreams of the test images come from a net no row is
-    assert rows["round 1"]["dream_seconds"] > 0
+    assert rows["round 1"]["dream_seconds"] > 0 and 0 < rows["round 1"]["mean_drift"] < 1
     for fig in ("dreams-digits", "dreams-digits-other-net", "cue-conflict-digits"):
         assert (tmp_path / "figures" / f"{fig}.png").stat().st_size > 1000
 

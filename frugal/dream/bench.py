@@ -62,6 +62,7 @@ def dream_plan(task: str, budget: str, seed: int, device: str = "auto", data_dir
                  fields=(("pgd_acc", "PGD acc (eps 0.1)", "{:.1%}"),
                          ("other_dream_acc", "acc on other net's dreams", "{:.1%}"),
                          ("shape_bias", "shape bias", "{:.2f}"), ("steps", "optimiser steps", "{:,.0f}"),
+                         ("mean_drift", "dreams' mean drift (RMS, pixels 0-1)", "{:.3f}"),
                          ("dream_seconds", "dreaming s", "{:,.0f}"), ("epoch_seconds", "1 epoch on A s", "{:,.0f}")))
 def run_dream(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     base, dcfg = dream_plan(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir)
@@ -97,6 +98,8 @@ def run_dream(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
                    dreams=info.get("dreams", 0), mix=dcfg.mix)
         if info.get("dream_seconds"):
             row["dream_seconds"] = info["dream_seconds"]
+        if "mean_drift" in info:
+            row["mean_drift"] = info["mean_drift"]
         rows.append(row)
     if seed == 0 and len(rounds) > 1:
         from frugal.dream.rounds import load_dreams
