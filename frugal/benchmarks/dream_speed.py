@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     cfg = DreamConfig(layer=a.layer, steps=a.steps, octaves=a.octaves)
     train_s, dream_s = [], []
-    with torch.backends.mkldnn.flags(enabled=a.onednn == "on"):
+    was = torch.backends.mkldnn.enabled
+    # note: set directly; torch.backends.mkldnn.flags() also sets oneDNN's TF32 switch, which warns on CPU builds
+    torch.backends.mkldnn.enabled = was and a.onednn == "on"
+    try:
         for _ in range(a.repeats):  # in turn, so a change of load hits both
             t0 = time.perf_counter()
             train_epoch(model, opt, split, data.mean, data.std, device)
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             dream_split(model, split, data.mean, data.std, cfg, device, batch=a.batch)
             dream_s.append(time.perf_counter() - t0)
+    finally:
+        torch.backends.mkldnn.enabled = was
     t_train, t_dream = statistics.median(train_s), statistics.median(dream_s)
     out = {"benchmark": "dream_speed", "task": a.task, "model": a.model, "n": len(split), "device": str(device),
            "threads": torch.get_num_threads(), "dream": {"steps": a.steps, "octaves": a.octaves, "layer": a.layer,
