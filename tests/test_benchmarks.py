@@ -115,3 +115,50 @@ def test_tree_parallel_benchmark_refuses_a_folder_that_is_not_a_run(tmp_path):
 
     with pytest.raises(SystemExit, match="not a run folder"):
         tree_parallel.main(["--base", str(tmp_path)])
+
+
+def test_matched_noise_changes_each_image_as_much_as_asked():
+    from frugal.benchmarks.dream_budget import matched_noise
+
+    src = load_task("digits").train.subset(64)
+    drift = torch.linspace(0.02, 0.2, 64)
+    noisy, got = matched_noise(src, drift, seed=0)
+    assert noisy.x.dtype == torch.uint8 and noisy.x.shape == src.x.shape and torch.equal(noisy.y, src.y)
+    measured = ((noisy.x.float() - src.x.float()) / 255).pow(2).flatten(1).mean(1).sqrt()
+    assert torch.allclose(got, measured)
+    assert torch.allclose(got, drift, rtol=0.05)  # clipped pixels made up for by a larger noise
+    assert torch.equal(matched_noise(src, drift, seed=0)[0].x, noisy.x)
+
+
+def test_dream_budget_benchmark_separates_budget_from_dreams(tmp_path, capsys):
+    from frugal.benchmarks import dream_budget
+
+    args = ["--task", "digits", "--budget", "tiny", "--out", str(tmp_path), "--corrupted-n", "0",
+            "--device", "cpu", "--threads", "1"]
+    out = dream_budget.main(args + ["--variants", "plain", "dreams", "noise", "dreams-added", "copies-added"])
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("{")  # one line per variant as it is measured, then the whole result
+    assert [json.loads(line) for line in lines[:start]] == out["rows"]
+    assert json.loads("\n".join(lines[start:]))["rows"] == out["rows"]
+    rows = {r["variant"]: r for r in out["rows"]}
+    n = out["train_size"]
+    assert rows["plain"]["steps"] == rows["dreams"]["steps"] == rows["noise"]["steps"]  # the bench's budget
+    assert rows["dreams-added"]["steps"] == rows["copies-added"]["steps"] > rows["dreams"]["steps"]
+    assert rows["dreams"]["extra_examples"] == rows["noise"]["extra_examples"] == round(out["mix"] * n)
+    assert rows["noise"]["extra_rms_change"] == pytest.approx(rows["dreams"]["extra_rms_change"], rel=0.05)
+    assert rows["copies-added"]["extra_rms_change"] == 0
+    assert rows["plain"]["test_acc"] == load_run(tmp_path / "rounds" / "round-0")[2]["test_acc"]
+    # another run adds its variant; the finished ones are read back, not trained again
+    more = dream_budget.main(args + ["--variants", "weighted", "noise"])
+    assert {r["variant"]: r["train_seconds"] for r in more["rows"]}["noise"] == rows["noise"]["train_seconds"]
+    kept = json.loads((tmp_path / "results.json").read_text())
+    assert {r["variant"] for r in kept["rows"]} == set(dream_budget.VARIANTS)
+    assert 0 < {r["variant"]: r for r in kept["rows"]}["weighted"]["mean_weight"] < 1
+
+
+def test_dream_budget_refuses_a_round0_that_is_not_a_run(tmp_path):
+    from frugal.benchmarks import dream_budget
+
+    with pytest.raises(SystemExit, match="not a finished run folder"):
+        dream_budget.main(["--task", "digits", "--budget", "tiny", "--out", str(tmp_path / "o"),
+                           "--round0", str(tmp_path), "--device", "cpu"])

@@ -43,7 +43,8 @@ PLANS: dict[tuple[str, str], dict[str, Any]] = {
 
 
 def dream_plan(task: str, budget: str, seed: int, device: str = "auto", data_dir: str | None = None):
-    """The training config every row of the task shares, and the rounds' config."""
+    """The training config every row of the task shares, the rounds' config, and the test images per
+    corrupted split (None: all)."""
     if task == "digits":  # tiny tests
         base = dataclasses.replace(baseline_config("mnist", budget, seed, device=device, data_dir=data_dir),
                                    task="digits", model="convnet")
@@ -54,7 +55,7 @@ def dream_plan(task: str, budget: str, seed: int, device: str = "auto", data_dir
         base = dataclasses.replace(base, epochs=plan["epochs"])
     rounds = DreamTrainConfig(rounds=ROUNDS[budget], mix=plan.get("mix", 1.0),
                               dream=DreamConfig(seed=seed, **DREAM))
-    return base, rounds
+    return base, rounds, plan.get("corrupted_n")
 
 
 @register_method("dream", tasks=("mnist", "fashion-mnist", "digits"), default_tasks=("mnist", "fashion-mnist"),
@@ -65,7 +66,7 @@ def dream_plan(task: str, budget: str, seed: int, device: str = "auto", data_dir
                          ("mean_drift", "dreams' mean drift (RMS, pixels 0-1)", "{:.3f}"),
                          ("dream_seconds", "dreaming s", "{:,.0f}"), ("epoch_seconds", "1 epoch on A s", "{:,.0f}")))
 def run_dream(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
-    base, dcfg = dream_plan(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir)
+    base, dcfg, corrupted_n = dream_plan(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir)
     data = load_task(task, data_dir=ctx.data_dir, val_size=base.val_size)
     n_eval = EVAL_N[ctx.budget]
     corrupted = f"{task}-c" in KNOWN and ctx.budget != "tiny"
@@ -91,7 +92,7 @@ def run_dream(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     models += [(f"control {name}", res, {}, run_dir) for name, (res, run_dir) in controls.items()]
     for variant, res, info, run_dir in models:
         row = measure(res.model, data, ctx.device, corrupted=corrupted, data_dir=ctx.data_dir,
-                      speed=ctx.budget != "tiny", corrupted_n=PLANS.get((task, ctx.budget), {}).get("corrupted_n"))
+                      speed=ctx.budget != "tiny", corrupted_n=corrupted_n)
         row.update(generalisation(res.model, data, ctx.device, other_dreams=other_dreams, n=n_eval))
         row.update(variant=variant, epochs=res.config.epochs, steps=res.steps, train_seconds=res.train_seconds,
                    model=base.model, run_dir=str(run_dir.relative_to(ctx.out_dir)), epoch_seconds=epoch_seconds,
