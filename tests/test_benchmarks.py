@@ -156,9 +156,17 @@ def test_dream_budget_benchmark_separates_budget_from_dreams(tmp_path, capsys):
     assert 0 < {r["variant"]: r for r in kept["rows"]}["weighted"]["mean_weight"] < 1
 
 
-def test_dream_budget_refuses_a_round0_that_is_not_a_run(tmp_path):
+def test_dream_budget_takes_a_finished_run_of_the_same_config_as_round0(tmp_path):
     from frugal.benchmarks import dream_budget
+    from frugal.dream.bench import dream_plan
 
+    args = ["--task", "digits", "--budget", "tiny", "--variants", "plain", "--corrupted-n", "0", "--device", "cpu"]
     with pytest.raises(SystemExit, match="not a finished run folder"):
-        dream_budget.main(["--task", "digits", "--budget", "tiny", "--out", str(tmp_path / "o"),
-                           "--round0", str(tmp_path), "--device", "cpu"])
+        dream_budget.main(args + ["--out", str(tmp_path / "a"), "--round0", str(tmp_path)])
+    base = dream_plan("digits", "tiny", 0, device="cpu")[0]
+    r0 = train(base, tmp_path / "r0", quiet=True, progress=False)
+    out = dream_budget.main(args + ["--out", str(tmp_path / "b"), "--round0", str(tmp_path / "r0")])
+    assert out["rows"][0]["test_acc"] == r0.test_acc and out["rows"][0]["train_seconds"] == r0.train_seconds
+    with pytest.raises(ValueError, match="config differs"):  # another plan's run is not taken
+        dream_budget.main(args + ["--out", str(tmp_path / "c"), "--round0", str(tmp_path / "r0"),
+                                  "--epochs", str(base.epochs + 1)])
