@@ -209,3 +209,27 @@ def test_a_layer_dream_step_is_the_normalised_gradient_and_stops_at_the_layer(tr
     assert calls  # a class logit needs the whole net
     h.remove()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_adversarial_training_attacks_in_eval_mode_and_learns_in_train_mode():
+    """BatchNorm's running statistics move once per batch, on the finished adversarial examples,
+    not at every step of the attack."""
+    from types import SimpleNamespace
+
+    from frugal.dream.evaluate import AdversarialTraining
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(4)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), bn, torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 8 * 8, 10))
+    modes = []
+    bn.register_forward_hook(lambda m, i, o: modes.append(m.training))
+    d = load_task("digits")
+    state = SimpleNamespace(model=model.train(), data=d)
+    x, y = normalize(d.train.x[:32], d.mean, d.std), d.train.y[:32]
+    before = bn.num_batches_tracked.item()
+    loss = AdversarialTraining(steps=3).extra_loss(state, None, x, y)
+    assert modes == [False, False, False, True] and model.training
+    assert bn.num_batches_tracked.item() == before + 1
+    loss.backward()
+    assert model[0].weight.grad.abs().sum() > 0

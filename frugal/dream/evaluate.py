@@ -84,14 +84,25 @@ def shape_bias(model: nn.Module, split: Split, mean: float, std: float, device, 
 
 
 class AdversarialTraining(Hook):
-    """A control: half of each loss is on PGD examples of the batch (eps in pixel units)."""
+    """A control: half of each loss is on PGD examples of the batch (eps in pixel units).
+
+    The attack runs with the net in eval mode, as in TRADES: in training mode every attack step
+    would move BatchNorm's running statistics towards half-made adversarial batches, and the net
+    would be evaluated with statistics of inputs it never sees at test time (measured on the
+    residual net, fashion-mnist, 5 epochs: 59% clean test accuracy in eval mode, 90% with batch
+    statistics). The loss on the finished examples is taken in training mode."""
 
     def __init__(self, eps: float = 0.1, steps: int = 5, weight: float = 1.0):
         self.eps, self.steps, self.weight = eps, steps, weight
 
     def extra_loss(self, state: TrainState, logits, x, y):
         lo, hi = pixel_range(state.data.mean, state.data.std)
-        adv = pgd(state.model, x, y, self.eps, self.steps, lo, hi, state.data.std)
+        was = state.model.training
+        state.model.eval()
+        try:
+            adv = pgd(state.model, x, y, self.eps, self.steps, lo, hi, state.data.std)
+        finally:
+            state.model.train(was)
         return self.weight * F.cross_entropy(state.model(adv), y)
 
 
