@@ -33,12 +33,13 @@ from pathlib import Path
 
 import torch
 
+from frugal.benchmarks import add_where_args, where
 from frugal.data import KNOWN, Split, TaskData, load_task
 from frugal.dream.bench import dream_plan
 from frugal.dream.rounds import DREAMS, dream_training, load_dreams, with_extra
 from frugal.measure import measure
 from frugal.train import CHECKPOINT, train
-from frugal.utils import atomic_write_json, file_lock, resolve_device, versions
+from frugal.utils import atomic_write_json, file_lock, versions
 
 VARIANTS = ("plain", "dreams", "noise", "weighted", "dreams-added", "copies-added")
 DRIFT_SCALE = 0.05  # `weighted`: a dream of the bench's typical drift (about 0.1) weighs e^-2
@@ -86,13 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--round0", default=None, help="a finished run of the same config to use as round 0")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--corrupted-n", type=int, default=500, help="test images per corrupted split (0: no suite)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data-dir", default=None)
+    add_where_args(p)
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = resolve_device(a.device)
+    device = where(a)
     out = Path(a.out)
     base, dcfg, _ = dream_plan(a.task, a.budget, a.seed, device=a.device, data_dir=a.data_dir)
     if a.epochs is not None:

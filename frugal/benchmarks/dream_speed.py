@@ -20,11 +20,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from frugal.benchmarks import add_where_args, where
 from frugal.data import load_task
 from frugal.dream.generator import DreamConfig
 from frugal.dream.rounds import dream_split
 from frugal.train import TrainConfig, build_model, model_spec, normalize
-from frugal.utils import resolve_device, seed_everything, versions
+from frugal.utils import seed_everything, versions
 
 
 def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, split, mean: float, std: float, device,
@@ -50,13 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--onednn", choices=("on", "off"), default="on",
                    help="off: PyTorch's own CPU convolutions in place of oneDNN's, for both costs")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data-dir", default=None)
+    add_where_args(p)
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = resolve_device(a.device)
+    device = where(a)
     data = load_task(a.task, data_dir=a.data_dir)
     split = data.train.subset(a.n)
     seed_everything(0)

@@ -18,10 +18,11 @@ import time
 
 import torch
 
+from frugal.benchmarks import add_where_args, where
 from frugal.measure import count_macs
 from frugal.train import evaluate, load_run, normalize
 from frugal.data import load_task
-from frugal.utils import resolve_device, versions
+from frugal.utils import versions
 
 
 @torch.no_grad()
@@ -62,14 +63,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dense", required=True, help="run folder of its trained dense twin (blockcnn)")
     p.add_argument("--batch", type=int, default=64, help="images per timed call")
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    add_where_args(p, data_dir=False)
     p.add_argument("--fractions", type=float, nargs="*", default=[],
                    help="also time the saccadic model attending this share of each image's blocks (inference_fraction)")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = resolve_device(a.device)
+    device = where(a)
     (sparse, s_cfg, _), (dense, d_cfg, _) = load_run(a.sparse, device), load_run(a.dense, device)
     if s_cfg.task != d_cfg.task:
         raise SystemExit(f"the two runs were trained on different tasks ({s_cfg.task} vs {d_cfg.task}); "

@@ -21,9 +21,10 @@ import json
 import torch
 import torch.nn.functional as F
 
+from frugal.benchmarks import add_where_args, where
 from frugal.benchmarks.saccade_model import alternate_timing
 from frugal.saccade import BlockSet, BlockSparseConv2d
-from frugal.utils import resolve_device, versions
+from frugal.utils import versions
 
 
 def random_levels(b: int, gh: int, gw: int, density: float, gen: torch.Generator) -> torch.Tensor:
@@ -73,8 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--block", type=int, nargs="+", default=[10, 12])
     p.add_argument("--density", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    add_where_args(p, data_dir=False)
     p.add_argument("--nchw", action="store_true",
                    help="feed NCHW input; default channels-last, the layout a stack of sparse layers passes on")
     a = p.parse_args(argv)
@@ -84,9 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         if a.size % b:
             p.error(f"--size {a.size} is not a multiple of --block {b}: pick a size the blocks tile "
                     f"(e.g. --size {a.size + (-a.size) % b} for block {b})")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = resolve_device(a.device)
+    device = where(a)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(a.batch, a.channels, a.size, a.size, generator=gen).to(device)
     if not a.nchw:
