@@ -50,20 +50,24 @@ def matched_noise(src: Split, drift: torch.Tensor, seed: int, iters: int = 4) ->
     change (pixel units 0-1) matches `drift`. Returns the images and the change each really got."""
     x0 = src.x.float() / 255
     z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    scale = drift.float().clone()
-    for _ in range(iters):  # clipping at 0 and 1 takes some of the noise away: scale up to make up for it
+
+    def noisy(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (N, C, H, W) pixels 0-255, (N,) RMS
         u = ((x0 + scale.view(-1, 1, 1, 1) * z) * 255).round().clamp(0, 255)
-        got = (u / 255 - x0).pow(2).flatten(1).mean(1).sqrt()
+        return u, (u / 255 - x0).pow(2).flatten(1).mean(1).sqrt()
+
+    scale = drift.float()
+    u, got = noisy(scale)
+    for _ in range(iters):  # clipping at 0 and 1 takes some of the noise away: scale up to make up for it
         scale = scale * drift.float() / got.clamp_min(1e-6)
-    u = ((x0 + scale.view(-1, 1, 1, 1) * z) * 255).round().clamp(0, 255)
-    got = (u / 255 - x0).pow(2).flatten(1).mean(1).sqrt()
+        u, got = noisy(scale)
     return Split(u.to(torch.uint8), src.y.clone()), got
 
 
 def variant_data(name: str, data: TaskData, dreams: Split, drift: torch.Tensor, seed: int) -> tuple[TaskData, dict]:
-    """The training data of a variant that is not a round, and what describes its extra examples."""
+    """The training data of a variant that is not one of the rounds (plain, dreams), and what
+    describes its extra examples."""
     src = Split(data.train.x[:len(dreams)], data.train.y[:len(dreams)])  # the dreams' sources (dreams keep order)
-    if name in ("dreams", "dreams-added"):
+    if name == "dreams-added":
         return with_extra(data, [dreams]), {"extra_rms_change": float(drift.mean())}
     if name == "noise":
         noisy, got = matched_noise(src, drift, seed)
