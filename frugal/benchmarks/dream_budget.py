@@ -38,7 +38,7 @@ from frugal.data import KNOWN, Split, TaskData, load_task
 from frugal.dream.bench import dream_plan
 from frugal.dream.rounds import DREAMS, dream_training, load_dreams, with_extra
 from frugal.measure import measure
-from frugal.train import CHECKPOINT, train
+from frugal.train import CHECKPOINT, TRAIN_LOCK, train
 from frugal.utils import atomic_write_json, file_lock, versions
 
 VARIANTS = ("plain", "dreams", "noise", "weighted", "dreams-added", "copies-added")
@@ -107,11 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--round0 {src} is not a finished run folder (no {CHECKPOINT}); give the folder "
                              "of a run trained under the same config")
         if not (rounds_dir / "round-0").exists():  # its config is checked when dream_training resumes it
-            shutil.copytree(src, rounds_dir / "round-0", ignore=shutil.ignore_patterns(".train.lock"))
+            shutil.copytree(src, rounds_dir / "round-0", ignore=shutil.ignore_patterns(TRAIN_LOCK))
     rounds = dream_training(base, rounds_dir, dcfg, data, device=device, log=lambda s: None)
     dreams, drift = load_dreams(rounds_dir / "round-1" / DREAMS)
     a_train = data.train.subset(base.train_limit)
-    data_a = TaskData(data.name, a_train, data.val, data.test, data.num_classes, data.mean, data.std)
+    data_a = dataclasses.replace(data, train=a_train)
     corrupted = a.corrupted_n > 0 and f"{a.task}-c" in KNOWN
 
     rows = []

@@ -110,7 +110,7 @@ def with_extra(data: TaskData, extra: list[Split]) -> TaskData:
     w = None
     if any(s.w is not None for s in splits):
         w = torch.cat([torch.ones(len(s)) if s.w is None else s.w.float() for s in splits])
-    return TaskData(data.name, Split(x, y, w), data.val, data.test, data.num_classes, data.mean, data.std)
+    return replace(data, train=Split(x, y, w))
 
 
 def _check_folder(out: Path, cfg: DreamTrainConfig) -> None:
@@ -140,7 +140,7 @@ def dream_training(base: TrainConfig, out: str | Path, cfg: DreamTrainConfig, da
     rounds = []
     prev: torch.nn.Module | None = None
     a = data.train.subset(base.train_limit)  # A: what round 0 trains on
-    data = TaskData(data.name, a, data.val, data.test, data.num_classes, data.mean, data.std)
+    data = replace(data, train=a)
     n = max(1, round(cfg.mix * len(a)))
     for r in range(cfg.rounds + 1):
         rdir = out / f"round-{r}"
