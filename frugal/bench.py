@@ -15,9 +15,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import fnmatch
-import json
-import os
-import socket
 import sys
 import time
 import uuid
@@ -31,7 +28,8 @@ from .data import KNOWN, load_task
 from .measure import measure
 from .plugins import load_ideas
 from .train import CHECKPOINT, TrainConfig, train
-from .utils import atomic_write_json, file_lock, resolve_device, versions
+from .report import check_rows
+from .utils import LockHeld, atomic_write_json, file_lock, read_json, remove_stale_temp_files, resolve_device, versions
 
 BUDGETS = ("tiny", "quick", "full")  # tiny: seconds, for tests; quick: < 10 min; full: the real figures
 
@@ -203,32 +201,18 @@ def _locked(results_path: Path):
         yield
 
 
-def _claim_holder(claim: Path) -> str | None:
-    """'host pid' of a live bench process that claimed this run, or None. A claim left by a killed
-    process on this host is stale: the run is taken over and resumes from its checkpoint."""
-    try:
-        host, pid = claim.read_text().split()
-    except (FileNotFoundError, ValueError):
-        return None
-    if host != socket.gethostname():
-        return f"{host} {pid}"  # cannot check another machine's processes: assume it is running
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # exists, owned by someone else
-    return f"{host} {pid}"
+class BenchIncomplete(RuntimeError):
+    """The bench ended with runs of its plan missing from results.json (`frugal bench` exits 3)."""
 
 
 def _read_results(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {"meta": {}, "rows": []}
-    try:
-        res = json.loads(path.read_text())
-        assert isinstance(res.get("rows"), list)
-    except (json.JSONDecodeError, AssertionError, AttributeError) as e:
-        raise ValueError(f"{path} is not a frugal results file ({e}); move it away or choose another --out") from e
+    fix = "move it away or choose another --out"
+    res = read_json(path, f"it is not a frugal results file; {fix}")
+    if not isinstance(res, dict) or not isinstance(res.get("rows"), list) or not isinstance(res.get("meta", {}), dict):
+        raise ValueError(f"{path} is not a frugal results file (no list of rows); {fix}")
+    check_rows(res["rows"], path)
     res.setdefault("meta", {})
     return res
 
@@ -254,6 +238,8 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
         raise ValueError(f"unknown budget {cfg.budget!r}; known: {', '.join(BUDGETS)}")
     if cfg.seeds < 1:
         raise ValueError("--seeds must be >= 1")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"--threads must be >= 1 (or left out: torch's default), got {cfg.threads}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     methods = [get_method(m) for m in cfg.methods]
@@ -278,6 +264,8 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "figures", out / "samples"):
+        remove_stale_temp_files(folder)
     results_path = out / "results.json"
     ctx = BenchContext(out, cfg.budget, resolve_device(cfg.device), cfg.data_dir, cfg.corrupted,
                        process_id=uuid.uuid4().hex[:12], quiet=not cfg.verbose, variants=tuple(cfg.variants))
@@ -290,36 +278,55 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
 
     for task in dict.fromkeys(t for _, t, _ in plan):
         write_task_samples(out, task, data_dir=cfg.data_dir)
-    for i, (m, task, seed) in enumerate(plan):
+    def is_done(m: Method, task: str, seed: int) -> bool:
+        done = {_key(r) for r in _read_results(results_path)["rows"]}
+        return (m.name, task, seed, "") in done or (m.name, task, seed, selection) in done
+
+    def attempt(i: int, m: Method, task: str, seed: int, wait: bool) -> bool:
+        """Run one (method, task, seed) unless it is done; False if another live process holds it.
+        A run is claimed by a lock on its claim file, which the system drops when its holder dies
+        however it dies, so a claim can never go stale (nor be mistaken for a new process's)."""
+        tag = f"[{i + 1}/{len(plan)}] {m.name} {task} seed {seed}"
         claim = out / "runs" / m.name / task / f".seed{seed}.claim"
-        with _locked(results_path):
-            done = {_key(r) for r in _read_results(results_path)["rows"]}
-            is_done = (m.name, task, seed, "") in done or (m.name, task, seed, selection) in done
-            holder = _claim_holder(claim)
-            if not is_done and holder is None:
-                claim.parent.mkdir(parents=True, exist_ok=True)
-                claim.write_text(f"{socket.gethostname()} {os.getpid()}\n")
-        if is_done:
-            log(f"[{i + 1}/{len(plan)}] {m.name} {task} seed {seed}: done before, kept")
-            continue
-        if holder is not None:
-            log(f"[{i + 1}/{len(plan)}] {m.name} {task} seed {seed}: being run by {holder}, left to it")
-            continue
-        log(f"[{i + 1}/{len(plan)}] {m.name} {task} seed {seed} ...")
-        t0 = time.perf_counter()
-        try:
+        claim.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as held:
+            if wait:
+                log(f"{tag}: waiting for the process that runs it")
+                held.enter_context(file_lock(claim))
+            with _locked(results_path):
+                if is_done(m, task, seed):
+                    log(f"{tag}: done before, kept" if not wait else f"{tag}: done by the other process")
+                    return True
+                if not wait:
+                    try:
+                        held.enter_context(file_lock(claim, wait=False))
+                    except LockHeld as e:
+                        log(f"{tag}: being run by another process ({e}); left to it for now")
+                        return False
+            log(f"{tag} ...")
+            t0 = time.perf_counter()
             rows = m.run(ctx, task, seed)
-        finally:
-            claim.unlink(missing_ok=True)
-        if not rows:
-            log(f"    no variant of {m.name} matches --variants {' '.join(cfg.variants)}")
-        for r in rows:
-            r.update(method=m.name, task=task, seed=seed, process_id=ctx.process_id, selection=selection)
-            r.setdefault("variant", m.name)
-        _append_rows(results_path, meta, rows)
+            if not rows:
+                log(f"    no variant of {m.name} matches --variants {' '.join(cfg.variants)}")
+            for r in rows:
+                r.update(method=m.name, task=task, seed=seed, process_id=ctx.process_id, selection=selection)
+                r.setdefault("variant", m.name)
+            _append_rows(results_path, meta, rows)
         secs = time.perf_counter() - t0
         for r in rows:
             log(f"    {r['variant']}: test acc {r['test_acc']:.4f}, {r['params']:,} params, "
                 f"{r['macs']:,.0f} MACs/image ({secs:.0f}s)")
-    write_report(out)
+        return True
+
+    left = [(i, m, task, seed) for i, (m, task, seed) in enumerate(plan) if not attempt(i, m, task, seed, wait=False)]
+    for i, m, task, seed in left:  # runs other processes hold: wait for each, and take over one whose holder died
+        attempt(i, m, task, seed, wait=True)
+    with _locked(results_path):
+        missing = [f"{m.name} {task} seed {seed}" for m, task, seed in plan if not is_done(m, task, seed)]
+        any_rows = bool(_read_results(results_path)["rows"])
+    if any_rows:
+        write_report(out)
+    if missing:
+        raise BenchIncomplete(f"{len(missing)} run(s) of the plan have no row in {results_path}: {', '.join(missing)}; "
+                              "see the lines above for why, and run the same command again to complete them")
     return results_path

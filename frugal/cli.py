@@ -43,6 +43,9 @@ def _train_config(a: argparse.Namespace):
             raise ValueError(f"cannot read config {a.config}: {e}") from e
         if not isinstance(d, dict):
             raise ValueError(f"config {a.config} must be a mapping of TrainConfig fields")
+        if _nodes(d) > 10_000:  # YAML aliases can make a small file expand without bound
+            raise ValueError(f"config {a.config} expands to more than 10,000 values; a config is a short mapping of "
+                             "TrainConfig fields")
     for key in ("task", "model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule",
                 "augment", "seed", "device", "train_limit", "val_size", "data_dir", "threads", "warmup_epochs",
                 "init_from"):
@@ -50,8 +53,29 @@ def _train_config(a: argparse.Namespace):
         if v is not None:
             d[key] = v
     if a.model_kw:
-        d["model_kw"] = {**d.get("model_kw", {}), **json.loads(a.model_kw)}
+        try:
+            kw = json.loads(a.model_kw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--model-kw {a.model_kw!r} is not valid JSON ({e.msg}, column {e.colno}); give a JSON "
+                             'object of model options, e.g. \'{"width": 64}\'') from None
+        if not isinstance(kw, dict):
+            raise ValueError(f"--model-kw must be a JSON object of model options, e.g. '{{\"width\": 64}}', "
+                             f"got {a.model_kw!r}")
+        d["model_kw"] = {**(d.get("model_kw") or {}), **kw}
     return TrainConfig.from_dict(d)
+
+
+def _nodes(v, budget: int = 10_001) -> int:
+    """How many values `v` holds, counting each alias again, stopping once past `budget`."""
+    n, stack = 0, [v]
+    while stack and n < budget:
+        x = stack.pop()
+        n += 1
+        if isinstance(x, dict):
+            stack += [*x.keys(), *x.values()]
+        elif isinstance(x, list):
+            stack += x
+    return n
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -210,19 +234,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_BAD_INPUT = 2  # the message names the input and the fix
+EXIT_INCOMPLETE = 3  # `frugal bench` ended with runs of its plan missing from results.json
+
 COMMANDS = {"data": _cmd_data, "models": _cmd_models, "train": _cmd_train, "measure": _cmd_measure,
             "explain": _cmd_explain, "bench": _cmd_bench, "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    from .bench import BenchIncomplete
+
     run = COMMANDS.get(a.cmd) or _IDEA_COMMANDS[a.cmd][2]
     try:
         return run(a)
+    except BenchIncomplete as e:  # not bad input: runs of the plan are missing, said apart by its own status
+        print(f"frugal {a.cmd}: incomplete: {e}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         # bad input and missing data end with the message alone: it says what was wrong and the fix
         print(f"frugal {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except OSError as e:  # a path that cannot be used: below a regular file, unwritable, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"frugal {a.cmd}: error: {where}{e.strerror or e}; check that the paths given (--out, --data-dir, "
+              "-o, ...) are folders you can write to, and that the disk has room", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ each model takes its input shape from the task, never from a constant.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -42,19 +44,97 @@ def describe_model(name: str) -> str:
 
 def create_model(name: str, *, in_channels: int = 1, image_size: tuple[int, int] = (28, 28),
                  num_classes: int = 10, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, **kw) -> nn.Module:
-    """Build a registered model for inputs of (in_channels, *image_size) and num_classes outputs."""
+                 dtype: torch.dtype | None = None, limits: SizeLimits | None = None, **kw) -> nn.Module:
+    """Build a registered model for inputs of (in_channels, *image_size) and num_classes outputs.
+    With `limits` (a spec read from someone else's file), the model is first sized on the meta
+    device and refused (ModelTooLarge) past a bound; a model that cannot be built on the meta
+    device is built for real with the same bounds counted as it grows."""
+    if limits is not None:
+        try:
+            model_size(name, limits, in_channels=in_channels, image_size=image_size, num_classes=num_classes, **kw)
+        except (NotImplementedError, RuntimeError):  # an op without a meta kernel: count during the real build
+            counter = _Counter(limits)
+            with counter.counting():
+                model = create_model(name, in_channels=in_channels, image_size=image_size,
+                                     num_classes=num_classes, **kw)
+            return model.to(device=device, dtype=dtype)
     if name not in list_models():
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     fn = _MODELS[name]
-    allowed = set(inspect.signature(fn).parameters)
-    bad = sorted(set(kw) - allowed)
+    params = inspect.signature(fn).parameters
+    allowed = {k for k, p in params.items() if p.kind != p.VAR_KEYWORD}
+    passes_on = any(p.kind == p.VAR_KEYWORD for p in params.values())  # options for a model it wraps
+    bad = [] if passes_on else sorted(set(kw) - allowed)
     if bad:
         raise ValueError(f"model {name!r} takes no option(s) {bad}; its options: "
                          f"{sorted(allowed - {'in_channels', 'image_size', 'num_classes'})}")
     h, w = _check_size(image_size)
     model = fn(in_channels=in_channels, image_size=(h, w), num_classes=num_classes, **kw)
     return model.to(device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    """Bounds on a model built from a spec that someone else wrote (a run folder's config, a model
+    file's header): `create_model(..., limits=)` refuses, before allocating anything, a model past
+    any of them."""
+
+    entries: int = 100_000_000  # floating-point entries of all parameters and buffers (400 MB as float32)
+    tensors: int = 10_000  # parameters and buffers
+    modules: int = 10_000  # sub-modules: bounds the time spent building one
+
+
+class ModelTooLarge(ValueError):
+    """A spec whose model would pass a `SizeLimits` bound."""
+
+
+class _Counter:
+    """Counts what nn.Module registers while a model is built, and stops the build (ModelTooLarge)
+    the moment a bound is passed, so that a spec of 20,000 blocks costs no more than the bound."""
+
+    def __init__(self, limits: SizeLimits):
+        self.limits, self.entries, self.tensors, self.modules = limits, 0, 0, 0
+
+    def on_module(self, module: nn.Module, name: str, sub: nn.Module | None) -> None:
+        self.modules += sub is not None
+        self._check()
+
+    def on_tensor(self, module: nn.Module, name: str, t: torch.Tensor | None) -> None:
+        if t is not None:
+            self.tensors += 1
+            self.entries += t.numel()
+        self._check()
+
+    def _check(self) -> None:
+        lim = self.limits
+        for what, n, bound in (("tensor entries", self.entries, lim.entries), ("tensors", self.tensors, lim.tensors),
+                               ("modules", self.modules, lim.modules)):
+            if n > bound:
+                raise ModelTooLarge(f"the model would have more than {bound:,} {what} (the bound for a model "
+                                    "built from a spec read from a file)")
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator["_Counter"]:
+        from torch.nn.modules import module as m
+
+        handles = [m.register_module_module_registration_hook(self.on_module),
+                   m.register_module_parameter_registration_hook(self.on_tensor),
+                   m.register_module_buffer_registration_hook(self.on_tensor)]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def model_size(name: str, limits: SizeLimits = SizeLimits(), **create_kw) -> tuple[int, int]:
+    """(tensors, entries) of the parameters and buffers `create_model(name, **create_kw)` would
+    have, found by building it on the meta device (no memory for values); ModelTooLarge as soon as
+    a bound is passed."""
+    counter = _Counter(limits)
+    with counter.counting(), torch.device("meta"):
+        create_model(name, **create_kw)
+    return counter.tensors, counter.entries
 
 
 def _check_size(image_size) -> tuple[int, int]:

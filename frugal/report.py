@@ -7,7 +7,6 @@ by the bench into DIR/samples/ and reused here.
 from __future__ import annotations
 
 import html
-import json
 import math
 import re
 from collections import defaultdict
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .utils import atomic_write_text, save_figure
+from .utils import atomic_write_text, read_json, save_figure
 
 # (field, header, format) of the main table; accuracy columns are mean ± std over seeds
 COLUMNS = [
@@ -29,6 +28,45 @@ COLUMNS = [
     ("throughput", "images/s (b=256)", "{:,.0f}"),
     ("train_seconds", "train s", "{:,.0f}"),
 ]
+
+
+# fields every row must carry, and the type each must have (what the report computes with)
+REQUIRED = {"method": str, "task": str, "seed": int, "test_acc": float}
+NUMERIC = {"val_acc", "latency_ms", "corrupted_mean_acc", "file_bytes", *(k for k, _, _ in COLUMNS)}
+
+
+def check_rows(rows: list[Any], path: Path) -> None:
+    """Every row of a results file has the fields the report reads, of the right types: a ValueError
+    naming the row and the field otherwise, never a KeyError from deep inside a table."""
+    from frugal.bench import list_methods
+
+    numeric = set(NUMERIC)
+    for m in list_methods().values():
+        numeric |= {k for k, _, _ in m.fields} | {k for k, _ in m.plots}
+
+    def is_number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for i, r in enumerate(rows):
+        where = f"{path}: row {i}"
+        if not isinstance(r, dict):
+            raise ValueError(f"{where} is not an object; rerun the bench into a new --out folder")
+        where += f" ({r.get('method', '?')}, {r.get('task', '?')}, seed {r.get('seed', '?')})"
+        for key, kind in REQUIRED.items():
+            v = r.get(key)
+            ok = is_number(v) if kind is float else isinstance(v, kind) and not isinstance(v, bool)
+            if not ok:
+                raise ValueError(f"{where} lacks {key!r} as a {kind.__name__} (it has {v!r}); the file was not "
+                                 "written by `frugal bench`, or was edited: rerun the bench into a new --out folder")
+        bad = [k for k in numeric if r.get(k) is not None and not is_number(r[k])]
+        if not isinstance(r.get("variant", ""), str):
+            bad.append("variant")
+        c = r.get("corrupted")
+        if c is not None and not (isinstance(c, dict) and all(isinstance(k, str) and is_number(v) for k, v in c.items())):
+            bad.append("corrupted")
+        if bad:
+            raise ValueError(f"{where} has field(s) {sorted(bad)} of the wrong type; the file was not written by "
+                             "`frugal bench`, or was edited: rerun the bench into a new --out folder")
 
 
 def _mean_std(vals: list[float]) -> tuple[float, float]:
@@ -306,11 +344,14 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     res_path = out / "results.json"
     if not res_path.exists():
         raise FileNotFoundError(f"no results.json in {out}; run `frugal bench --out {out}` first")
-    try:
-        results = json.loads(res_path.read_text())
-        rows = results["rows"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{res_path} is not a frugal results file ({e})") from e
+    results = read_json(res_path, "it is not a frugal results file; rebuild it with `frugal bench --out DIR`")
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
+        raise ValueError(f"{res_path} is not a frugal results file (no list of rows); rebuild it with "
+                         f"`frugal bench --out {out}`")
+    rows = results["rows"]
+    check_rows(rows, res_path)
+    if not isinstance(results.get("meta", {}), dict):
+        raise ValueError(f"{res_path}: 'meta' must be an object; rebuild it with `frugal bench --out {out}`")
     if not rows:
         raise ValueError(f"{res_path} holds no rows yet; the bench has not finished a run")
     agg = aggregate(rows)

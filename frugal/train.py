@@ -15,8 +15,10 @@ import dataclasses
 import io
 import json
 import math
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,9 +31,9 @@ from safetensors.torch import save as st_save
 
 from .data import TaskData, load_task
 from .data.types import Split
-from .models import create_model
-from .utils import (LockHeld, atomic_write_bytes, atomic_write_json, file_lock, resolve_device, seed_everything,
-                    versions)
+from .models import SizeLimits, create_model
+from .utils import (LockHeld, atomic_write_bytes, atomic_write_json, file_lock, read_json, remove_stale_temp_files,
+                    resolve_device, seed_everything, versions)
 
 CHECKPOINT = "checkpoint.pt"
 TRAIN_LOCK = ".train.lock"  # held while a process trains the folder
@@ -70,6 +72,7 @@ class TrainConfig:
     # of the same name and shape (fine-tuning, or a sparse model warm-started from its dense twin)
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -81,6 +84,10 @@ class TrainConfig:
             (self.augment in AUGMENTS, f"unknown augment {self.augment!r}; known: {', '.join(AUGMENTS)}"),
             (self.train_limit is None or self.train_limit >= 1, "train_limit must be >= 1 or None"),
             (self.epoch_size is None or self.epoch_size >= 1, "epoch_size must be >= 1 or None"),
+            (self.threads is None or self.threads >= 1, f"threads must be >= 1 (or None: torch's default), got {self.threads}"),
+            (math.isfinite(self.lr), f"lr must be finite, got {self.lr}"),
+            (isinstance(self.model_kw, dict),
+             f"model_kw must be a JSON object of model options like {{\"width\": 64}}, got {self.model_kw!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -91,11 +98,29 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a TrainConfig is a mapping of its fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
+
+
+def _check_field_types(cfg: Any) -> None:
+    """Each field of a config dataclass holds a value of its annotated type (`int`, `float | None`,
+    ...), so that a config read from a file fails here, naming the field, not deep in training."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if v is None and "None" in kinds:
+            continue
+        allowed = tuple(t for k in kinds for t in _FIELD_TYPES.get(k, ()))
+        if allowed and (not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed)):
+            raise ValueError(f"bad {type(cfg).__name__}: {f.name} must be {f.type}, got {v!r}")
 
 
 @dataclass
@@ -154,6 +179,11 @@ class Hook:
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+# An epoch whose mean cross-entropy passes this many times that of a uniform guess (ln classes) has
+# diverged even though every loss was finite (an lr of 1e6 ends near 1e12): stopped like a NaN.
+DIVERGED_LOSS_FACTOR = 100.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,9 +302,54 @@ def model_spec(cfg: TrainConfig, data: TaskData) -> dict[str, Any]:
             "num_classes": data.num_classes, "kw": dict(cfg.model_kw)}
 
 
-def build_model(spec: dict[str, Any], device=None) -> nn.Module:
+def check_spec(spec: Any) -> dict[str, Any]:
+    """A model spec read from a file (a run folder's config.json, a model file's header), checked for
+    its structure before anything is built from it: ValueError saying which field is wrong."""
+    def fail(what: str):
+        raise ValueError(f"the model spec {str(spec)[:120]} is malformed: {what}")
+
+    if not isinstance(spec, dict):
+        fail("it is not a JSON object")
+    unknown = sorted(set(spec) - {"name", "in_channels", "image_size", "num_classes", "kw"})
+    if unknown:
+        fail(f"unknown field(s) {unknown}")
+    if not isinstance(spec.get("name"), str):
+        fail("'name' must be a model name")
+    for key in ("in_channels", "num_classes"):
+        v = spec.get(key)
+        if type(v) is not int or not 1 <= v <= 1 << 20:
+            fail(f"{key!r} must be a whole number from 1 to {1 << 20}")
+    size = spec.get("image_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(type(s) is int and 1 <= s <= 1 << 16 for s in size)):
+        fail(f"'image_size' must be [height, width], each from 1 to {1 << 16}")
+    kw = spec.get("kw", {})
+    if not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw):
+        fail("'kw' must be a JSON object of model options")
+    if not _plain_json(kw, depth=4):
+        fail("'kw' holds values nested too deeply or too long (options are numbers, strings and short lists)")
+    return spec
+
+
+def _plain_json(v: Any, depth: int) -> bool:
+    """Numbers, strings, booleans, null, and lists or objects of them nested at most `depth` deep,
+    at most 1,000 items each: what model options are."""
+    if v is None or isinstance(v, (bool, int, float)):
+        return True
+    if isinstance(v, str):
+        return len(v) <= 1000
+    if isinstance(v, (list, dict)):
+        items = v.values() if isinstance(v, dict) else v
+        return depth > 0 and len(v) <= 1000 and all(_plain_json(x, depth - 1) for x in items)
+    return False
+
+
+def build_model(spec: dict[str, Any], device=None, limits: SizeLimits | None = None) -> nn.Module:
+    """The model a spec describes. `limits`: the spec was read from a file, so its structure is
+    checked and its size bounded before anything is allocated (ModelTooLarge past a bound)."""
+    if limits is not None:
+        check_spec(spec)
     return create_model(spec["name"], in_channels=spec["in_channels"], image_size=tuple(spec["image_size"]),
-                        num_classes=spec["num_classes"], device=device, **spec.get("kw", {}))
+                        num_classes=spec["num_classes"], device=device, limits=limits, **spec.get("kw", {}))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,6 +380,8 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     log = RunLog(run_dir / "log.txt", quiet=quiet)
+    for p in remove_stale_temp_files(run_dir):  # we hold the folder's lock: no one else writes here
+        log(f"removed {p.name}, left by a killed write")
 
     if data is None:
         data = load_task(cfg.task, data_dir=cfg.data_dir, val_size=cfg.val_size)
@@ -352,6 +429,7 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
         gen = epoch_generator(cfg.seed, epoch)
         order = torch.randperm(len(train_split), generator=gen)[:n].to(device)
         loss_sum = torch.zeros((), device=device)  # summed on device: no sync point per step
+        ce_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         batches = range(steps_per_epoch)
         if show_bar:
@@ -370,6 +448,7 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
                 per = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing, reduction="none")
                 w = ws[idx]
                 loss = (w * per).sum() / w.sum().clamp_min(1e-12)
+            ce_sum += loss.detach() * len(idx)
             if model_loss is not None:  # a model's own auxiliary terms (e.g. an attention policy's)
                 extra = model_loss(x, logits, y)
                 if extra is not None:
@@ -395,6 +474,12 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
             loss_sum += loss.detach() * len(idx)
             correct += (logits.detach().argmax(1) == y).sum()
 
+        ce = ce_sum.item() / n
+        if ce > DIVERGED_LOSS_FACTOR * math.log(max(data.num_classes, 2)):
+            raise TrainingDiverged(
+                f"the mean training loss of epoch {epoch + 1} is {ce:.3g}, over {DIVERGED_LOSS_FACTOR:g}x that of a "
+                f"uniform guess over {data.num_classes} classes: training diverged. The last good checkpoint (epoch "
+                f"{epoch}) is kept in {run_dir}. Lower the learning rate (now {cfg.lr}) or check the input data.")
         for h in hooks:
             h.before_eval(state)
         val_acc, val_loss = evaluate(model, data.val, data.mean, data.std, device, cfg.eval_batch_size)
@@ -438,12 +523,42 @@ def _save_checkpoint(path: Path, cfg: TrainConfig, state: TrainState, hooks: Seq
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load_checkpoint(path: Path, cfg: TrainConfig, state: TrainState, hooks: Sequence[Hook]) -> tuple[int, float]:
+def read_checkpoint(path: str | Path, map_location=None) -> dict[str, Any]:
+    """A checkpoint's contents, read without unpickling code: tensors, numbers, strings and
+    containers only (`weights_only=True`). Anything else in the file, which only a pickle load
+    could rebuild, is refused with a ValueError naming the file; nothing in it runs."""
+    import pickle
+
+    from torch.torch_version import TorchVersion
+
     try:
-        ck = torch.load(path, map_location=state.device, weights_only=False)
+        # checkpoints written before versions() stored a plain str hold torch's version string type
+        with torch.serialization.safe_globals([TorchVersion]):
+            ck = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch names a refused object in a line with GLOBAL ("unsupported GLOBAL posix.system ..."); any
+        # other failure is bytes that do not parse
+        why = [ln.split("error:", 1)[-1].strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
+        if not why:
+            raise RuntimeError(f"cannot read checkpoint {path}: it does not parse as one; the file is damaged. "
+                               "Delete the run folder and train again") from None
+        first = why[0][:200]
+        raise ValueError(f"{path} holds objects that only an unsafe (pickle) load could read ({first}); frugal "
+                         "never runs code from a file. If you did not write it yourself, do not trust it: delete the "
+                         "run folder and train again") from None
     except Exception as e:
-        raise RuntimeError(f"cannot read checkpoint {path}: {e}; the file is damaged. Delete the run "
-                           "folder and start again") from e
+        raise RuntimeError(f"cannot read checkpoint {path}: {e}; the file is damaged. Delete the run folder and "
+                           "train again") from None
+    missing = [k for k in ("config", "epochs_done", "step", "model", "optimizer", "history", "train_seconds",
+                           "torch_rng", "hooks") if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"{path} is not a frugal checkpoint (it lacks {missing}); delete the run folder and "
+                         "train again")
+    return ck
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig, state: TrainState, hooks: Sequence[Hook]) -> tuple[int, float]:
+    ck = read_checkpoint(path, map_location=state.device)
     saved = TrainConfig.from_dict(ck["config"])
     # where things are and run, not what is trained; `init_from` only set the weights at epoch 0,
     # which the checkpoint has replaced (a run and its twin may move together)
@@ -463,6 +578,13 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, state: TrainState, hooks: Seq
         torch.cuda.set_rng_state_all(ck["cuda_rng"])
     for h, d in zip(hooks, ck["hooks"]):
         h.load_state_dict(d)
+    was = str((ck.get("versions") or {}).get("torch_threads"))
+    if was != str(torch.get_num_threads()):  # float sums are ordered by the thread split
+        msg = (f"resuming {path.parent} with {torch.get_num_threads()} torch threads; its earlier epochs ran with "
+               f"{was}: the run will not be bit-identical to an uninterrupted one (resume with --threads {was} "
+               "to keep that)")
+        state.log(f"warning: {msg}")
+        warnings.warn(msg, stacklevel=3)
     return ck["epochs_done"], ck["train_seconds"]
 
 
@@ -474,7 +596,7 @@ def init_weights_from(model: nn.Module, run_dir: str | Path) -> list[str]:
     if not w_path.exists():
         raise FileNotFoundError(f"init_from: {run_dir} is not a finished run ({WEIGHTS} is missing); "
                                 "train it first, or give the folder of a finished run")
-    source = st_load(w_path.read_bytes())
+    source = read_weights(w_path)
     own = model.state_dict()
     loaded = sorted(k for k, v in source.items() if k in own and own[k].shape == v.shape)
     if not loaded:
@@ -487,19 +609,71 @@ def init_weights_from(model: nn.Module, run_dir: str | Path) -> list[str]:
 
 
 def load_run(run_dir: str | Path, device=None) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
-    """Rebuild a finished run's model from its folder: (model, config, metrics)."""
+    """Rebuild a finished run's model from its folder: (model, config, metrics). The folder may come
+    from someone else: its files are read as data only, the model's size is bounded by what its
+    weights file holds before anything is built, and every fault is a ValueError naming the file."""
     run_dir = Path(run_dir)
     cfg_path, w_path = run_dir / "config.json", run_dir / WEIGHTS
     for p in (cfg_path, w_path):
         if not p.exists():
             raise FileNotFoundError(f"{run_dir} is not a finished run: {p.name} is missing "
                                     "(train it with `frugal train`, or resume it with --resume)")
-    meta = json.loads(cfg_path.read_text())
+    fix = "the run folder is damaged; train the run again"
+    meta = read_json(cfg_path, fix)
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise ValueError(f"{cfg_path} is not a run's config (no 'config' object); {fix}")
     if meta.get("model_spec") is None:
         raise ValueError(f"{run_dir} was trained with a custom model object; rebuild it in Python "
                          f"and load {WEIGHTS} with safetensors")
-    model = build_model(meta["model_spec"], device=device)
-    model.load_state_dict(st_load(w_path.read_bytes()))
+    try:
+        cfg = TrainConfig.from_dict(meta["config"])
+        check_spec(meta["model_spec"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{cfg_path}: {e}; {fix}") from None
+    weights = read_weights(w_path)
+    entries = sum(t.numel() for t in weights.values())
+    # what the file holds bounds the model: room for parameters re-registered by a parametrization and
+    # for buffers not saved (a fixed basis), but not for a model that the weights could never fill
+    limits = SizeLimits(entries=min(SizeLimits.entries, 2 * entries + (1 << 20)),
+                        tensors=min(SizeLimits.tensors, 2 * len(weights) + 1000))
+    try:
+        model = build_model(meta["model_spec"], device=device, limits=limits)
+    except Exception as e:  # a spec that does not build is the file's fault, whatever the error
+        raise ValueError(f"{cfg_path}: cannot rebuild the model from its model_spec ({e}); {fix}") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{w_path} does not fit the model {meta['model_spec']['name']!r} of {cfg_path} "
+                         f"({str(e).strip().splitlines()[0][:300]}); {fix}") from None
     metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    return model, TrainConfig.from_dict(meta["config"]), metrics
+    metrics = read_json(metrics_path, fix) if metrics_path.exists() else {}
+    return model, cfg, metrics
+
+
+RUN_FILES = ("config.json", CHECKPOINT, "metrics.json", WEIGHTS, "log.txt")  # what a run folder holds
+
+
+def copy_run(src: str | Path, dest: str | Path) -> Path:
+    """Copy a run folder's own files (RUN_FILES) into a new folder `dest`: nothing else, and only
+    regular files, so a folder from someone else cannot make us copy a device, a link's target or
+    anything of theirs."""
+    src, dest = Path(src), Path(dest)
+    odd = [p.name for p in (src / n for n in RUN_FILES) if p.is_symlink() or (p.exists() and not p.is_file())]
+    if odd:
+        raise ValueError(f"{src} holds {odd} that are not regular files; a run folder holds only files frugal wrote")
+    dest.mkdir(parents=True, exist_ok=False)
+    for name in RUN_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
+    return dest
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (no code runs: the format holds only tensors), or a
+    ValueError naming the file when it is damaged."""
+    path = Path(path)
+    try:
+        return st_load(path.read_bytes())
+    except Exception as e:  # safetensors raises its own error type for a damaged header or truncated data
+        raise ValueError(f"{path} is not a readable safetensors file ({str(e)[:200]}): it is damaged; train "
+                         "the run again") from None

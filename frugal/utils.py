@@ -8,6 +8,7 @@ import os
 import platform
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -30,15 +31,27 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+TMP_SUFFIX = ".tmp"  # atomic_file's temp files: `.NAME.RANDOM.tmp` beside the file they become
+STALE_TMP_SECONDS = 60.0  # a temp file this old whose writer holds no lock on it was left by a killed writer
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Open a temp file beside `path` for binary writing; on success it is fsynced and renamed onto
-    `path`, so a reader never sees half a file and a killed writer leaves the old file intact."""
+    `path`, so a reader never sees half a file and a killed writer leaves the old file intact. The
+    writer holds a lock on the temp file while it writes, so `remove_stale_temp_files` can tell a
+    killed writer's leftover from a file being written."""
+    import fcntl
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as e:  # name the file asked for, not a temp name the caller never gave
+        raise type(e)(e.errno, f"cannot write {path.name} there ({e.strerror})", str(path.parent)) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or when the writer dies
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -47,6 +60,50 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that killed atomic writes left in `folder` (not below it): those older
+    than STALE_TMP_SECONDS whose writer no longer holds its lock. Returns the paths removed."""
+    import fcntl
+
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for p in folder.glob(f".*{TMP_SUFFIX}"):
+        try:
+            if not p.is_file() or p.is_symlink() or now - p.stat().st_mtime < STALE_TMP_SECONDS:
+                continue  # a fresh file may be one whose writer has not taken its lock yet
+            with open(p, "rb") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer
+                p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            continue  # its writer finished (renamed it) meanwhile
+    return removed
+
+
+def read_json(path: str | os.PathLike, fix: str, max_bytes: int = 64 << 20) -> Any:
+    """The JSON value in a file someone may have handed us (a run folder's config, a results file),
+    or a ValueError that names the file, what is wrong with it and `fix`: never a bare
+    JSONDecodeError, RecursionError (deep nesting) or an unbounded read."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{path} is {size:,} bytes, more than the {max_bytes:,} such a file may have; {fix}")
+    try:
+        return json.loads(path.read_bytes())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); {fix}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; {fix}") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests its JSON too deeply to read; {fix}") from None
 
 
 class LockHeld(RuntimeError):
@@ -137,7 +194,7 @@ def versions() -> dict[str, str]:
     out = {
         "frugal": frugal.__version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str: TorchVersion would need a pickle global to read back
         "numpy": np.__version__,
         "platform": platform.platform(),
         "torch_threads": str(torch.get_num_threads()),

@@ -105,29 +105,64 @@ def test_report_has_a_corrupted_suite_table_averaged_over_seeds(tmp_path):
     assert "<td>90.5</td>" in html.read_text()
 
 
-def test_a_run_claimed_by_a_live_process_is_left_to_it_and_a_dead_claim_is_taken_over(tmp_path):
-    import socket
+HOLD_CLAIM = """
+import fcntl, sys, time
+with open(sys.argv[1], "a+") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_run_claimed_by_a_live_process_is_waited_for_and_taken_over_when_it_ends_without_a_row(tmp_path):
     import subprocess
     import sys
 
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    claim = tmp_path / "runs" / "baseline" / "digits" / ".seed0.claim"
+    claim.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_CLAIM, str(claim), "4"], stdout=subprocess.PIPE, text=True)
     try:
-        claim = tmp_path / "runs" / "baseline" / "digits" / ".seed0.claim"
-        claim.parent.mkdir(parents=True)
-        claim.write_text(f"{socket.gethostname()} {sleeper.pid}\n")
+        assert holder.stdout.readline().strip() == "held"
         cfg = BenchConfig(out=str(tmp_path), budget="tiny", tasks=("digits",), seeds=2, device="cpu")
         logs = []
-        bench(cfg, log=logs.append)
-        rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-        assert [r["seed"] for r in rows] == [1]
-        assert any(f"being run by {socket.gethostname()} {sleeper.pid}" in s for s in logs)
-        assert claim.exists()  # another process's claim is not ours to remove
+        bench(cfg, log=logs.append)  # seed 1 first; then waits for seed 0's holder, which dies without a row
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    bench(cfg, log=lambda s: None)  # the claimer died: its run is taken over
+        holder.kill()
+        holder.wait()
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert sorted(r["seed"] for r in rows) == [0, 1] and not claim.exists()
+    assert [r["seed"] for r in rows] == [1, 0]
+    assert any("seed 0: being run by another process" in s for s in logs)
+    assert any("seed 0: waiting for the process that runs it" in s for s in logs)
+
+
+def test_a_claim_naming_a_live_but_unrelated_process_is_not_mistaken_for_a_running_bench(tmp_path):
+    """The old claim held 'host pid'; a pid reused by another process kept the run skipped forever."""
+    import os
+    import socket
+
+    claim = tmp_path / "runs" / "baseline" / "digits" / ".seed0.claim"
+    claim.parent.mkdir(parents=True)
+    claim.write_text(f"{socket.gethostname()} {os.getppid()}\n")  # alive, and no bench
+    cfg = BenchConfig(out=str(tmp_path), budget="tiny", tasks=("digits",), seeds=1, device="cpu")
+    logs = []
+    bench(cfg, log=logs.append)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["seed"] for r in rows] == [0] and not any("being run" in s for s in logs)
+
+
+def test_a_run_that_ends_without_a_row_is_reported_in_the_exit_status(tmp_path, capsys):
+    from frugal.bench import BenchIncomplete
+    from frugal.cli import EXIT_INCOMPLETE, main
+
+    name = "test-no-rows"
+    register_method(name, tasks=("digits",))(lambda ctx, t, s: [])
+    with pytest.raises(BenchIncomplete, match=f"{name} digits seed 0"):
+        bench(BenchConfig(out=str(tmp_path / "a"), budget="tiny", methods=(name,), tasks=("digits",), seeds=1,
+                          device="cpu"), log=lambda s: None)
+    rc = main(["bench", "--budget", "tiny", "--methods", name, "--tasks", "digits", "--seeds", "1", "--device", "cpu",
+               "--out", str(tmp_path / "b")])
+    assert rc == EXIT_INCOMPLETE == 3
+    assert f"{name} digits seed 0" in capsys.readouterr().err
 
 
 def test_baseline_latency_ratio_is_one_and_others_pair_with_their_seed():

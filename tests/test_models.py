@@ -59,3 +59,41 @@ def test_wrong_input_shape_says_what_was_expected():
 def test_too_small_image_for_lenet5():
     with pytest.raises(ValueError, match="at least 16x16"):
         create_model("lenet5", image_size=(8, 8))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_is_sized_on_the_meta_device_as_it_is_built(name):
+    """model_size counts what the real build holds (an independent count: the built model's state),
+    without memory for values, so a spec read from a file can be refused before it is built."""
+    from frugal.models import SizeLimits, model_size
+
+    tensors, entries = model_size(name, SizeLimits(), in_channels=1, image_size=(28, 28), num_classes=10)
+    model = create_model(name, in_channels=1, image_size=(28, 28), num_classes=10)
+    state = list(model.parameters()) + list(model.buffers())
+    assert entries >= sum(t.numel() for t in state) and tensors >= len(state)
+    assert entries <= 2 * sum(t.numel() for t in state) + 10_000  # a parametrization registers its weight twice
+
+
+@pytest.mark.parametrize("kw, what", [(dict(name="resnet", width=1, blocks=20000), "tensors"),
+                                      (dict(name="lenet300", image_size=(3000, 3000)), "tensor entries"),
+                                      (dict(name="resnet", width=100_000), "tensor entries")])
+def test_a_model_past_a_size_limit_is_refused_before_it_is_built(kw, what):
+    import time
+
+    from frugal.models import ModelTooLarge, SizeLimits
+
+    t0 = time.perf_counter()
+    with pytest.raises(ModelTooLarge, match=f"more than [0-9,]+ {what}"):
+        create_model(**kw, limits=SizeLimits())
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_a_model_without_meta_kernels_is_counted_as_it_is_built():
+    """p4-tied kernels compare tensors while they are built, which the meta device cannot: the
+    bounds are then counted during the real build, and still hold."""
+    from frugal.models import ModelTooLarge, SizeLimits
+
+    m = create_model("constrained", base="convnet", kind="p4", limits=SizeLimits(), image_size=(28, 28))
+    assert count_params(m) > 0
+    with pytest.raises(ModelTooLarge):
+        create_model("constrained", base="convnet", kind="p4", width=64, limits=SizeLimits(entries=10_000))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -38,8 +37,8 @@ from frugal.data import KNOWN, Split, TaskData, load_task
 from frugal.dream.bench import dream_plan
 from frugal.dream.rounds import DREAMS, dream_training, load_dreams, with_extra
 from frugal.measure import measure
-from frugal.train import CHECKPOINT, TRAIN_LOCK, train
-from frugal.utils import atomic_write_json, file_lock, versions
+from frugal.train import CHECKPOINT, copy_run, train
+from frugal.utils import atomic_write_json, file_lock, read_json, versions
 
 VARIANTS = ("plain", "dreams", "noise", "weighted", "dreams-added", "copies-added")
 DRIFT_SCALE = 0.05  # `weighted`: a dream of the bench's typical drift (about 0.1) weighs e^-2
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--round0 {src} is not a finished run folder (no {CHECKPOINT}); give the folder "
                              "of a run trained under the same config")
         if not (rounds_dir / "round-0").exists():  # its config is checked when dream_training resumes it
-            shutil.copytree(src, rounds_dir / "round-0", ignore=shutil.ignore_patterns(TRAIN_LOCK))
+            copy_run(src, rounds_dir / "round-0")
     rounds = dream_training(base, rounds_dir, dcfg, data, device=device, log=lambda s: None)
     dreams, drift = load_dreams(rounds_dir / "round-1" / DREAMS)
     a_train = data.train.subset(base.train_limit)
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
               "corrupted_n": a.corrupted_n if corrupted else None, "rows": rows, "versions": versions()}
     with file_lock(out / ".results.lock"):  # processes running other variants add theirs
         path = out / "results.json"
-        old = json.loads(path.read_text()) if path.exists() else {}
+        old = read_json(path, "move it away or use another --out") if path.exists() else {}
         same = {k: v for k, v in result.items() if k not in ("rows", "versions")}
         if old and {k: old.get(k) for k in same} == same:
             mine = {r["variant"] for r in rows}

@@ -79,14 +79,13 @@ def torch_prune_control(ctx: BenchContext, base: TrainConfig, dense_dir: Path, s
                         epochs: int, run_dir: Path) -> dict[str, Any]:
     """Prune the trained dense net to `sparsity`, fine-tune with the mask, quantise, write the file."""
     import torch.nn.utils.prune as prune
-    from safetensors.torch import load_file
 
-    from frugal.train import WEIGHTS, build_model
+    from frugal.train import WEIGHTS, build_model, read_weights
 
     data = load_task(base.task, data_dir=ctx.data_dir, val_size=base.val_size)
     spec = model_spec(base, data)
     model = build_model(spec, device=ctx.device)
-    model.load_state_dict(load_file(str(dense_dir / WEIGHTS), device=str(ctx.device)))
+    model.load_state_dict(read_weights(dense_dir / WEIGHTS))
     params = _weights(model)
     prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=sparsity)
     cfg = TrainConfig(**{**base.to_dict(), "epochs": epochs, "warmup_epochs": 0.0,

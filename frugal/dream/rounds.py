@@ -28,7 +28,7 @@ import torch
 from frugal.data import Split, TaskData
 from frugal.dream.generator import DreamConfig, dream
 from frugal.train import CHECKPOINT, Result, TrainConfig, normalize, train
-from frugal.utils import atomic_write_bytes, atomic_write_json
+from frugal.utils import atomic_write_bytes, atomic_write_json, read_json
 
 DREAMS = "dreams.npz"
 DREAM_CONFIG = "dream.json"  # the DreamTrainConfig (but rounds) the folder's dreams were made under
@@ -89,13 +89,13 @@ def save_dreams(path: Path, split: Split, drift: torch.Tensor, seconds: float = 
 
 
 def load_dreams(path: Path) -> tuple[Split, torch.Tensor]:
-    with np.load(path) as f:
+    with np.load(path, allow_pickle=False) as f:
         return Split(torch.from_numpy(f["x"]), torch.from_numpy(f["y"])), torch.from_numpy(f["drift"])
 
 
 def dreaming_seconds(path: Path) -> float:
     """The seconds spent making the dreams in `path` (0 if the file does not say)."""
-    with np.load(path) as f:
+    with np.load(path, allow_pickle=False) as f:
         return float(f["seconds"]) if "seconds" in f.files else 0.0
 
 
@@ -119,7 +119,7 @@ def _check_folder(out: Path, cfg: DreamTrainConfig) -> None:
     made = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "rounds"}))  # as stored
     path = out / DREAM_CONFIG
     if path.exists():
-        old = json.loads(path.read_text())
+        old = read_json(path, "the folder's dream config is damaged; use another folder")
         if old != made:
             diff = ", ".join(f"{k}: {old.get(k)!r} there, {v!r} here" for k, v in made.items() if old.get(k) != v)
             raise ValueError(f"{out} holds dream rounds made under another config ({diff}); "

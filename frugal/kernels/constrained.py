@@ -44,10 +44,11 @@ def pixel_classes(k: int, kind: str) -> list[list[int]]:
     """Partition of the k*k pixels (row-major) into classes tied by the symmetry `kind`."""
     if kind not in SYMMETRIES:
         raise ValueError(f"unknown symmetry {kind!r}; known: {', '.join(SYMMETRIES)}")
-    idx = torch.arange(k * k).reshape(k, k)
+    # pixel indices are data, computed on the CPU even where a model is being sized on the meta device
+    idx = torch.arange(k * k, device="cpu").reshape(k, k)
     if kind == "radial":
         c = (k - 1) / 2
-        ys, xs = torch.meshgrid(torch.arange(k) - c, torch.arange(k) - c, indexing="ij")
+        ys, xs = torch.meshgrid(torch.arange(k, device="cpu") - c, torch.arange(k, device="cpu") - c, indexing="ij")
         d2 = (4 * (ys ** 2 + xs ** 2)).round().long()  # squared distance x 4: exact for half-integers
         return [idx[d2 == v].tolist() for v in d2.unique().tolist()]
     maps = [idx]
@@ -221,7 +222,7 @@ def constrain_conv(conv: nn.Conv2d, kind: str, rescale: bool = False, lifting: b
         parametrize.register_parametrization(conv, "weight", GroupKernel(kind, lifting))
     else:
         parametrize.register_parametrization(conv, "weight", parametrization_for(kind, kh))
-    if rescale:
+    if rescale and not conv.weight.is_meta:  # a model sized on the meta device has no values to rescale
         with torch.no_grad():
             originals = list(conv.parametrizations.weight.parameters())
             scale = float(before / conv.weight.norm().clamp_min(1e-12)) ** (1 / len(originals))

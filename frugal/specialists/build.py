@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,19 +15,17 @@ from frugal.specialists.nets import Tapped
 from frugal.specialists.runner import run_jobs
 from frugal.specialists.tree import TREE_FILE, Node, Tree, TreeConfig, embed, kmeans, load_tree, make_specialist, \
     node_seed, save_net, save_tree, subset
-from frugal.utils import atomic_write_json
+from frugal.utils import atomic_write_json, read_json
 
 BUILD_FILE = "build.json"  # the record of a finished build: what it was built from, with, and in how long
 
 
 def _load_node(out: Path, name: str, parent: Tapped | None, data, base_spec, widths, residual=True) -> Node:
-    from safetensors.torch import load_file
-
-    from frugal.train import build_model
+    from frugal.train import build_model, read_weights
 
     net = build_model(base_spec, device="cpu") if parent is None else \
         make_specialist(parent, data, widths, "cpu", residual)
-    net.load_state_dict(load_file(str(out / f"{name}.safetensors")))
+    net.load_state_dict(read_weights(out / f"{name}.safetensors"))
     return Node(name, net.eval(), Tapped(net))
 
 
@@ -96,7 +93,7 @@ def build_tree(base_run: str | Path, out: str | Path, cfg: TreeConfig = TreeConf
         return load_tree(out), finished
     out.mkdir(parents=True, exist_ok=True)
     base, base_cfg, _ = load_run(base_run, device=torch.device("cpu"))
-    base_spec = json.loads((Path(base_run) / "config.json").read_text())["model_spec"]
+    base_spec = read_json(Path(base_run) / "config.json", "the base run folder is damaged")["model_spec"]  # load_run checked it
     data = load_task(base_cfg.task, data_dir=data_dir, val_size=base_cfg.val_size)
     save_net(base, out / "root.safetensors")
     root = Node("root", base.eval(), Tapped(base))
@@ -155,7 +152,9 @@ def _finished_build(out: Path, cfg: TreeConfig, base_digest: str) -> dict[str, A
     path = out / BUILD_FILE
     if not (path.exists() and (out / TREE_FILE).exists()):
         return None
-    record = json.loads(path.read_text())
+    record = read_json(path, "the tree folder is damaged; build into another folder")
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise ValueError(f"{path} is not a tree build's record; build into another folder")
     saved = TreeConfig.from_dict(record["config"])
     diff = {k: f"{v!r} -> {getattr(cfg, k)!r}" for k, v in asdict(saved).items() if v != getattr(cfg, k)}
     if record.get("base_sha256") != base_digest:

@@ -17,7 +17,6 @@ zero (`combine="residual"`), or its own logits alone (`"specialist"`).
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -208,27 +207,35 @@ def save_net(net: nn.Module, path: Path) -> None:
 
 def load_tree(path: str | Path, device=None) -> Tree:
     """A saved tree, rebuilt and loaded: it predicts exactly as when it was saved."""
-    from safetensors.torch import load_file
-
     from frugal.data import load_task
-    from frugal.train import build_model
+    from frugal.models import SizeLimits
+    from frugal.train import build_model, read_weights
+    from frugal.utils import read_json
 
     path = Path(path)
     meta_path = path / TREE_FILE
     if not meta_path.exists():
         raise FileNotFoundError(f"no {TREE_FILE} in {path}; build a tree with frugal.specialists.build_tree")
-    meta = json.loads(meta_path.read_text())
-    cfg = TreeConfig.from_dict(meta["config"])
-    data = load_task(meta["task"])
+    fix = "the tree folder is damaged; build the tree again"
+    meta = read_json(meta_path, fix)
+    try:
+        cfg = TreeConfig.from_dict(meta["config"])
+        task = meta["task"]
+        if not isinstance(task, str) or not isinstance(meta["nodes"], dict):
+            raise TypeError("task must be a name and nodes an object")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{meta_path} is not a tree's record ({e}); {fix}") from None
+    data = load_task(task)
     device = device or torch.device("cpu")
 
     def build(name: str, parent: Tapped | None) -> Node:
         info = meta["nodes"][name]
         if parent is None:
-            net = build_model(meta["base_spec"], device=device)
+            net = build_model(meta["base_spec"], device=device, limits=SizeLimits())
         else:
             net = make_specialist(parent, data, info["widths"], device, cfg.combine == "residual")
-        net.load_state_dict(load_file(str(path / f"{name}.safetensors"), device=str(device)))
+        net.load_state_dict(read_weights(path / f"{name}.safetensors"))
+        net.to(device)
         node = Node(name, net.eval(), Tapped(net))
         if info["centroids"] is not None:
             node.centroids, node.radius = torch.tensor(info["centroids"]), torch.tensor(info["radius"])
@@ -236,4 +243,7 @@ def load_tree(path: str | Path, device=None) -> Tree:
             node.children[int(c)] = build(child, node.tapped)
         return node
 
-    return Tree(build("root", None), cfg).eval()
+    try:
+        return Tree(build("root", None), cfg).eval()
+    except (KeyError, TypeError, ValueError, RuntimeError, RecursionError) as e:  # whatever the record gets wrong
+        raise ValueError(f"{path} does not rebuild as a tree ({type(e).__name__}: {str(e)[:200]}); {fix}") from None
