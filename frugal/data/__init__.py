@@ -6,6 +6,9 @@
     list_datasets(), format_dataset_table(...)  for `frugal data list`
 
 The cache lives in data_root(): $FRUGAL_DATA, else $XDG_CACHE_HOME/frugal or ~/.cache/frugal.
+Array files are read bounded and never unpickled (bounded.py, idx.py); a folder: task's labels are
+checked against its class count (sources.load_folder); frugal overwrites or replaces only files and
+folders it wrote (cache.py). Every fault is a DataError naming the input and the fix.
 """
 
 from frugal.data.cache import data_root

