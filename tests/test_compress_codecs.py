@@ -198,3 +198,95 @@ def test_units_refuses_damaged_data_and_bad_settings():
         Units(DCT(0.1))
     with pytest.raises(ValueError, match="2 or more"):
         Units(Uniform(0.1)).encode(torch.ones(5))
+
+
+def _streams():
+    """Real streams of every shape the bound must let through: random, skewed, tiny, large."""
+    rng = np.random.default_rng(7)
+    out = [np.array([0, 1]), np.array([5, -5]), np.array([0, 0, 1]), np.array([0, 2**19]), np.arange(300) % 3]
+    for n in (2, 3, 10, 100, 1000, 10_000):
+        for _ in range(6):
+            k = int(rng.integers(2, min(n, 2000) + 1))
+            p = rng.dirichlet(np.full(k, float(rng.choice([0.05, 0.5, 5.0]))))
+            out.append(rng.choice(k, size=n, p=p) - k // 2)
+    for n in (2, 1000, 1_000_000):
+        skewed = np.zeros(n, dtype=np.int64)
+        skewed[int(rng.integers(n))] = 1  # [n - 1, 1]: the stream with the fewest bits per symbol
+        out.append(skewed)
+    out.append(np.round(rng.laplace(0, 2, 1_000_000)).astype(np.int64))
+    out.append(np.round(rng.standard_cauchy(1000) * 3).clip(-2**18, 2**18).astype(np.int64))  # many singletons
+    out.append(rng.permutation(2**16))  # every value once
+    return out
+
+
+def test_real_streams_round_trip_exactly_through_the_length_bound():
+    from frugal.compress.entropy import MARGIN_BITS, min_bits, read_varint
+
+    slack = []
+    for s in _streams():
+        data = encode_symbols(s)
+        out, end = decode_symbols(data)
+        assert np.array_equal(out, s) and end == len(data), s[:10]
+        n, pos = read_varint(data, 0)
+        _, pos = read_varint(data, pos)
+        k, pos = read_varint(data, pos)
+        if k == 1:
+            continue  # one value: no words at all
+        counts = []
+        for _ in range(k):
+            c, pos = read_varint(data, pos)
+            counts.append(c)
+        n_words, _ = read_varint(data, pos)
+        assert n_words >= 1
+        slack.append(32 * n_words - min_bits(np.array(counts)))
+    assert min(slack) > -MARGIN_BITS  # what the decoder requires
+    assert min(slack) < 64  # and the bound is tight: for some real stream it nearly binds
+
+
+def test_a_stream_with_words_cut_from_its_payload_is_refused_before_decoding():
+    from frugal.compress.entropy import read_varint, write_varint
+
+    s = np.random.default_rng(0).integers(0, 16, 100_000)
+    data = encode_symbols(s)  # about 4 bits a symbol
+    pos = 0
+    for _ in range(3 + 16):  # n, lo, K, then the 16 counts
+        _, pos = read_varint(data, pos)
+    n_words, start = read_varint(data, pos)
+    for keep in (n_words // 2, n_words - 10):
+        cut = bytearray(data[:pos])
+        write_varint(cut, keep)
+        with pytest.raises(CodecError, match=f"payload of {keep} words cannot hold 100000 symbols"):
+            decode_symbols(bytes(cut) + data[start:start + 4 * keep])
+
+
+def test_a_payload_that_strays_from_its_histogram_is_refused():
+    s = np.random.default_rng(1).integers(0, 4, 5000)
+    data = bytearray(encode_symbols(s))
+    data[len(data) // 2] ^= 0x40  # inside the words
+    with pytest.raises(CodecError, match="symbols other than its histogram|does not decode"):
+        decode_symbols(bytes(data))
+
+
+def test_symbol_streams_past_the_cap_are_not_written():
+    from frugal.compress import entropy
+
+    cap = entropy.MAX_SYMBOLS
+    try:
+        entropy.MAX_SYMBOLS = 100  # the check, not 2**28 values of memory
+        with pytest.raises(ValueError, match="101 symbols in one stream"):
+            encode_symbols(np.zeros(101, dtype=np.int64))
+        with pytest.raises(CodecError, match="more than the 100 a stream may"):
+            decode_symbols(bytes([101, 0, 1, 101]))
+    finally:
+        entropy.MAX_SYMBOLS = cap
+
+
+@pytest.mark.parametrize("codec", [Uniform(0.02), DCT(0.02, 3), Structured(0.5, 0.25, 0.02)])
+@pytest.mark.parametrize("step", [0.0, -0.02, float("nan"), float("inf")])
+def test_a_step_read_from_damaged_data_is_refused(codec, step):
+    import struct
+
+    w = torch.randn(6, 4, 3, 3) * 0.2
+    data = codec.encode(w)
+    with pytest.raises(CodecError, match="quantisation step"):
+        codec.decode(struct.pack("<f", step) + data[4:], tuple(w.shape))

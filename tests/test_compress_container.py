@@ -156,3 +156,47 @@ def test_compress_and_eval_commands_reproduce_the_accuracy(tmp_path, capsys):
     assert "checksum mismatch" in capsys.readouterr().err
     assert main(["compress", str(run), "-o", str(f), "--codec", "dct"]) == 2
     assert "--codec must be a JSON object" in capsys.readouterr().err
+    # a folder no one can create files in (even root: /proc): the message names -o, not a temp file
+    assert main(["compress", str(run), "-o", "/proc/frugal-test/m.frugal", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write -o /proc/frugal-test/m.frugal" in err and ".tmp" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", __import__("frugal.models", fromlist=["list_models"]).list_models())
+def test_every_registered_model_round_trips_within_the_reader_s_bounds(name):
+    # the bounds a file's header sets (tensors, modules) must never refuse a model frugal wrote
+    torch.manual_seed(0)
+    spec = {"name": name, "in_channels": 1, "image_size": [28, 28], "num_classes": 10, "kw": {}}
+    model = create_model(name)
+    decoded, _ = decode_model(encode_model(model, spec))
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            assert torch.equal(v, decoded.state_dict()[k]), k
+
+
+def test_a_header_no_reader_would_take_is_not_written(tmp_path):
+    from frugal.compress.container import MAX_HEADER, read_model_file, write_model_file
+
+    model, _ = model_and_codecs()
+    with pytest.raises(ValueError, match="keep meta short"):
+        encode_model(model, SPEC, meta={"notes": "x" * MAX_HEADER})
+    path = tmp_path / "m.frugal"
+    write_model_file(path, model, SPEC)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(ModelFileError, match=f"^{path}: checksum mismatch"):
+        read_model_file(path)
+
+
+def test_a_fault_no_check_names_is_still_a_model_file_error(monkeypatch):
+    # the last-resort handler: whatever a rebuilt model's loading raises, the caller gets a ModelFileError
+    from frugal.compress import container
+
+    model, codecs = model_and_codecs()
+    data = encode_model(model, SPEC, codecs)
+
+    def broken(*a, **k):
+        raise KeyError("inside")
+    monkeypatch.setattr(container, "weight_tensors", broken)
+    with pytest.raises(ModelFileError, match="the file does not decode .KeyError: 'inside'.") as e:
+        decode_model(data)
+    assert isinstance(e.value.__cause__, KeyError)

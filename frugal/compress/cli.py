@@ -1,9 +1,15 @@
-"""`frugal compress RUN -o FILE` and `frugal eval FILE`: the compressed model file from the command line."""
+"""`frugal compress RUN -o FILE` and `frugal eval FILE`: the compressed model file from the command line.
+
+A model file may come from anyone: `frugal eval` reads it within bounds (`--max-params`), checks
+that the task's images and classes fit the model before running it, and ends every fault with a
+message naming the file (exit 2), as `frugal compress` does for an output it cannot write.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from frugal.cli import register_command
@@ -25,19 +31,52 @@ def _parse_spec(text: str, flag: str) -> dict:
         spec = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{flag} must be a JSON object like '{{\"codec\": \"uniform\", \"step\": 0.01}}': {e}") from None
+    except RecursionError:
+        raise ValueError(f"{flag} nests its JSON too deeply; give a flat object like "
+                         '\'{"codec": "uniform", "step": 0.01}\'') from None
     if not isinstance(spec, dict):
-        raise ValueError(f"{flag} must be a JSON object, got {text!r}")
+        raise ValueError(f"{flag} must be a JSON object, got {text[:80]!r}")
     return spec
 
 
-def _run_compress(a: argparse.Namespace) -> int:
+def _codec(spec: dict, flag: str):
     from frugal.compress.codecs import codec_from_spec
-    from frugal.compress.container import decode_model, encode_model
+
+    try:
+        return codec_from_spec(spec)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse, before any work, an output path whose folder cannot be made or written to."""
+    fix = "give -o a path in a folder you can write to"
+    if out.is_dir():
+        raise ValueError(f"-o {out} is a folder; {fix}, e.g. -o {out / 'model.frugal'}")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists is where we create
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"cannot write -o {out}: {folder} is a file, not a folder; {fix}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write -o {out}: {folder} is not writable; {fix}")
+
+
+def _run_compress(a: argparse.Namespace) -> int:
+    from frugal.compress.container import MAX_PARAMS, decode_model, encode_model
     from frugal.data import load_task
     from frugal.measure import weight_tensors
     from frugal.train import evaluate, load_run
-    from frugal.utils import atomic_write_bytes, resolve_device
+    from frugal.utils import atomic_write_bytes, read_json, resolve_device
 
+    out = Path(a.out)
+    _check_writable(out)
+    # the flags are checked before the run is read: a typo costs nothing
+    big = _parse_spec(a.codec, "--codec") if a.codec else None
+    small = _parse_spec(a.other_codec, "--other-codec") if a.other_codec else None
+    for spec, flag in ((big, "--codec"), (small, "--other-codec")):
+        if spec is not None:
+            _codec(spec, flag)
     device = resolve_device(a.device)
     model, cfg, metrics = load_run(a.run, device=device)
     meta_path = Path(a.run) / "config.json"
@@ -45,20 +84,29 @@ def _run_compress(a: argparse.Namespace) -> int:
     tensors = weight_tensors(model)
     chosen = Path(a.run) / CHOSEN
     if a.codec is None and chosen.exists():
-        specs = json.loads(chosen.read_text())["codecs"]
+        held = read_json(chosen, "the run folder is damaged; pass --codec instead")
+        specs = held.get("codecs") if isinstance(held, dict) else None
+        if not isinstance(specs, dict) or not all(isinstance(v, dict) or v is None for v in specs.values()):
+            raise ValueError(f"{chosen} holds no object of codecs per tensor; the run folder is damaged; "
+                             "pass --codec")
+        source = {k: str(chosen) for k in specs}  # where each codec came from, for an error to name
     else:
-        big = _parse_spec(a.codec, "--codec") if a.codec else None
-        small = _parse_spec(a.other_codec, "--other-codec") if a.other_codec else None
         specs = {k: (big if t.dim() >= 2 else small) for k, t in tensors.items()}
-    codecs = {k: codec_from_spec(v) for k, v in specs.items() if v is not None}
+        source = {k: "--codec" if t.dim() >= 2 else "--other-codec" for k, t in tensors.items()}
+    codecs = {k: _codec(v, source[k]) for k, v in specs.items() if v is not None}
     data = load_task(cfg.task, data_dir=cfg.data_dir, val_size=cfg.val_size)
     meta = {"task": cfg.task}  # kept short: every byte of the file counts
     # the accuracy the file will reproduce: that of the decoded weights, measured before writing
     blob = encode_model(model, spec, codecs, meta)
-    decoded, _ = decode_model(blob, device=device)
+    own = sum(t.numel() for t in tensors.values())  # our own model: its size is no reason to refuse it
+    decoded, _ = decode_model(blob, device=device, max_params=max(MAX_PARAMS, 2 * own))
     meta["test_acc"] = evaluate(decoded, data.test, data.mean, data.std, device)[0]
     blob = encode_model(model, spec, codecs, meta)
-    atomic_write_bytes(Path(a.out), blob)
+    try:
+        atomic_write_bytes(out, blob)
+    except OSError as e:  # the folder went away or filled up since the check above
+        raise ValueError(f"cannot write -o {out}: {e.strerror or e}; give -o a path in a folder you can write to, "
+                         "on a disk with room") from None
     print(json.dumps({"file": a.out, "bytes": len(blob), "test_acc": meta["test_acc"],
                       "run_test_acc": metrics.get("test_acc"), "codecs": specs}, indent=2))
     return 0
@@ -67,22 +115,34 @@ def _run_compress(a: argparse.Namespace) -> int:
 def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a .frugal model file")
     p.add_argument("--data", default=None, help="task to evaluate on (default: the one the file was made for)")
+    p.add_argument("--max-params", type=int, default=None,
+                   help="largest model (floating-point entries) to build from the file; raise it only for a file "
+                        "from a source you trust (default: frugal.compress.container.MAX_PARAMS)")
     p.add_argument("--device", default="auto")
 
 
 def _run_eval(a: argparse.Namespace) -> int:
-    from frugal.compress.container import read_model_file
+    from frugal.compress.container import MAX_PARAMS, read_model_file
     from frugal.data import load_task
     from frugal.train import evaluate
     from frugal.utils import resolve_device
 
+    if a.max_params is not None and a.max_params < 1:
+        raise ValueError(f"--max-params must be a positive number of entries, got {a.max_params}")
     device = resolve_device(a.device)
-    model, header = read_model_file(a.file, device=device)
-    meta = header["meta"]
+    model, header = read_model_file(a.file, device=device, max_params=a.max_params or MAX_PARAMS)
+    meta, spec = header["meta"], header["spec"]  # checked by read_model_file: an object, a name, a number
     task = a.data or meta.get("task")
     if task is None:
         raise ValueError(f"{a.file} does not name its task; pass --data TASK")
     data = load_task(task)
+    wants = (spec["in_channels"], *spec["image_size"], spec["num_classes"])
+    has = (data.in_channels, *data.image_size, data.num_classes)
+    if tuple(wants) != has:
+        raise ValueError(f"{a.file} holds a model for {wants[0]}x{wants[1]}x{wants[2]} images in {wants[3]} "
+                         f"classes, but task {task!r} has {has[0]}x{has[1]}x{has[2]} images in {has[3]} classes; pass "
+                         f"--data with a task of the model's shape"
+                         + (f" (it was made for {meta['task']!r})" if meta.get("task") else ""))
     acc = evaluate(model, data.test, data.mean, data.std, device)[0]
     recorded = meta.get("test_acc") if task == meta.get("task") else None
     print(json.dumps({"file": a.file, "bytes": Path(a.file).stat().st_size, "task": task, "test_acc": acc,

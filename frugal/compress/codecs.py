@@ -16,6 +16,11 @@ training loop continues from, and its size is `len(encode(w))`, never an estimat
 
 Every code is idempotent: encoding a decoded tensor again gives back the same tensor, so a model
 trained with compression in the loop is exactly what its compressed file decodes to.
+
+Decoding allocates for the shape it is given (the model's, never one read from the bytes): each
+stream of symbols must hold exactly as many values as that shape implies, and every parameter read
+from the bytes (a step, a centroid count, a block code, unit masks) is checked before use;
+damaged bytes raise `CodecError`.
 """
 
 from __future__ import annotations
@@ -126,6 +131,13 @@ def _check_step(step: float) -> None:
         raise ValueError(f"quantisation step must be a positive finite number, got {step}")
 
 
+def _read_step(step: float, what: str) -> float:
+    """A step read from data: what `encode` wrote is positive and finite."""
+    if not (step > 0 and math.isfinite(step)):
+        raise CodecError(f"{what} data has quantisation step {step}: damaged")
+    return step
+
+
 @dataclass(frozen=True)
 class Uniform(Codec):
     step: float  # quantisation step, in weight units
@@ -142,6 +154,7 @@ class Uniform(Codec):
     @classmethod
     def decode(cls, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         (step,), pos = _header("<f", data, cls.name)
+        step = _read_step(step, cls.name)
         q = _symbols(data, pos, math.prod(shape), cls.name)
         return (torch.from_numpy(q).double() * step).float().reshape(shape)
 
@@ -243,6 +256,7 @@ class DCT(Codec):
     @classmethod
     def decode(cls, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         (step, cutoff), pos = _header("<fH", data, cls.name)
+        step = _read_step(step, cls.name)
         empty = to_blocks(torch.zeros(shape, dtype=torch.float64))  # (n, h, w)
         keep = DCT(1.0, cutoff)._keep(*empty.shape[1:])
         q = _symbols(data, pos, empty.shape[0] * int(keep.sum()), cls.name)
@@ -315,6 +329,7 @@ class Structured(Codec):
     @classmethod
     def decode(cls, data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
         (step,), pos = _header("<f", data, cls.name)
+        step = _read_step(step, cls.name)
         keep_rows, keep_in, pos = _read_units(data, pos, shape, cls.name)
         block_shape = (int(keep_rows.sum()), int(keep_in.sum()), math.prod(shape[2:]))
         q = _symbols(data, pos, math.prod(block_shape), cls.name)

@@ -16,6 +16,12 @@ Layout (all integers little-endian):
 Reading checks, in order, the size, the magic, the version and the checksum, then the header's
 structure, then that every tensor matches the rebuilt model's shape, then decodes each tensor. Any
 failure raises `ModelFileError` naming what was wrong; nothing half-read is ever returned.
+
+A file may come from anyone, so reading it costs what its model costs and no more: the header is
+bounded before it is parsed (MAX_HEADER bytes, MAX_DEPTH deep, MAX_TENSORS entries), and the model
+its spec describes is sized on the meta device before anything is allocated: at most `max_params`
+floating-point entries (MAX_PARAMS unless the caller raises it), and about as many tensors and
+modules as the header lists weights for. Every codec then decodes into the model's own shapes.
 """
 
 from __future__ import annotations
@@ -32,12 +38,16 @@ import torch.nn as nn
 from frugal.compress.codecs import Codec, Raw, decode_tensor
 from frugal.compress.entropy import CodecError, read_varint, write_varint
 from frugal.measure import weight_tensors
+from frugal.models import ModelTooLarge, SizeLimits
 from frugal.utils import atomic_write_bytes
 
 MAGIC = b"FRGL"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-MAX_HEADER = 1 << 24  # decompressed header bytes: bounds what a damaged file can make us allocate
+MAX_HEADER = 1 << 20  # decompressed header bytes; a real header is a short entry per tensor, a few kB
+MAX_DEPTH = 16  # JSON nesting of the header: spec options nest 4 deep inside it, tensor entries 2
+MAX_TENSORS = SizeLimits.tensors  # entries in the header
+MAX_PARAMS = 8_000_000  # floating-point entries of the model a file may build by default (32 MB as float32)
 
 
 class ModelFileError(ValueError):
@@ -61,6 +71,9 @@ def encode_model(model: nn.Module, spec: dict[str, Any], codecs: dict[str, Codec
         entries.append([codec.name, len(data)])
         payloads.append(data)
     header = json.dumps({"spec": spec, "meta": meta or {}, "tensors": entries}, separators=(",", ":")).encode()
+    if len(header) > MAX_HEADER or len(entries) > MAX_TENSORS:  # never write a file no reader would read
+        raise ValueError(f"the header would be {len(header):,} bytes for {len(entries)} tensors (readers take at "
+                         f"most {MAX_HEADER:,} bytes and {MAX_TENSORS} tensors); keep meta short")
     # no content size in the frame: the reader bounds the output itself (MAX_HEADER)
     zheader = zstandard.ZstdCompressor(level=19, write_content_size=False).compress(header)
     out = bytearray(MAGIC)
@@ -81,10 +94,22 @@ def write_model_file(path: str | Path, model: nn.Module, spec: dict[str, Any],
     return len(data)
 
 
-def decode_model(data: bytes, device=None) -> tuple[nn.Module, dict[str, Any]]:
-    """(model with the decoded weights, {"spec", "meta", "tensors"}) from a file's bytes."""
-    import zstandard
+def decode_model(data: bytes, device=None, max_params: int = MAX_PARAMS) -> tuple[nn.Module, dict[str, Any]]:
+    """(model with the decoded weights, {"spec", "meta", "tensors"}) from a file's bytes. A model of
+    more than `max_params` floating-point entries is refused before it is built; raise it for a
+    larger model from a source you trust. Every failure is a `ModelFileError`."""
+    try:
+        return _decode(data, device, max_params)
+    except ModelFileError:
+        raise
+    except MemoryError:
+        raise ModelFileError("decoding the file needs more memory than is free: it is damaged, or its model is "
+                             "larger than this machine can hold") from None
+    except Exception as e:  # a fault no check below names is still the file's: a message, never a traceback
+        raise ModelFileError(f"the file does not decode ({type(e).__name__}: {str(e)[:200]}): it is damaged") from e
 
+
+def _decode(data: bytes, device, max_params: int) -> tuple[nn.Module, dict[str, Any]]:
     from frugal.train import build_model  # the spine rebuilds architectures from their spec
 
     if len(data) < len(MAGIC) + 1 + 1 + 4:
@@ -105,24 +130,30 @@ def decode_model(data: bytes, device=None) -> tuple[nn.Module, dict[str, Any]]:
         raise ModelFileError(f"header length unreadable: {e}") from None
     if pos + n > len(body):
         raise ModelFileError(f"header of {n} bytes runs past the end of the file: damaged")
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(bytes(body[pos:pos + n]), max_output_size=MAX_HEADER)
-        header = json.loads(raw)
-    except (zstandard.ZstdError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"header does not decode ({e}): the file is damaged") from None
+    header = _read_header(bytes(body[pos:pos + n]))
     pos += n
     short = _check_header(header, version)
     if pos + sum(e[-1] for e in short) != len(body):
         raise ModelFileError(f"payload lengths ({sum(e[-1] for e in short)} bytes) do not fill the "
                              f"{len(body) - pos} bytes after the header: damaged")
+    spec = header["spec"]
+    # a model's weights are the tensors the header lists; a parametrization registers a few more, and
+    # modules without weights (activations, pooling, input checks) are a few per weight at most
+    limits = SizeLimits(entries=max_params, tensors=min(SizeLimits.tensors, 2 * len(short) + 64),
+                        modules=min(SizeLimits.modules, 4 * len(short) + 64))
     try:
-        model = build_model(header["spec"], device=device)
+        model = build_model(spec, device=device, limits=limits)
+    except ModelTooLarge as e:
+        fix = ("if the file comes from a source you trust, raise the bound: `frugal eval --max-params N`, or "
+               "max_params=N in Python" if "tensor entries" in str(e) else "the file is damaged")
+        raise ModelFileError(f"the file's model {spec['name']!r} is refused before it is built: {e}; {fix}") from None
     except Exception as e:  # any failure to rebuild means the spec is not usable
-        raise ModelFileError(f"cannot rebuild the model from the file's spec ({e})") from None
+        raise ModelFileError(f"cannot rebuild the model from the file's spec ({type(e).__name__}: "
+                             f"{str(e)[:300]})") from None
     expected = weight_tensors(model)
     if version >= 2:  # entries follow the model's own tensors: names and shapes come from it
         if len(short) != len(expected):
-            raise ModelFileError(f"the file has {len(short)} tensors, the model {header['spec'].get('name')!r} "
+            raise ModelFileError(f"the file has {len(short)} tensors, the model {spec['name']!r} "
                                  f"{len(expected)}: damaged, or written for another model")
         entries = [[k, list(t.shape), c, n] for (k, t), (c, n) in zip(sorted(expected.items()), short)]
     else:
@@ -130,8 +161,8 @@ def decode_model(data: bytes, device=None) -> tuple[nn.Module, dict[str, Any]]:
     header = {**header, "tensors": entries}
     names = [e[0] for e in entries]
     if sorted(names) != sorted(expected):
-        raise ModelFileError(f"the file's tensors {sorted(set(names) ^ set(expected))} do not match the "
-                             f"model {header['spec'].get('name')!r}")
+        raise ModelFileError(f"the file's tensors {sorted(set(names) ^ set(expected))[:10]} do not match the "
+                             f"model {spec['name']!r}")
     state = {}
     for name, shape, codec_name, length in entries:
         if tuple(shape) != tuple(expected[name].shape):
@@ -139,7 +170,7 @@ def decode_model(data: bytes, device=None) -> tuple[nn.Module, dict[str, Any]]:
                                  f"{tuple(expected[name].shape)} in the model")
         try:
             state[name] = decode_tensor(codec_name, bytes(body[pos:pos + length]), tuple(shape))
-        except (CodecError, ValueError, TypeError) as e:
+        except (CodecError, ValueError, TypeError, RuntimeError, OverflowError, IndexError) as e:
             raise ModelFileError(f"tensor {name!r} does not decode: {e}") from None
         if not bool(state[name].isfinite().all()):
             raise ModelFileError(f"tensor {name!r} decodes to non-finite values: the file is damaged")
@@ -151,33 +182,99 @@ def decode_model(data: bytes, device=None) -> tuple[nn.Module, dict[str, Any]]:
     return model, header
 
 
+def _read_header(zheader: bytes) -> Any:
+    """The header's JSON value, decompressed and parsed within bounds: MAX_HEADER bytes (whatever size
+    the frame claims), a zstd window no larger, MAX_DEPTH levels of nesting."""
+    import zstandard
+
+    try:
+        size = zstandard.frame_content_size(zheader)  # -1: not stated (what encode_model writes)
+        if size > MAX_HEADER:
+            raise ModelFileError(f"the header claims {size:,} bytes, more than the {MAX_HEADER:,} a header may have: "
+                                 "damaged")
+        raw = zstandard.ZstdDecompressor(max_window_size=2 * MAX_HEADER).decompress(zheader, max_output_size=MAX_HEADER)
+        header = json.loads(raw)
+    except zstandard.ZstdError as e:
+        raise ModelFileError(f"header does not decompress ({e}): the file is damaged") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"header is not JSON ({e}): the file is damaged") from None
+    except RecursionError:
+        raise ModelFileError("header nests its JSON too deeply to read: the file is damaged") from None
+    if _depth(header, MAX_DEPTH) > MAX_DEPTH:
+        raise ModelFileError(f"header nests its JSON more than {MAX_DEPTH} deep: the file is damaged")
+    return header
+
+
+def _depth(v: Any, bound: int) -> int:
+    """How deeply lists and objects nest in `v` (0 for a plain value), counted without recursion and
+    without going past bound + 1, so nothing below the check recurses on a file's data."""
+    deepest, stack = 0, [(v, 0)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, (list, dict)):
+            deepest = max(deepest, d + 1)
+            if deepest > bound:
+                break
+            stack += [(y, d + 1) for y in (x.values() if isinstance(x, dict) else x)]
+    return deepest
+
+
+def _json_type(v: Any) -> str:
+    """What a JSON value is, in JSON's words."""
+    if isinstance(v, bool) or v is None:
+        return json.dumps(v)
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(v), "a number")
+
+
 def _check_header(h: Any, version: int) -> list[list]:
+    from frugal.train import check_spec  # the spine says what a model spec may hold
+
     if not isinstance(h, dict) or not {"spec", "meta", "tensors"} <= h.keys():
         raise ModelFileError("header lacks spec, meta or tensors: not a frugal model file")
     if not isinstance(h["spec"], dict) or not isinstance(h["tensors"], list):
         raise ModelFileError("header spec or tensor list has the wrong type: damaged")
+    meta = h["meta"]
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"header meta is {_json_type(meta)}, not an object: damaged")
+    if "task" in meta and not isinstance(meta["task"], str):
+        raise ModelFileError(f"header meta.task is {_json_type(meta['task'])}, not a task name: damaged")
+    acc = meta.get("test_acc")
+    if "test_acc" in meta and not (type(acc) in (int, float) and math.isfinite(acc)):
+        raise ModelFileError(f"header meta.test_acc is {_json_type(acc)} ({str(acc)[:40]}), not a finite number: "
+                             "damaged")
+    if len(h["tensors"]) > MAX_TENSORS:
+        raise ModelFileError(f"header lists {len(h['tensors']):,} tensors, more than the {MAX_TENSORS:,} a model "
+                             "file may have: damaged")
     for e in h["tensors"]:
         if version >= 2:  # [codec name, payload length]
-            ok = isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], int) and e[1] >= 0
+            ok = isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and type(e[1]) is int and e[1] >= 0
         else:  # [name, shape, codec name, payload length]
             ok = (isinstance(e, list) and len(e) == 4 and isinstance(e[0], str) and isinstance(e[1], list)
-                  and all(isinstance(d, int) and 0 <= d < 1 << 31 for d in e[1]) and isinstance(e[2], str)
-                  and isinstance(e[3], int) and e[3] >= 0 and math.prod(e[1]) < 1 << 31)
+                  and all(type(d) is int and 0 <= d < 1 << 31 for d in e[1]) and isinstance(e[2], str)
+                  and type(e[3]) is int and e[3] >= 0 and math.prod(e[1]) < 1 << 31)
         if not ok:
             raise ModelFileError(f"tensor entry {str(e)[:80]} is malformed: damaged")
+    try:
+        check_spec(h["spec"])
+    except ValueError as e:
+        raise ModelFileError(f"header spec: {e}") from None
     return h["tensors"]
 
 
-def read_model_file(path: str | Path, device=None) -> tuple[nn.Module, dict[str, Any]]:
+def read_model_file(path: str | Path, device=None, max_params: int = MAX_PARAMS) -> tuple[nn.Module, dict[str, Any]]:
+    """`decode_model` of the file at `path`; a `ModelFileError` names the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}; write one with `frugal compress RUN -o {path}`")
-    return decode_model(path.read_bytes(), device=device)
+    try:
+        return decode_model(path.read_bytes(), device=device, max_params=max_params)
+    except ModelFileError as e:
+        raise ModelFileError(f"{path}: {e}") from None
 
 
 def model_file_size(model: nn.Module, spec: dict[str, Any], codecs: dict[str, Codec] | None = None) -> int:
     return len(encode_model(model, spec, codecs))
 
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "ModelFileError", "decode_model", "encode_model", "model_file_size",
+__all__ = ["FORMAT_VERSION", "MAGIC", "MAX_PARAMS", "ModelFileError", "decode_model", "encode_model", "model_file_size",
            "read_model_file", "write_model_file"]

@@ -5,6 +5,12 @@ A stream is self-describing: varint n, zigzag-varint smallest symbol, varint alp
 varint counts, varint number of 32-bit words, then the words (little-endian). Decoding checks
 every length against the bytes it has and refuses anything inconsistent with `CodecError`; it
 never returns symbols it did not read.
+
+A damaged or hostile stream is refused before decoding allocates for it: n is capped
+(MAX_SYMBOLS; a caller that knows the length passes `expected`), and the words must hold at least
+the information the histogram implies (`min_bits`), since a range coder cannot code n symbols in
+fewer bits than their probabilities under its own quantised model allow. Symbols are decoded in
+chunks, and a payload that strays from its stored histogram is refused as soon as it does.
 """
 
 from __future__ import annotations
@@ -12,6 +18,11 @@ from __future__ import annotations
 import numpy as np
 
 MAX_ALPHABET = 1 << 20  # symbols span at most this many values: bounds what a damaged header can allocate
+MAX_SYMBOLS = 1 << 28  # values in one stream (1 GiB as the coder's int32 while decoding): bounds a stream read
+                       # without an `expected` length; a weight tensor that large is 1 GiB of float32 itself
+PRECISION = 24  # bits of the fixed-point probabilities of constriction's categorical model (its default)
+DECODE_CHUNK = 1 << 20  # symbols decoded per call: a damaged payload is caught before all n are decoded
+MARGIN_BITS = 96  # what a range coder's last words may hold beyond the information of its symbols
 
 
 class CodecError(ValueError):
@@ -59,6 +70,8 @@ def encode_symbols(symbols: np.ndarray) -> bytes:
     if s.size and not np.issubdtype(s.dtype, np.integer):
         raise TypeError(f"symbols must be integers, got {s.dtype}")
     s = s.astype(np.int64)
+    if s.size > MAX_SYMBOLS:
+        raise ValueError(f"{s.size} symbols in one stream (max {MAX_SYMBOLS}); split the tensor")
     out = bytearray()
     write_varint(out, s.size)
     if s.size == 0:
@@ -83,12 +96,15 @@ def encode_symbols(symbols: np.ndarray) -> bytes:
 
 def decode_symbols(buf: bytes | memoryview, pos: int = 0, expected: int | None = None) -> tuple[np.ndarray, int]:
     """(int64 symbols, position after the stream) from `buf` at `pos`. With `expected`, a stream of
-    another length is refused before anything is allocated for it."""
+    another length is refused before anything is allocated for it; without, a stream of more than
+    MAX_SYMBOLS values, or one whose words are too few for its histogram (`min_bits`), is."""
     import constriction
 
     n, pos = read_varint(buf, pos)
     if expected is not None and n != expected:
         raise CodecError(f"stream holds {n} values, {expected} expected: the data is damaged or for another tensor")
+    if n > MAX_SYMBOLS:
+        raise CodecError(f"stream holds {n} values, more than the {MAX_SYMBOLS} a stream may: the data is damaged")
     if n == 0:
         return np.zeros(0, dtype=np.int64), pos
     u, pos = read_varint(buf, pos)
@@ -96,6 +112,8 @@ def decode_symbols(buf: bytes | memoryview, pos: int = 0, expected: int | None =
     k, pos = read_varint(buf, pos)
     if not 1 <= k <= MAX_ALPHABET:
         raise CodecError(f"alphabet of {k} symbols is out of range (1..{MAX_ALPHABET}): the data is damaged")
+    if not -(1 << 63) <= lo <= (1 << 63) - k:
+        raise CodecError(f"symbols from {lo} over {k} values do not fit 64 bits: the data is damaged")
     if k > len(buf) - pos:
         raise CodecError("histogram longer than the data left: the data is truncated or damaged")
     counts = np.empty(k, dtype=np.int64)
@@ -108,16 +126,44 @@ def decode_symbols(buf: bytes | memoryview, pos: int = 0, expected: int | None =
         raise CodecError(f"histogram counts {int(counts.sum())} symbols, header says {n}: the data is damaged")
     if k == 1:
         return np.full(n, lo, dtype=np.int64), pos
+    if counts[0] == 0 or counts[-1] == 0:  # the alphabet runs from the smallest symbol to the largest
+        raise CodecError("histogram has no symbol at an end of its range: the data is damaged")
     n_words, pos = read_varint(buf, pos)
     end = pos + 4 * n_words
     if end > len(buf):
         raise CodecError(f"payload of {4 * n_words} bytes but only {len(buf) - pos} left: the data is truncated")
+    need = min_bits(counts)
+    if n_words == 0 or 32 * n_words < need - MARGIN_BITS:
+        raise CodecError(f"payload of {n_words} words cannot hold {n} symbols of this histogram (at least "
+                         f"{need:.0f} bits): the data is damaged")
     words = np.frombuffer(bytes(buf[pos:end]), dtype="<u4").astype(np.uint32)
+    out = np.empty(n, dtype=np.int64)  # pages are touched only as symbols are decoded into them
+    seen = np.zeros(k, dtype=np.int64)
     try:
-        decoded = constriction.stream.queue.RangeDecoder(words).decode(_model(counts), n)
+        decoder, model = constriction.stream.queue.RangeDecoder(words), _model(counts)
+        for start in range(0, n, DECODE_CHUNK):
+            part = decoder.decode(model, min(DECODE_CHUNK, n - start))  # (m,) int32 in 0..k-1
+            seen += np.bincount(part, minlength=k)[:k]
+            if (seen > counts).any():  # a damaged payload is refused as soon as it strays from its histogram
+                break
+            out[start:start + part.size] = part
     except Exception as e:  # constriction reports a stream it cannot decode as a generic error
         raise CodecError(f"range-coded payload does not decode ({e}): the data is damaged") from e
-    return decoded.astype(np.int64) + lo, end
+    if not np.array_equal(seen, counts):
+        raise CodecError("range-coded payload decodes to symbols other than its histogram: the data is damaged")
+    out += lo
+    return out, end
+
+
+def min_bits(counts: np.ndarray) -> float:
+    """A lower bound on the bits a range coder spends on symbols with this histogram (K >= 2 values),
+    from the probabilities of constriction's quantised model (`Categorical(perfect=False)`): each of
+    the K values gets one quantum of 2**-PRECISION, the rest is shared in proportion to the counts
+    and rounded down, so no value's probability exceeds c/n + 2 quanta, nor 1 - (K - 1) quanta."""
+    c = counts[counts > 0].astype(np.float64)
+    n, quantum = c.sum(), 2.0 ** -PRECISION
+    p = np.minimum(c / n + 4 * quantum, 1 - (len(counts) - 1) * quantum)  # 4: 2 quanta, and float rounding
+    return float(-(c * np.log2(p)).sum())
 
 
 def _model(counts: np.ndarray):
