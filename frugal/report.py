@@ -345,6 +345,8 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     if not res_path.exists():
         raise FileNotFoundError(f"no results.json in {out}; run `frugal bench --out {out}` first")
     results = read_json(res_path, "it is not a frugal results file; rebuild it with `frugal bench --out DIR`")
+    if isinstance(results, dict) and isinstance(results.get("benchmark"), str) and "rows" not in results:
+        return write_benchmark_report(out, results)
     if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
         raise ValueError(f"{res_path} is not a frugal results file (no list of rows); rebuild it with "
                          f"`frugal bench --out {out}`")
@@ -399,3 +401,46 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     md_path = atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     html_path = atomic_write_text(out / "report.html", "\n".join(h) + "\n")
     return md_path, html_path
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.4g}"
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+
+def write_benchmark_report(out: Path, results: dict[str, Any]) -> tuple[Path, Path]:
+    """report.md / report.html of a benchmark script's results.json (`frugal.benchmarks.*`, which
+    records its `benchmark` name and `command`): its scalar figures in one table, then one table per
+    object of figures (an object of objects becomes rows x columns). Nested data beyond that is left
+    to the JSON."""
+    title = f"frugal benchmark `{results['benchmark']}`"
+    intro = f"Command: `{results.get('command', '?')}`. Every figure below is in results.json."
+    scalars = [[k, _cell(v)] for k, v in results.items() if _scalar(v) and k not in ("benchmark", "command")]
+    sections: list[tuple[str, tuple[list[str], list[list[str]]]]] = [("", (["figure", "value"], scalars))]
+    for key, v in results.items():
+        if not isinstance(v, dict) or not v or key == "versions":
+            continue
+        if all(_scalar(x) for x in v.values()):
+            sections.append((key, (["", key], [[k, _cell(x)] for k, x in v.items()])))
+        elif all(isinstance(x, dict) and all(_scalar(y) for y in x.values()) for x in v.values()):
+            cols = list(dict.fromkeys(c for x in v.values() for c in x))
+            sections.append((key, ([""] + cols, [[k] + [_cell(x.get(c, "–")) for c in cols] for k, x in v.items()])))
+    versions = results.get("versions")
+    if isinstance(versions, dict):
+        intro += " Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if _scalar(v)) + "."
+    md = [f"# {title}", "", intro]
+    h = ["<!doctype html><meta charset='utf-8'><title>frugal benchmark report</title>",
+         f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
+    for name, table in sections:
+        if name:
+            md += ["", f"## {name}"]
+            h.append(f"<h2>{html.escape(name)}</h2>")
+        md += [""] + _md_table(*table)
+        h += _html_table(*table)
+    return (atomic_write_text(out / "report.md", "\n".join(md) + "\n"),
+            atomic_write_text(out / "report.html", "\n".join(h) + "\n"))

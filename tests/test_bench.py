@@ -209,3 +209,17 @@ def test_a_method_s_own_fields_get_a_table_of_means(tmp_path):
     rows[1]["seed"], rows[1]["variant"] = 0, "w"  # one seed: no std
     assert dict(method_tables(rows))[f"Method `{name}`: its own measurements (mean ± std over seeds)"][1] == [
         ["digits", "v", "1", "20.0%"], ["digits", "w", "1", "40.0%"]]
+
+
+def test_report_rebuilds_a_benchmark_script_s_results(tmp_path):
+    res = {"benchmark": "fuzz", "command": "python -m frugal.benchmarks.fuzz --cases 3", "cases": 3,
+           "outcomes": {"ModelFileError": 2, "identical": 1},
+           "by_kind": {"flip": {"ModelFileError": 2}, "splice": {"identical": 1}}, "versions": {"torch": "x"},
+           "slowest_case": {"kind": "flip", "nested": {"a": 1}}, "bases": [1, 2]}
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    md, html = write_report(tmp_path)
+    text = md.read_text()
+    assert "`python -m frugal.benchmarks.fuzz --cases 3`" in text and "| cases | 3 |" in text
+    assert "| ModelFileError | 2 |" in text
+    assert "| flip | 2 | – |" in text and "| splice | – | 1 |" in text
+    assert "<td>ModelFileError</td>" in html.read_text()
