@@ -10,13 +10,14 @@ idx.py does the same for IDX headers.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
 import struct
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -93,20 +94,11 @@ _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zli
                 NotImplementedError, RuntimeError, MemoryError)
 
 
-def read_npy(path: Path, fix: str) -> np.ndarray:
-    """One .npy file, read only after its header's shape x dtype matched the file's size exactly
-    and fit the memory budget."""
+@contextlib.contextmanager
+def _reading(path: Path, fix: str) -> Iterator[None]:
+    """Any fault while reading `path` becomes a DataError naming it and `fix`."""
     try:
-        with open(path, "rb") as f:
-            shape, fortran, dtype = npy_header(f, str(path))
-            need, found = _data_bytes(shape, dtype), os.fstat(f.fileno()).st_size - f.tell()
-            if need != found:
-                raise DataError(f"{path} declares shape {shape} {dtype} ({_size(need)}) but holds {_size(found)} "
-                                f"of data: it is damaged or crafted; {fix}")
-            if need > (budget := read_budget()):
-                raise _over_budget(str(path), need, budget, fix)
-            f.seek(0)
-            return npy_format.read_array(f, allow_pickle=False)
+        yield
     except DataError:
         raise
     except FileNotFoundError:
@@ -115,15 +107,25 @@ def read_npy(path: Path, fix: str) -> np.ndarray:
         raise _unreadable(str(path), e, fix) from e
 
 
+def read_npy(path: Path, fix: str) -> np.ndarray:
+    """One .npy file, read only after its header's shape x dtype matched the file's size exactly
+    and fit the memory budget."""
+    with _reading(path, fix), open(path, "rb") as f:
+        shape, fortran, dtype = npy_header(f, str(path))
+        need, found = _data_bytes(shape, dtype), os.fstat(f.fileno()).st_size - f.tell()
+        if need != found:
+            raise DataError(f"{path} declares shape {shape} {dtype} ({_size(need)}) but holds {_size(found)} "
+                            f"of data: it is damaged or crafted; {fix}")
+        if need > (budget := read_budget()):
+            raise _over_budget(str(path), need, budget, fix)
+        f.seek(0)
+        return npy_format.read_array(f, allow_pickle=False)
+
+
 def npz_keys(path: Path, fix: str) -> list[str]:
     """The array names in an npz (its members ending in .npy, without that suffix); reads no data."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return [i.filename[:-4] for i in z.infolist() if i.filename.endswith(".npy")]
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist; {fix}") from None
-    except _READ_ERRORS as e:
-        raise _unreadable(str(path), e, fix) from e
+    with _reading(path, fix), zipfile.ZipFile(path) as z:
+        return [i.filename[:-4] for i in z.infolist() if i.filename.endswith(".npy")]
 
 
 def read_npz(path: Path, keys: Sequence[str] | None, fix: str) -> dict[str, np.ndarray]:
@@ -131,40 +133,25 @@ def read_npz(path: Path, keys: Sequence[str] | None, fix: str) -> dict[str, np.n
     but bounded: the members' declared uncompressed sizes must fit the memory budget together, and
     each member's npy header (shape x dtype) must account for its size exactly, before any array is
     allocated or any member decompressed. Reading a member to its end checks its CRC."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            members = {i.filename[:-4]: i for i in z.infolist() if i.filename.endswith(".npy")}
-            want = list(members) if keys is None else [k for k in keys if k in members]
-            total = sum(members[k].file_size for k in want)  # as the zip's directory declares them
-            if total > (budget := read_budget()):
-                raise _over_budget(str(path), total, budget, fix)
-            for k in want:
-                where = f"{k} in {path}"
-                try:
-                    with z.open(members[k]) as f:
-                        shape, _, dtype = npy_header(f, where)
-                        need, found = _data_bytes(shape, dtype), members[k].file_size - f.tell()
-                except DataError:
-                    raise
-                except _READ_ERRORS as e:
-                    raise _unreadable(where, e, fix) from e
-                if need != found:
-                    raise DataError(f"{where} declares shape {shape} {dtype} ({_size(need)}) but its zip member "
-                                    f"holds {_size(max(found, 0))} of data: the file is damaged or crafted; {fix}")
-            out = {}
-            for k in want:
-                try:
-                    with z.open(members[k]) as f:
-                        out[k] = npy_format.read_array(f, allow_pickle=False)
-                except _READ_ERRORS as e:
-                    raise _unreadable(f"{k} in {path}", e, fix) from e
-            return out
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist; {fix}") from None
-    except _READ_ERRORS as e:
-        raise _unreadable(str(path), e, fix) from e
+    with _reading(path, fix), zipfile.ZipFile(path) as z:
+        members = {i.filename[:-4]: i for i in z.infolist() if i.filename.endswith(".npy")}
+        want = list(members) if keys is None else [k for k in keys if k in members]
+        total = sum(members[k].file_size for k in want)  # as the zip's directory declares them
+        if total > (budget := read_budget()):
+            raise _over_budget(str(path), total, budget, fix)
+        for k in want:
+            where = f"{k} in {path}"
+            with _reading(where, fix), z.open(members[k]) as f:
+                shape, _, dtype = npy_header(f, where)
+                need, found = _data_bytes(shape, dtype), members[k].file_size - f.tell()
+            if need != found:
+                raise DataError(f"{where} declares shape {shape} {dtype} ({_size(need)}) but its zip member "
+                                f"holds {_size(max(found, 0))} of data: the file is damaged or crafted; {fix}")
+        out = {}
+        for k in want:
+            with _reading(f"{k} in {path}", fix), z.open(members[k]) as f:
+                out[k] = npy_format.read_array(f, allow_pickle=False)
+        return out
 
 
 def gunzip(path: Path, limit: int) -> bytes:
