@@ -289,22 +289,12 @@ MUTATIONS = {
 # ---------------------------------------------------------------------------------------------------
 
 
-def _peak_kb() -> int | None:
+def _status_kb(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (VmHWM: the peak, VmRSS: now), in kB."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _rss_kb() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1])
     except OSError:
         return None
@@ -373,13 +363,13 @@ def main(argv: list[str] | None = None) -> dict:
         data = MUTATIONS[kind](rng, base, bases)
         if peak_reset:
             _reset_peak()
-            start_kb = _rss_kb()
+            start_kb = _status_kb("VmRSS")
         else:
             start_kb = _maxrss_kb()
         t0 = time.perf_counter()
         outcome, detail = outcome_of(data, base, device)
         seconds = time.perf_counter() - t0
-        extra_mb = max(0, ((_peak_kb() if peak_reset else _maxrss_kb()) or 0) - (start_kb or 0)) / 1024
+        extra_mb = max(0, ((_status_kb("VmHWM") if peak_reset else _maxrss_kb()) or 0) - (start_kb or 0)) / 1024
         by_outcome[outcome] += 1
         by_kind[kind][outcome] += 1
         if outcome == "ModelFileError" and detail:
