@@ -347,3 +347,22 @@ def test_a_config_field_of_the_wrong_type_is_named(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("epochs: many\n")
     assert main(TRAIN_ARGS + ["--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")]) == 2
     assert "epochs must be int" in capsys.readouterr().err
+
+
+def test_every_stateful_training_aid_resumes_from_a_weights_only_checkpoint(tmp_path):
+    """Whatever a hook keeps in the checkpoint must be tensors, numbers, strings and containers:
+    the checkpoint is read without pickle, so anything else would make the run unresumable."""
+    from frugal.compress.loop import CompressInTheLoop, LoopConfig
+    from frugal.kernels.penalty import KernelPenalty, PenaltyConfig, SharedValues
+
+    loop = dict(task="digits", model="lenet300", device="cpu", train_limit=128, batch_size=64)
+    hooks = {"compress": ([CompressInTheLoop(LoopConfig(every=1, lam=0.05, steps=(0.1,), kmeans_k=(4,),
+                                                        dct_cutoffs=(0,), tie=True))], loop),
+             "gmm": ([KernelPenalty(PenaltyConfig(kind="gmm", components=4))], DIGITS),
+             "shared": ([SharedValues({"features.0.0": torch.zeros(16, 1, 3, 3, dtype=torch.long)})], DIGITS)}
+    for name, (hs, cfg) in hooks.items():
+        train(TrainConfig(epochs=1, **cfg), tmp_path / name, hooks=hs, quiet=True)
+        saved = read_checkpoint(tmp_path / name / CHECKPOINT)["hooks"]
+        assert saved and saved[0], name
+        again = train(TrainConfig(epochs=1, **cfg), tmp_path / name, hooks=hs, resume=True, quiet=True)
+        assert again.history, name
