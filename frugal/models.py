@@ -1,15 +1,24 @@
 """Model registry and the baseline networks every idea is measured against.
 
 `create_model(name, in_channels=, image_size=, num_classes=)` builds any registered model for a task;
-each model takes its input shape from the task, never from a constant.
+each model takes its input shape from the task, never from a constant. A model may also be named by
+an import path, `"package.module:Callable"`: any importable callable that returns an nn.Module (a
+class or a factory), given the task's shape for the arguments it takes by those names.
+
+A name read from a file (a run folder, a model file) is someone else's word: an import path in it
+is imported only when the user trusts that module (`trust_model_source`, `--trust-model`, or the
+environment variable FRUGAL_TRUST_MODELS, comma-separated), or named it themselves in this process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
+import os
+import re
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -30,6 +39,78 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
+TRUST_ENV = "FRUGAL_TRUST_MODELS"  # comma-separated modules (or packages) whose models a file may name
+_IMPORT_PATH = re.compile(r"([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*):([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)")
+
+
+class UntrustedModelSource(ValueError):
+    """A file names a model by an import path the user has not said they trust."""
+
+
+def is_import_path(name: str) -> bool:
+    return ":" in name
+
+
+def trust_model_source(module: str) -> None:
+    """Let files name models from `module` (and the modules below it): the user vouches for the code
+    that building them imports and runs. Child processes inherit it (through FRUGAL_TRUST_MODELS)."""
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module):
+        raise ValueError(f"{module!r} is not a module name like 'mypkg.nets'")
+    have = [m for m in os.environ.get(TRUST_ENV, "").split(",") if m]
+    if module not in have:
+        os.environ[TRUST_ENV] = ",".join(have + [module])
+
+
+def _trusted(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".")
+               for m in (m.strip() for m in os.environ.get(TRUST_ENV, "").split(",")) if m)
+
+
+def model_factory(name: str, trusted: bool = True) -> Callable[..., nn.Module]:
+    """The callable behind a model name: a registered model, or `module:attr` imported (only from a
+    trusted module when `trusted` is False, i.e. the name comes from a file)."""
+    if not is_import_path(name):
+        if name not in list_models():
+            raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}, or an import path "
+                             "like 'mypkg.nets:MyNet'")
+        return _MODELS[name]
+    m = _IMPORT_PATH.fullmatch(name)
+    if not m:
+        raise ValueError(f"model {name!r} is not an import path like 'mypkg.nets:MyNet' (module, a colon, then "
+                         "the callable)")
+    module, attr = m.groups()
+    if not trusted and not _trusted(module):
+        raise UntrustedModelSource(
+            f"the model is named by the import path {name!r}, and building it would run code from {module!r}; "
+            f"frugal does that for a file only if you trust that module: pass --trust-model {module} (or set "
+            f"{TRUST_ENV}={module}, or call frugal.models.trust_model_source({module!r}))")
+    try:
+        fn: Any = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"model {name!r}: cannot import {module!r} ({e}); install it, or run from the folder "
+                         "that holds it") from None
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ValueError(f"model {name!r}: {module!r} has no {attr!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise ValueError(f"model {name!r} is not callable; name a class or a function that returns an nn.Module")
+    return fn
+
+
+def import_path_of(model: nn.Module) -> str | None:
+    """'module:QualName' of a model's class, if importing that finds the same class again (not a
+    class defined in __main__ or inside a function)."""
+    cls = type(model)
+    if cls.__module__ == "__main__" or "<" in cls.__qualname__:
+        return None
+    try:
+        found = model_factory(f"{cls.__module__}:{cls.__qualname__}")
+    except ValueError:
+        return None
+    return f"{cls.__module__}:{cls.__qualname__}" if found is cls else None
+
+
 def list_models() -> list[str]:
     load_ideas()
     return sorted(_MODELS)
@@ -45,10 +126,12 @@ def describe_model(name: str) -> str:
 def create_model(name: str, *, in_channels: int = 1, image_size: tuple[int, int] = (28, 28),
                  num_classes: int = 10, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, limits: SizeLimits | None = None, **kw) -> nn.Module:
-    """Build a registered model for inputs of (in_channels, *image_size) and num_classes outputs.
-    With `limits` (a spec read from someone else's file), the model is first sized on the meta
+    """Build a registered model (or one named by an import path) for inputs of (in_channels,
+    *image_size) and num_classes outputs. With `limits` (a spec read from someone else's file), an
+    import path must be trusted (`trust_model_source`), and the model is first sized on the meta
     device and refused (ModelTooLarge) past a bound; a model that cannot be built on the meta
     device is built for real with the same bounds counted as it grows."""
+    fn = model_factory(name, trusted=limits is None)
     if limits is not None:
         try:
             model_size(name, limits, in_channels=in_channels, image_size=image_size, num_classes=num_classes, **kw)
@@ -58,18 +141,22 @@ def create_model(name: str, *, in_channels: int = 1, image_size: tuple[int, int]
                 model = create_model(name, in_channels=in_channels, image_size=image_size,
                                      num_classes=num_classes, **kw)
             return model.to(device=device, dtype=dtype)
-    if name not in list_models():
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
-    fn = _MODELS[name]
-    params = inspect.signature(fn).parameters
+    shape = dict(in_channels=in_channels, image_size=_check_size(image_size), num_classes=num_classes)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: it is given the options alone
+        params = {}
     allowed = {k for k, p in params.items() if p.kind != p.VAR_KEYWORD}
     passes_on = any(p.kind == p.VAR_KEYWORD for p in params.values())  # options for a model it wraps
     bad = [] if passes_on else sorted(set(kw) - allowed)
     if bad:
         raise ValueError(f"model {name!r} takes no option(s) {bad}; its options: "
                          f"{sorted(allowed - {'in_channels', 'image_size', 'num_classes'})}")
-    h, w = _check_size(image_size)
-    model = fn(in_channels=in_channels, image_size=(h, w), num_classes=num_classes, **kw)
+    if is_import_path(name):  # a user's callable takes the task's shape only where it asks for it by name
+        shape = {k: v for k, v in shape.items() if k in params or passes_on}
+    model = fn(**shape, **kw)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
     return model.to(device=device, dtype=dtype)
 
 

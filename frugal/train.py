@@ -31,7 +31,8 @@ from safetensors.torch import save as st_save
 
 from .data import TaskData, load_task
 from .data.types import Split
-from .models import SizeLimits, create_model
+from .models import (SizeLimits, UntrustedModelSource, create_model, import_path_of, is_import_path,
+                     trust_model_source)
 from .utils import (LockHeld, atomic_write_bytes, atomic_write_json, file_lock, read_json, remove_stale_temp_files,
                     resolve_device, seed_everything, versions)
 
@@ -46,7 +47,8 @@ AUGMENTS = ("none", "shift", "shift-flip", "affine-noise")
 @dataclass(frozen=True)
 class TrainConfig:
     task: str = "mnist"  # data set name (see `frugal data list`)
-    model: str = "lenet5"  # registered model name (see frugal.models.list_models)
+    model: str = "lenet5"  # registered model name (see frugal.models.list_models), or an import path
+    # "package.module:Callable" of a class or function that returns an nn.Module
     model_kw: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
     epochs: int = 5  # passes over the training split (see epoch_size)
     epoch_size: int | None = None  # examples per epoch: a fresh random subset of the training split each
@@ -387,9 +389,16 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
         data = load_task(cfg.task, data_dir=cfg.data_dir, val_size=cfg.val_size)
     train_split = data.train.subset(cfg.train_limit)
     seed_everything(cfg.seed)
-    custom_model = model is not None
+    spec = model_spec(cfg, data)
+    if is_import_path(cfg.model):  # the caller named this code: files of this process may name it too
+        trust_model_source(cfg.model.split(":")[0])
     if model is None:
-        model = build_model(model_spec(cfg, data))
+        model = build_model(spec)
+    else:  # a model object: rebuildable from its class's import path, if it has one (options unknown)
+        path = import_path_of(model)
+        spec = None if path is None else {**spec, "name": path, "kw": {}}
+        if path is not None:
+            trust_model_source(path.split(":")[0])
     if cfg.init_from and not resume:
         loaded = init_weights_from(model, cfg.init_from)
         log(f"initialised {len(loaded)} tensors from {cfg.init_from}")
@@ -409,7 +418,7 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
             raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, "
                                   "or choose another --out folder")
         atomic_write_json(run_dir / "config.json", {
-            "config": cfg.to_dict(), "model_spec": None if custom_model else model_spec(cfg, data),
+            "config": cfg.to_dict(), "model_spec": spec,
             "task": repr(data), "device": str(device), "versions": versions()})
         log(f"start {cfg.model} on {data!r}, {sum(p.numel() for p in model.parameters())} params, device {device}")
 
@@ -623,8 +632,9 @@ def load_run(run_dir: str | Path, device=None) -> tuple[nn.Module, TrainConfig, 
     if not isinstance(meta, dict) or "config" not in meta:
         raise ValueError(f"{cfg_path} is not a run's config (no 'config' object); {fix}")
     if meta.get("model_spec") is None:
-        raise ValueError(f"{run_dir} was trained with a custom model object; rebuild it in Python "
-                         f"and load {WEIGHTS} with safetensors")
+        raise ValueError(f"{run_dir} was trained with a model object whose class cannot be imported (defined in a "
+                         f"script or a function); rebuild it in Python and load {WEIGHTS} with "
+                         "frugal.train.read_weights, or define the class in an importable module")
     try:
         cfg = TrainConfig.from_dict(meta["config"])
         check_spec(meta["model_spec"])
@@ -638,6 +648,8 @@ def load_run(run_dir: str | Path, device=None) -> tuple[nn.Module, TrainConfig, 
                         tensors=min(SizeLimits.tensors, 2 * len(weights) + 1000))
     try:
         model = build_model(meta["model_spec"], device=device, limits=limits)
+    except UntrustedModelSource as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
     except Exception as e:  # a spec that does not build is the file's fault, whatever the error
         raise ValueError(f"{cfg_path}: cannot rebuild the model from its model_spec ({e}); {fix}") from None
     try:

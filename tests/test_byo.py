@@ -1,0 +1,102 @@
+"""Bring your own model: a network named by an import path, trained, and opened again; a file that
+names a module the user has not trusted does not get it imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from frugal.cli import main
+from frugal.models import TRUST_ENV, UntrustedModelSource, create_model
+from frugal.train import TrainConfig, load_run, train
+
+BYO = Path(__file__).parent / "byo"
+ARGS = ["train", "--task", "digits", "--batch-size", "64", "--device", "cpu", "--train-limit", "128",
+        "--epochs", "1"]
+
+
+@pytest.fixture(autouse=True)
+def user_code(monkeypatch):
+    monkeypatch.syspath_prepend(str(BYO))
+    monkeypatch.delenv(TRUST_ENV, raising=False)  # each test starts trusting nothing
+
+
+def test_a_class_named_by_import_path_gets_the_task_s_shape_where_it_asks_for_it():
+    m = create_model("usernets:TinyNet", in_channels=3, image_size=(8, 8), num_classes=7, width=4)
+    assert m(torch.randn(2, 3, 8, 8)).shape == (2, 7)
+    f = create_model("usernets:make", in_channels=1, image_size=(8, 8), num_classes=5, width=2)
+    assert f.block_a[0].out_channels == 2 and f(torch.randn(1, 1, 8, 8)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("name, says", [("usernets:not_a_model", "not an nn.Module"),
+                                        ("usernets:Missing", "has no 'Missing'"),
+                                        ("no_such_module_xyz:Net", "cannot import"),
+                                        ("usernets:", "not an import path")])
+def test_a_bad_import_path_is_named(name, says):
+    with pytest.raises(ValueError, match=says):
+        create_model(name, image_size=(8, 8))
+
+
+def test_train_with_an_import_path_and_open_the_run_again(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(ARGS + ["--model", "usernets:TinyNet", "--model-kw", '{"width": 4}', "--out", str(run)]) == 0
+    spec = json.loads((run / "config.json").read_text())["model_spec"]
+    assert spec["name"] == "usernets:TinyNet" and spec["kw"] == {"width": 4}
+    model, cfg, _ = load_run(run)  # same process: the user named the module
+    assert cfg.model == "usernets:TinyNet" and model.block_a[0].out_channels == 4
+
+
+def test_a_model_object_records_its_class_so_the_run_opens_again(tmp_path):
+    from usernets import TinyNet
+
+    net = TinyNet(num_classes=10, in_channels=1)
+    res = train(TrainConfig(task="digits", epochs=1, train_limit=64, device="cpu"), tmp_path, model=net, quiet=True)
+    assert json.loads((tmp_path / "config.json").read_text())["model_spec"]["name"] == "usernets:TinyNet"
+    model, _, _ = load_run(tmp_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, res.model.state_dict()[k]), k
+
+
+MEASURE = """
+import sys
+from frugal.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_another_process_imports_a_run_s_model_only_when_its_module_is_trusted(tmp_path):
+    run = tmp_path / "run"
+    assert main(ARGS + ["--model", "usernets:TinyNet", "--out", str(run)]) == 0
+    env = {k: v for k, v in os.environ.items() if k != TRUST_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(BYO), env.get("PYTHONPATH", "")])
+    refused = subprocess.run([sys.executable, "-c", MEASURE, "measure", str(run), "--device", "cpu"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode == 2 and "--trust-model usernets" in refused.stderr
+    ok = subprocess.run([sys.executable, "-c", MEASURE, "--trust-model", "usernets", "measure", str(run),
+                         "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((run / "measure.json").read_text())["params"] > 0
+
+
+def test_a_run_folder_naming_an_untrusted_callable_does_not_import_it(tmp_path, capsys):
+    train(TrainConfig(task="digits", model="convnet", epochs=1, train_limit=64, device="cpu"), tmp_path, quiet=True)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["model_spec"]["name"] = "usernets_payload:Net"  # importing this module would write a marker
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    marker = tmp_path / "marker"
+    (BYO / "usernets_payload.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    try:
+        with pytest.raises(UntrustedModelSource):
+            from frugal.models import model_factory
+            model_factory("usernets_payload:Net", trusted=False)
+        assert main(["measure", str(tmp_path), "--device", "cpu"]) == 2
+        assert "--trust-model usernets_payload" in capsys.readouterr().err
+        assert not marker.exists()
+    finally:
+        (BYO / "usernets_payload.py").unlink()
