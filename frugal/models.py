@@ -157,6 +157,9 @@ def create_model(name: str, *, in_channels: int = 1, image_size: tuple[int, int]
     model = fn(**shape, **kw)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
+    # what rebuilds it: a model file written from this object records it (frugal.compress.save)
+    model.frugal_spec = {"name": name, "in_channels": in_channels, "image_size": list(_check_size(image_size)),
+                         "num_classes": num_classes, "kw": dict(kw)}
     return model.to(device=device, dtype=dtype)
 
 

@@ -304,6 +304,9 @@ def model_spec(cfg: TrainConfig, data: TaskData) -> dict[str, Any]:
             "num_classes": data.num_classes, "kw": dict(cfg.model_kw)}
 
 
+SHAPE_KEYS = ("in_channels", "image_size", "num_classes")
+
+
 def check_spec(spec: Any) -> dict[str, Any]:
     """A model spec read from a file (a run folder's config.json, a model file's header), checked for
     its structure before anything is built from it: ValueError saying which field is wrong."""
@@ -317,11 +320,12 @@ def check_spec(spec: Any) -> dict[str, Any]:
         fail(f"unknown field(s) {unknown}")
     if not isinstance(spec.get("name"), str):
         fail("'name' must be a model name")
+    # the task's shape; a model saved from an object may not know it (then its class's defaults hold)
     for key in ("in_channels", "num_classes"):
-        v = spec.get(key)
+        v = spec.get(key, 1)
         if type(v) is not int or not 1 <= v <= 1 << 20:
             fail(f"{key!r} must be a whole number from 1 to {1 << 20}")
-    size = spec.get("image_size")
+    size = spec.get("image_size", [1, 1])
     if not (isinstance(size, list) and len(size) == 2 and all(type(s) is int and 1 <= s <= 1 << 16 for s in size)):
         fail(f"'image_size' must be [height, width], each from 1 to {1 << 16}")
     kw = spec.get("kw", {})
@@ -350,8 +354,8 @@ def build_model(spec: dict[str, Any], device=None, limits: SizeLimits | None = N
     checked and its size bounded before anything is allocated (ModelTooLarge past a bound)."""
     if limits is not None:
         check_spec(spec)
-    return create_model(spec["name"], in_channels=spec["in_channels"], image_size=tuple(spec["image_size"]),
-                        num_classes=spec["num_classes"], device=device, limits=limits, **spec.get("kw", {}))
+    shape = {k: tuple(v) if k == "image_size" else v for k, v in spec.items() if k in SHAPE_KEYS}
+    return create_model(spec["name"], device=device, limits=limits, **shape, **spec.get("kw", {}))
 
 
 # ---------------------------------------------------------------------------------------------------

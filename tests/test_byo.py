@@ -100,3 +100,63 @@ def test_a_run_folder_naming_an_untrusted_callable_does_not_import_it(tmp_path, 
         assert not marker.exists()
     finally:
         (BYO / "usernets_payload.py").unlink()
+
+
+# --- the model file for any module ----------------------------------------------------------------
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_save_and_load_a_registered_model_and_a_user_class(tmp_path):
+    from frugal.compress import Uniform, load, save
+    from usernets import TinyNet
+
+    reg = create_model("convnet", image_size=(8, 8), num_classes=10, width=4)
+    save(reg, tmp_path / "reg.frugal")
+    assert _same(load(tmp_path / "reg.frugal"), reg)  # raw codes: exact
+    user = TinyNet(num_classes=3, in_channels=2)  # not built by frugal: its class's import path is recorded
+    size = save(user, tmp_path / "user.frugal", codecs={"classifier.weight": Uniform(0.01)})
+    assert size == (tmp_path / "user.frugal").stat().st_size
+    back = load(tmp_path / "user.frugal", model=TinyNet(num_classes=3, in_channels=2))
+    assert torch.allclose(back.classifier.weight, user.classifier.weight, atol=0.005 + 1e-6)
+    assert torch.equal(back.block_a[0].weight, user.block_a[0].weight)
+
+
+def test_a_module_without_an_importable_class_loads_into_the_module_given(tmp_path):
+    from frugal.compress import ModelFileError, load, save
+
+    class Local(torch.nn.Module):  # defined in a function: no import path rebuilds it
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 2)
+
+    m = Local()
+    save(m, tmp_path / "local.frugal")
+    with pytest.raises(ModelFileError, match="model=") as e:
+        load(tmp_path / "local.frugal")
+    assert str(tmp_path / "local.frugal") in str(e.value)
+    assert _same(load(tmp_path / "local.frugal", model=Local()), m)
+    with pytest.raises(ModelFileError, match="does not decode"):  # the file's codes do not fill this module
+        load(tmp_path / "local.frugal", model=torch.nn.Linear(3, 3))
+    with pytest.raises(ModelFileError, match="has 2 tensors, the model"):
+        load(tmp_path / "local.frugal", model=torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Linear(2, 2)))
+
+
+def test_eval_needs_only_the_file_it_stores_the_input_normalisation(tmp_path, capsys):
+    from frugal.compress import save
+    from frugal.data import load_task
+    from frugal.train import evaluate
+
+    res = train(TrainConfig(task="digits", model="convnet", epochs=3, lr=3e-3, batch_size=64, device="cpu"),
+                tmp_path / "run", quiet=True)
+    assert res.test_acc > 0.5
+    data = load_task("digits")
+    mean, std = data.mean + 0.5, data.std * 2  # not the task's: eval must use the file's own
+    save(res.model, tmp_path / "m.frugal", meta={"task": "digits"}, normalize=(mean, std))
+    assert main(["eval", str(tmp_path / "m.frugal"), "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["test_acc"] == evaluate(res.model, data.test, mean, std, torch.device("cpu"))[0]
+    assert out["test_acc"] != evaluate(res.model, data.test, data.mean, data.std, torch.device("cpu"))[0]

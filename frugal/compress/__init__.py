@@ -7,7 +7,9 @@ symbols' histogram stored in the stream); `container` the `.frugal` model file.
 """
 
 from frugal.compress.codecs import CODECS, DCT, Codec, KMeans, Prune, Uniform, codec_from_spec, dct2, idct2
-from frugal.compress.container import ModelFileError, decode_model, encode_model, read_model_file, write_model_file
+from frugal.compress.container import (ModelFileError, decode_model, encode_model, load, read_model_file, save,
+                                       write_model_file)
+from frugal.compress.loop import CompressInTheLoop, LoopConfig
 from frugal.compress.entropy import CodecError, decode_symbols, encode_symbols, entropy_bits
 
 from frugal.compress import genes as _genes  # noqa: E402,F401  registers the model `genes_lenet5`
@@ -16,4 +18,4 @@ from frugal.compress import cli as _cli  # noqa: E402,F401  registers `frugal co
 
 __all__ = ["CODECS", "DCT", "Codec", "CodecError", "KMeans", "ModelFileError", "Prune", "Uniform", "codec_from_spec", "dct2",
            "decode_model", "decode_symbols", "encode_model", "encode_symbols", "entropy_bits", "idct2",
-           "read_model_file", "write_model_file"]
+           "read_model_file", "write_model_file", "save", "load", "CompressInTheLoop", "LoopConfig"]

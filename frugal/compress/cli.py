@@ -95,7 +95,8 @@ def _run_compress(a: argparse.Namespace) -> int:
         source = {k: "--codec" if t.dim() >= 2 else "--other-codec" for k, t in tensors.items()}
     codecs = {k: _codec(v, source[k]) for k, v in specs.items() if v is not None}
     data = load_task(cfg.task, data_dir=cfg.data_dir, val_size=cfg.val_size)
-    meta = {"task": cfg.task}  # kept short: every byte of the file counts
+    # kept short: every byte of the file counts; the normalisation makes the file usable on raw images
+    meta = {"task": cfg.task, "normalize": [data.mean, data.std]}
     # the accuracy the file will reproduce: that of the decoded weights, measured before writing
     blob = encode_model(model, spec, codecs, meta)
     own = sum(t.numel() for t in tensors.values())  # our own model: its size is no reason to refuse it
@@ -136,14 +137,15 @@ def _run_eval(a: argparse.Namespace) -> int:
     if task is None:
         raise ValueError(f"{a.file} does not name its task; pass --data TASK")
     data = load_task(task)
-    wants = (spec["in_channels"], *spec["image_size"], spec["num_classes"])
     has = (data.in_channels, *data.image_size, data.num_classes)
+    wants = (spec.get("in_channels", has[0]), *spec.get("image_size", has[1:3]), spec.get("num_classes", has[3]))
     if tuple(wants) != has:
         raise ValueError(f"{a.file} holds a model for {wants[0]}x{wants[1]}x{wants[2]} images in {wants[3]} "
                          f"classes, but task {task!r} has {has[0]}x{has[1]}x{has[2]} images in {has[3]} classes; pass "
                          f"--data with a task of the model's shape"
                          + (f" (it was made for {meta['task']!r})" if meta.get("task") else ""))
-    acc = evaluate(model, data.test, data.mean, data.std, device)[0]
+    mean, std = meta.get("normalize", (data.mean, data.std))  # the file's own, where it records one
+    acc = evaluate(model, data.test, mean, std, device)[0]
     recorded = meta.get("test_acc") if task == meta.get("task") else None
     print(json.dumps({"file": a.file, "bytes": Path(a.file).stat().st_size, "task": task, "test_acc": acc,
                       "recorded_test_acc": recorded, "reproduced": None if recorded is None else acc == recorded},

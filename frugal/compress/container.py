@@ -38,7 +38,7 @@ import torch.nn as nn
 from frugal.compress.codecs import Codec, Raw, decode_tensor
 from frugal.compress.entropy import CodecError, read_varint, write_varint
 from frugal.measure import weight_tensors
-from frugal.models import ModelTooLarge, SizeLimits
+from frugal.models import ModelTooLarge, SizeLimits, import_path_of, is_import_path, trust_model_source
 from frugal.utils import atomic_write_bytes
 
 MAGIC = b"FRGL"
@@ -94,12 +94,14 @@ def write_model_file(path: str | Path, model: nn.Module, spec: dict[str, Any],
     return len(data)
 
 
-def decode_model(data: bytes, device=None, max_params: int = MAX_PARAMS) -> tuple[nn.Module, dict[str, Any]]:
+def decode_model(data: bytes, device=None, max_params: int = MAX_PARAMS,
+                 model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(model with the decoded weights, {"spec", "meta", "tensors"}) from a file's bytes. A model of
     more than `max_params` floating-point entries is refused before it is built; raise it for a
-    larger model from a source you trust. Every failure is a `ModelFileError`."""
+    larger model from a source you trust. With `model`, the weights are decoded into that module
+    (which must have the file's tensors) and nothing is built. Every failure is a `ModelFileError`."""
     try:
-        return _decode(data, device, max_params)
+        return _decode(data, device, max_params, model)
     except ModelFileError:
         raise
     except MemoryError:
@@ -109,7 +111,7 @@ def decode_model(data: bytes, device=None, max_params: int = MAX_PARAMS) -> tupl
         raise ModelFileError(f"the file does not decode ({type(e).__name__}: {str(e)[:200]}): it is damaged") from e
 
 
-def _decode(data: bytes, device, max_params: int) -> tuple[nn.Module, dict[str, Any]]:
+def _decode(data: bytes, device, max_params: int, model: nn.Module | None) -> tuple[nn.Module, dict[str, Any]]:
     from frugal.train import build_model  # the spine rebuilds architectures from their spec
 
     if len(data) < len(MAGIC) + 1 + 1 + 4:
@@ -137,12 +139,19 @@ def _decode(data: bytes, device, max_params: int) -> tuple[nn.Module, dict[str, 
         raise ModelFileError(f"payload lengths ({sum(e[-1] for e in short)} bytes) do not fill the "
                              f"{len(body) - pos} bytes after the header: damaged")
     spec = header["spec"]
+    if model is not None:
+        model = model.to(device) if device is not None else model
+        spec = {**spec, "name": spec.get("name", type(model).__name__)}
+    elif "name" not in spec:
+        raise ModelFileError("the file records no model source (it was written from a model object whose class "
+                             "cannot be imported); load it into your own module: frugal.compress.load(path, model=...)")
     # a model's weights are the tensors the header lists; a parametrization registers a few more, and
     # modules without weights (activations, pooling, input checks) are a few per weight at most
     limits = SizeLimits(entries=max_params, tensors=min(SizeLimits.tensors, 2 * len(short) + 64),
                         modules=min(SizeLimits.modules, 4 * len(short) + 64))
     try:
-        model = build_model(spec, device=device, limits=limits)
+        if model is None:
+            model = build_model(spec, device=device, limits=limits)
     except ModelTooLarge as e:
         fix = ("if the file comes from a source you trust, raise the bound: `frugal eval --max-params N`, or "
                "max_params=N in Python" if "tensor entries" in str(e) else "the file is damaged")
@@ -254,8 +263,13 @@ def _check_header(h: Any, version: int) -> list[list]:
                   and type(e[3]) is int and e[3] >= 0 and math.prod(e[1]) < 1 << 31)
         if not ok:
             raise ModelFileError(f"tensor entry {str(e)[:80]} is malformed: damaged")
+    norm = meta.get("normalize")
+    if "normalize" in meta and not (isinstance(norm, list) and len(norm) == 2
+                                    and all(type(v) in (int, float) and math.isfinite(v) for v in norm) and norm[1] > 0):
+        raise ModelFileError(f"header meta.normalize is {str(norm)[:40]}, not [mean, std > 0]: damaged")
     try:
-        check_spec(h["spec"])
+        if h["spec"]:  # {}: written from a model object with no importable class; it loads into a module given
+            check_spec(h["spec"])
     except ValueError as e:
         raise ModelFileError(f"header spec: {e}") from None
     return h["tensors"]
@@ -272,9 +286,41 @@ def read_model_file(path: str | Path, device=None, max_params: int = MAX_PARAMS)
         raise ModelFileError(f"{path}: {e}") from None
 
 
+def save(model: nn.Module, path: str | Path, codecs: dict[str, Codec] | None = None,
+         meta: dict[str, Any] | None = None, normalize: tuple[float, float] | None = None) -> int:
+    """Write any module as one `.frugal` file; returns its bytes. What rebuilds it is recorded: the
+    spec of a model frugal built (a registered name or an import path, with its options), else its
+    class's import path (rebuilt with the class's defaults), else nothing (then `load(path, model=)`
+    reads it into a module you give). `normalize`: the (mean, std) the model's inputs are
+    standardised with (pixels in [0, 1]), so that `frugal eval` needs nothing else."""
+    spec = getattr(model, "frugal_spec", None)
+    if spec is None:
+        path_of = import_path_of(model)
+        spec = {} if path_of is None else {"name": path_of}
+    if is_import_path(spec.get("name", "")):  # the user holds this code: their process may read it back
+        trust_model_source(spec["name"].split(":")[0])
+    meta = dict(meta or {})
+    if normalize is not None:
+        meta["normalize"] = [float(normalize[0]), float(normalize[1])]
+    return write_model_file(path, model, spec, codecs, meta)
+
+
+def load(path: str | Path, model: nn.Module | None = None, device=None, max_params: int = MAX_PARAMS) -> nn.Module:
+    """The model of a `.frugal` file: rebuilt from what the file records, or `model` with the file's
+    weights loaded into it. A file naming a model by an import path builds it only from a trusted
+    module (`frugal.models.trust_model_source`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}; write one with frugal.compress.save(model, {str(path)!r})")
+    try:
+        return decode_model(path.read_bytes(), device=device, max_params=max_params, model=model)[0]
+    except ModelFileError as e:
+        raise ModelFileError(f"{path}: {e}") from None
+
+
 def model_file_size(model: nn.Module, spec: dict[str, Any], codecs: dict[str, Codec] | None = None) -> int:
     return len(encode_model(model, spec, codecs))
 
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "MAX_PARAMS", "ModelFileError", "decode_model", "encode_model", "model_file_size",
-           "read_model_file", "write_model_file"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "MAX_PARAMS", "ModelFileError", "decode_model", "encode_model", "load",
+           "model_file_size", "read_model_file", "save", "write_model_file"]
