@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from .data import KNOWN, load_task
+from .data.sources import FOLDER_PREFIX
 from .measure import measure
 from .plugins import load_ideas
 from .train import CHECKPOINT, TrainConfig, train
@@ -44,6 +45,7 @@ class BenchContext:
     process_id: str = ""  # rows measured in the same process share it: their times are comparable
     quiet: bool = True  # no per-epoch lines on stderr
     variants: tuple[str, ...] = ()  # glob patterns on variant labels; empty: every variant of the plan
+    model: str | None = None  # the user's model (a registered name or an import path) for the methods that take one
 
     def wants(self, variant: str) -> bool:
         """Whether the bench was asked for this variant (a method that registers `selectable=True`
@@ -71,6 +73,10 @@ class Method:
     references: dict[str, list[tuple[str, float, float]]] | None = None  # task -> published (label, acc, bytes)
     plots: tuple[tuple[str, str], ...] = ()  # own fields to plot accuracy against: (key, axis label)
     selectable: bool = False  # honours --variants: trains only the variants `ctx.wants`
+
+    def knows(self, task: str) -> bool:
+        """Whether the method has a plan for the task ("*" in its tasks: a plan for any task)."""
+        return task in self.tasks or "*" in self.tasks
 
 
 _METHODS: dict[str, Method] = {}
@@ -127,17 +133,21 @@ BASELINE_PLANS: dict[str, dict[str, Any]] = {
                    quick=dict(epochs=10), full=dict(epochs=30)),
 }
 TINY = dict(epochs=1, train_limit=256)  # the tiny budget: one short epoch, to test the plumbing
+# Any other task (a user's `folder:` data): the plain CNN, or the user's --model, at a rate Adam
+# takes on every task above; quick caps the training set so that a run stays within minutes.
+DEFAULT_PLAN: dict[str, Any] = dict(model="convnet", common=dict(optimizer="adam", lr=2e-3, batch_size=128),
+                                    quick=dict(epochs=2, train_limit=20000), full=dict(epochs=10))
 
 
 def baseline_config(task: str, budget: str, seed: int, device: str = "auto",
-                    data_dir: str | None = None) -> TrainConfig:
-    if task not in BASELINE_PLANS:
-        raise ValueError(f"the baseline has no plan for task {task!r}; known: {', '.join(BASELINE_PLANS)}")
+                    data_dir: str | None = None, model: str | None = None) -> TrainConfig:
+    """The baseline's training config: the task's plan (DEFAULT_PLAN for a task without one), with
+    `model` (the user's --model) in place of the plan's model when given."""
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; known: {', '.join(BUDGETS)}")
-    plan = BASELINE_PLANS[task]
+    plan = BASELINE_PLANS.get(task, DEFAULT_PLAN)
     kw = {**plan["common"], **(TINY if budget == "tiny" else plan[budget])}
-    return TrainConfig(task=task, model=plan["model"], seed=seed, device=device, data_dir=data_dir, **kw)
+    return TrainConfig(task=task, model=model or plan["model"], seed=seed, device=device, data_dir=data_dir, **kw)
 
 
 def train_and_measure(ctx: BenchContext, cfg: TrainConfig, run_dir: Path,
@@ -158,11 +168,11 @@ def train_and_measure(ctx: BenchContext, cfg: TrainConfig, run_dir: Path,
     return row
 
 
-@register_method("baseline", tasks=tuple(BASELINE_PLANS),
+@register_method("baseline", tasks=(*BASELINE_PLANS, "*"),
                  default_tasks=("mnist", "fashion-mnist", "cluttered-mnist-60"),
-                 description="a standard CNN per task, trained plainly: the control for every idea")
+                 description="a standard CNN per task (or the user's --model), trained plainly: the control for every idea")
 def run_baseline(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
-    cfg = baseline_config(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir)
+    cfg = baseline_config(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir, model=ctx.model)
     row = train_and_measure(ctx, cfg, ctx.run_dir("baseline", task, seed))
     row["variant"] = cfg.model
     return [row]
@@ -184,6 +194,7 @@ class BenchConfig:
     threads: int | None = None  # torch intra-op threads; None = torch's default
     verbose: bool = False  # per-epoch lines on stderr
     variants: tuple[str, ...] = ()  # glob patterns on variant labels, e.g. ("plain", "snap *"); empty: all
+    model: str | None = None  # the user's model (registered name or import path 'pkg.mod:fn') for the baseline
 
 
 def _key(row: dict[str, Any]) -> tuple:
@@ -242,6 +253,9 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
         raise ValueError(f"--threads must be >= 1 (or left out: torch's default), got {cfg.threads}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    unknown = [t for t in cfg.tasks if t not in KNOWN and not t.startswith(FOLDER_PREFIX)]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; known: {', '.join(KNOWN)}, or {FOLDER_PREFIX}/path/to/your/data")
     methods = [get_method(m) for m in cfg.methods]
     if cfg.variants:
         fixed = [m.name for m in methods if not m.selectable]
@@ -249,12 +263,16 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
             can = [m.name for m in list_methods().values() if m.selectable]
             raise ValueError(f"--variants picks variants out of a method's plan, but {', '.join(fixed)} trains its "
                              f"plan as a whole; leave out --variants, or use it with: {', '.join(can) or 'none'}")
+    if cfg.model:
+        for m in methods:
+            if m.name != "baseline":
+                log(f"note: --model is the baseline's; method {m.name!r} trains its own models")
     selection = ",".join(cfg.variants)
     plan: list[tuple[Method, str, int]] = []
     for m in methods:
         tasks = cfg.tasks or m.default_tasks
         for t in tasks:
-            if t not in m.tasks:
+            if not m.knows(t):
                 if cfg.tasks:  # asked for explicitly: say so; otherwise this method just has no plan for it
                     log(f"note: method {m.name!r} has no plan for task {t!r} (it knows {', '.join(m.tasks)}); skipped")
                 continue
@@ -268,7 +286,8 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
         remove_stale_temp_files(folder)
     results_path = out / "results.json"
     ctx = BenchContext(out, cfg.budget, resolve_device(cfg.device), cfg.data_dir, cfg.corrupted,
-                       process_id=uuid.uuid4().hex[:12], quiet=not cfg.verbose, variants=tuple(cfg.variants))
+                       process_id=uuid.uuid4().hex[:12], quiet=not cfg.verbose, variants=tuple(cfg.variants),
+                       model=cfg.model)
     meta = {"config": dataclasses.asdict(cfg), "versions": versions(), "argv": sys.argv,
             "device": str(ctx.device)}
     with _locked(results_path):

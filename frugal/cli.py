@@ -129,7 +129,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     seeds = a.seeds if a.seeds is not None else (1 if budget != "full" else 3)
     cfg = BenchConfig(out=a.out, budget=budget, methods=tuple(a.methods), tasks=tuple(a.tasks or ()),
                       seeds=seeds, device=a.device, data_dir=a.data_dir, corrupted=a.corrupted,
-                      threads=a.threads, verbose=a.verbose, variants=tuple(a.variants or ()))
+                      threads=a.threads, verbose=a.verbose, variants=tuple(a.variants or ()), model=a.model)
     path = bench(cfg, log=lambda s: print(s, flush=True))
     print(f"results: {path}\nreport:  {path.parent / 'report.md'} and {path.parent / 'report.html'}")
     return 0
@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-dir")
     b.add_argument("--corrupted", action="store_true", help="also accuracy on the corrupted test suites")
     b.add_argument("--threads", type=int)
+    b.add_argument("--model", help="your model for the baseline: a registered name or an import path "
+                                   "'package.module:Callable' (default: each task's plan; convnet for a folder: task)")
     b.add_argument("--verbose", action="store_true", help="per-epoch lines")
     b.add_argument("--variants", nargs="+", metavar="PATTERN",
                    help="only the variants whose label matches one of these glob patterns, e.g. 'plain' 'snap *' "

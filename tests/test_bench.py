@@ -89,8 +89,10 @@ def test_variants_are_refused_for_a_method_that_trains_its_plan_as_a_whole(tmp_p
 def test_unknown_method_and_task_are_named():
     with pytest.raises(ValueError, match=r"unknown bench method 'nope'; known: .*baseline"):
         get_method("nope")
-    with pytest.raises(ValueError, match="nothing to run"):
+    with pytest.raises(ValueError, match="unknown task 'no-such-task'; known: .*mnist.*folder:"):
         bench(BenchConfig(out="unused", tasks=("no-such-task",)), log=lambda s: None)
+    with pytest.raises(ValueError, match="nothing to run"):  # a known task no asked method has a plan for
+        bench(BenchConfig(out="unused", methods=("compress",), tasks=("translated-mnist-60",)), log=lambda s: None)
 
 
 def test_report_has_a_corrupted_suite_table_averaged_over_seeds(tmp_path):

@@ -160,3 +160,115 @@ def test_eval_needs_only_the_file_it_stores_the_input_normalisation(tmp_path, ca
     out = json.loads(capsys.readouterr().out)
     assert out["test_acc"] == evaluate(res.model, data.test, mean, std, torch.device("cpu"))[0]
     assert out["test_acc"] != evaluate(res.model, data.test, data.mean, data.std, torch.device("cpu"))[0]
+
+
+# --- the ideas' public callables in a bare PyTorch loop, on a model with the user's own names ------
+
+
+def _digits(n=256):
+    from frugal.data import load_task
+    from frugal.train import normalize
+
+    d = load_task("digits")
+    return normalize(d.train.x[:n], d.mean, d.std), d.train.y[:n]
+
+
+def test_the_kernel_penalty_in_a_bare_loop_lowers_the_kernels_entropy():
+    """Oracle: the penalty's own value falls under its gradient, in a loop frugal does not own; and
+    its gradient is that of the term computed by hand with soft_histogram_entropy."""
+    from frugal.kernels import KernelPenalty, PenaltyConfig
+    from frugal.kernels.penalty import soft_histogram_entropy
+    from usernets import TinyNet
+
+    torch.manual_seed(0)
+    net = TinyNet(num_classes=10, in_channels=1)
+    penalty = KernelPenalty(PenaltyConfig(kind="entropy", weight=1.0))
+    x, y = _digits()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    first = float(penalty(net).detach())
+    hand = sum(soft_histogram_entropy(m.weight) for m in (net.block_a[0], net.block_b[0]))
+    assert float(hand.detach()) == pytest.approx(first, rel=1e-6)
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x), y) + penalty(net)
+        loss.backward()
+        opt.step()
+        penalty.step()
+    assert float(penalty(net).detach()) < first
+    with pytest.raises(TypeError, match="penalty\\(model\\)"):
+        penalty.extra_loss(None, None, x, y)
+
+
+def test_gmm_penalty_steps_its_mixtures_in_a_bare_loop():
+    from frugal.kernels import KernelPenalty, PenaltyConfig
+    from usernets import TinyNet
+
+    net = TinyNet()
+    penalty = KernelPenalty(PenaltyConfig(kind="gmm", components=4, weight=1.0))
+    x, y = _digits(64)
+    penalty(net).backward()
+    before = {k: v.detach().clone() for k, v in penalty.priors["block_a.0"].state_dict().items()}
+    penalty.step()
+    after = penalty.priors["block_a.0"].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_constrain_and_snap_on_a_user_model_and_the_traps():
+    from frugal.kernels import constrain, snap
+    from usernets import TinyNet
+
+    net = TinyNet(width=6)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="unchanged"):  # p4 needs widths divisible by 4: the second conv fails
+        constrain(net, "p4")
+    assert net.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing changed in place
+    res = snap(net, threshold=10.0)  # a huge threshold: every kernel snaps to the simplest class
+    assert res.snapped_fraction == 1.0 and not res.skipped
+    constrain(net, "d4")
+    with pytest.raises(ValueError, match="already constrained"):
+        snap(net, threshold=10.0)
+
+
+def test_a_model_trained_in_a_bare_loop_saves_with_codecs_and_loads_within_their_error(tmp_path):
+    from frugal.compress import load, save
+    from frugal.compress.codecs import Uniform
+    from usernets import TinyNet
+
+    net = TinyNet()
+    x, y = _digits(128)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(10):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    codecs = {k: Uniform(0.02) for k, v in net.state_dict().items() if v.dim() >= 2}
+    size = save(net, tmp_path / "n.frugal", codecs=codecs)
+    back = load(tmp_path / "n.frugal")
+    assert size < 4 * sum(v.numel() for v in net.state_dict().values())
+    for k, v in net.state_dict().items():  # uniform codes: within half a step; the rest raw, exact
+        err = (back.state_dict()[k] - v).abs().max()
+        assert err <= 0.01 + 1e-6 if k in codecs else err == 0, k
+
+
+def test_the_bench_on_the_user_s_own_data_and_model(tmp_path, capsys):
+    """`frugal bench --quick --tasks folder:DIR --model pkg.mod:fn`: the baseline's default plan on
+    a task it has no plan for, with the user's network, measured and reported."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images * 16).clip(0, 255).astype(np.uint8)  # (N, 8, 8)
+    data = tmp_path / "mydata"
+    data.mkdir()
+    np.savez(data / "data.npz", x_train=x[:300], y_train=d.target[:300], x_test=x[300:400], y_test=d.target[300:400])
+    out = tmp_path / "bench"
+    rc = main(["bench", "--quick", "--tasks", f"folder:{data}", "--model", "usernets:TinyNet", "--methods",
+               "baseline", "compress", "--seeds", "1", "--device", "cpu", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    logs = capsys.readouterr().out
+    assert "has no plan for task" in logs and "--model is the baseline's" in logs  # compress says why it skips
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["model"] == "usernets:TinyNet" and row["task"] == f"folder:{data}" and row["epochs"] == 2
+    assert row["params"] == sum(p.numel() for p in create_model("usernets:TinyNet").parameters())
+    assert "usernets:TinyNet" in (out / "report.md").read_text()

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from frugal.kernels import constrain_conv
-from frugal.kernels.snap import (CLASSES, FreezeKernels, class_free_values, project, residuals, snap,
+from frugal.kernels.snapping import (CLASSES, FreezeKernels, class_free_values, project, residuals, snap,
                                  snapped_kernel_bytes)
 from frugal.train import TrainConfig, train
 

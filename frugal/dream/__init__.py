@@ -7,9 +7,9 @@ package registers the bench method `dream` and the command `frugal dream`.
 """
 
 from frugal.dream.generator import DreamConfig, dream, objective_value
-from frugal.dream.rounds import DreamTrainConfig, dream_split, dream_training
+from frugal.dream.rounds import DreamTrainConfig, dream_split, dream_training, pixel_range
 
 from frugal.dream import bench as _bench  # noqa: E402,F401  registers the bench method `dream`
 from frugal.dream import cli as _cli  # noqa: E402,F401  registers `frugal dream`
 
-__all__ = ["DreamConfig", "DreamTrainConfig", "dream", "dream_split", "dream_training", "objective_value"]
+__all__ = ["DreamConfig", "DreamTrainConfig", "dream", "dream_split", "dream_training", "objective_value", "pixel_range"]

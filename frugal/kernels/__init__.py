@@ -3,7 +3,8 @@
 `constrained`: conv layers whose kernels are symmetric, separable or in a low-frequency DCT basis
 by construction, or tied in channel orbits of rotations and mirrors (`group`), and the model
 `constrained` that swaps every conv of a registered model for one kind. `penalty`: information
-penalties during training. `snap`: detect, snap and freeze near-simple kernels after training.
+penalties during training (`KernelPenalty`: a loss term on any module). `snapping`: detect, snap
+(`snap`) and freeze (`FreezeKernels`) near-simple kernels after training.
 `pictures`: kernel grids. Importing this package registers the model `constrained` and the bench
 method `kernels`.
 """
@@ -15,6 +16,8 @@ import torch.nn as nn
 from frugal.kernels.constrained import (SYMMETRIES, SeparableKernel, SubspaceKernel, conv_free_parameters,
                                         constrain, constrain_conv, dct_basis, kind_names, parametrization_for,
                                         pixel_classes, symmetry_basis)
+from frugal.kernels.penalty import KernelPenalty, PenaltyConfig, SharedValues
+from frugal.kernels.snapping import FreezeKernels, SnapResult, snap
 from frugal.models import create_model, register_model
 
 
@@ -32,5 +35,6 @@ def constrained(in_channels: int = 1, image_size: tuple[int, int] = (28, 28), nu
 
 from frugal.kernels import bench as _bench  # noqa: E402,F401  registers the bench method `kernels`
 
-__all__ = ["SYMMETRIES", "SeparableKernel", "SubspaceKernel", "conv_free_parameters", "constrain", "constrain_conv",
-           "constrained", "dct_basis", "kind_names", "parametrization_for", "pixel_classes", "symmetry_basis"]
+__all__ = ["SYMMETRIES", "FreezeKernels", "KernelPenalty", "PenaltyConfig", "SeparableKernel", "SharedValues",
+           "SnapResult", "SubspaceKernel", "conv_free_parameters", "constrain", "constrain_conv", "constrained",
+           "dct_basis", "kind_names", "parametrization_for", "pixel_classes", "snap", "symmetry_basis"]

@@ -29,7 +29,7 @@ from frugal.data import load_task
 from frugal.kernels.constrained import conv_free_parameters
 from frugal.kernels.penalty import KernelPenalty, PenaltyConfig, SharedValues, kernel_bytes
 from frugal.kernels.pictures import draw_kernels
-from frugal.kernels.snap import FreezeKernels, snap, snapped_kernel_bytes
+from frugal.kernels.snapping import FreezeKernels, snap, snapped_kernel_bytes
 from frugal.measure import measure
 from frugal.train import CHECKPOINT, train
 

@@ -23,6 +23,7 @@ coefficients, and the forward pass is the ordinary `F.conv2d`. Two families:
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -243,6 +244,12 @@ def constrain(model: nn.Module, kind: str, min_size: int | None = None, rescale:
     if not targets:
         raise ValueError(f"{type(model).__name__} has no conv with kernels of {min_size}x{min_size} or more")
     first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    for parent, name, conv in targets:  # every conv checked on a copy first: a refusal leaves the model as it was
+        try:
+            constrain_conv(copy.deepcopy(conv), kind, rescale=rescale, lifting=conv is first)
+        except ValueError as e:
+            raise ValueError(f"cannot constrain conv {name!r} of {type(parent).__name__} to {kind!r}: {e}; the model "
+                             "is unchanged") from None
     for parent, name, conv in targets:
         new = constrain_conv(conv, kind, rescale=rescale, lifting=conv is first)
         if new is not conv:  # a layer-separable conv is a new module in the old one's place

@@ -118,9 +118,6 @@ class KernelPenalty(Hook):
         self.last: float = 0.0  # the penalty's value at the last step, for logs
         self._saved: dict[str, Any] | None = None  # a checkpoint's state, restored once the model is known
 
-    def _setup(self, state: TrainState) -> None:
-        self._ensure_priors(state.model)
-
     def _ensure_priors(self, model: nn.Module) -> None:
         """One mixture per conv layer, restored from a checkpoint's state where there is one."""
         if self.cfg.kind != "gmm" or self.priors:
@@ -135,25 +132,40 @@ class KernelPenalty(Hook):
                 self.priors[k].load_state_dict(sd)
             self.prior_opt.load_state_dict(self._saved["opt"])
 
-    def extra_loss(self, state: TrainState, logits, x, y) -> torch.Tensor | None:
-        if self.cfg.weight == 0:
-            return None
-        self._setup(state)
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        """weight x (sum over the conv layers of `model` of the penalty): a term to add to the loss in
+        any training loop. For `gmm`, call `step()` after the optimizer's step (the mixtures learn
+        from the same backward pass)."""
+        self._ensure_priors(model)
         terms = []
-        for name, conv in conv_kernels(state.model):
+        for name, conv in conv_kernels(model):
             w = conv.weight
             if self.cfg.kind == "entropy":
                 terms.append(soft_histogram_entropy(w, self.cfg.bins, self.cfg.sigma))
             else:
                 terms.append(self.priors[name].nll(w))
+        if not terms:
+            raise ValueError(f"{type(model).__name__} has no conv kernels of 2x2 or more to penalise")
         total = torch.stack(terms).sum()
         self.last = float(total.detach())
         return self.cfg.weight * total
 
-    def after_step(self, state: TrainState) -> None:
+    def step(self) -> None:
+        """gmm: one step of the mixtures' own optimizer (after the net's step); entropy: nothing."""
         if self.prior_opt is not None:
-            self.prior_opt.step()  # the mixture's gradients came from the same backward pass
+            self.prior_opt.step()
             self.prior_opt.zero_grad(set_to_none=True)
+
+    def extra_loss(self, state: TrainState, logits, x, y) -> torch.Tensor | None:
+        if self.cfg.weight == 0:
+            return None
+        if state is None:
+            raise TypeError("KernelPenalty.extra_loss is frugal.train's hook; in your own loop add penalty(model) "
+                            "to the loss, and call penalty.step() after the optimizer's step")
+        return self(state.model)
+
+    def after_step(self, state: TrainState) -> None:
+        self.step()
 
     def state_dict(self) -> dict[str, Any]:
         return {"priors": {k: m.state_dict() for k, m in self.priors.items()},

@@ -10,7 +10,7 @@ import numpy as np
 import torch.nn as nn
 
 from frugal.kernels.penalty import conv_kernels
-from frugal.kernels.snap import SnapResult
+from frugal.kernels.snapping import SnapResult
 from frugal.utils import save_figure
 
 COLOURS = {"free": "#888888", "lr": "#1f77b4", "ud": "#17becf", "lrud": "#2ca02c", "c4": "#9467bd",

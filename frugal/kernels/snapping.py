@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from frugal.kernels.constrained import SYMMETRIES, dct_basis, symmetry_basis
 from frugal.kernels.penalty import conv_kernels
@@ -64,6 +65,7 @@ class SnapResult:
     classes: dict[str, np.ndarray] = field(default_factory=dict)  # conv name -> (O, I) class names
     counts: dict[str, int] = field(default_factory=dict)  # class -> kernels snapped to it ("free": not)
     kernels: int = 0
+    skipped: list[str] = field(default_factory=list)  # constrained convs: computed kernels, left as they are
     free_before: int = 0
     free_after: int = 0
 
@@ -77,7 +79,13 @@ def snap(model: nn.Module, threshold: float, earlier: SnapResult | None = None) 
     """Snap, in place, every kernel within `threshold` of a class to the simplest such class.
     Kernels an `earlier` round snapped keep their class and values; only free ones are considered."""
     res = SnapResult()
-    for name, conv in conv_kernels(model):
+    plain = [(n, c) for n, c in conv_kernels(model) if not parametrize.is_parametrized(c, "weight")]
+    res.skipped = [n for n, c in conv_kernels(model) if parametrize.is_parametrized(c, "weight")]
+    if not plain:
+        raise ValueError(f"every conv of {type(model).__name__} is already constrained ({', '.join(res.skipped)}): "
+                         "its kernels are computed from coefficients, so there is nothing to snap; snap the "
+                         "plain model instead")
+    for name, conv in plain:
         w = conv.weight
         k = w.shape[-1]
         r = residuals(w)
