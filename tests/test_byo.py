@@ -117,12 +117,16 @@ def test_save_and_load_a_registered_model_and_a_user_class(tmp_path):
     reg = create_model("convnet", image_size=(8, 8), num_classes=10, width=4)
     save(reg, tmp_path / "reg.frugal")
     assert _same(load(tmp_path / "reg.frugal"), reg)  # raw codes: exact
-    user = TinyNet(num_classes=3, in_channels=2)  # not built by frugal: its class's import path is recorded
-    size = save(user, tmp_path / "user.frugal", codecs={"classifier.weight": Uniform(0.01)})
+    user = TinyNet(num_classes=3, in_channels=2)  # not built by frugal, and not with its class's defaults
+    with pytest.warns(UserWarning, match="records no source"):
+        size = save(user, tmp_path / "user.frugal", codecs={"classifier.weight": Uniform(0.01)})
     assert size == (tmp_path / "user.frugal").stat().st_size
     back = load(tmp_path / "user.frugal", model=TinyNet(num_classes=3, in_channels=2))
     assert torch.allclose(back.classifier.weight, user.classifier.weight, atol=0.005 + 1e-6)
     assert torch.equal(back.block_a[0].weight, user.block_a[0].weight)
+    plain = TinyNet()  # with its class's defaults: the class's import path is recorded and rebuilds it
+    save(plain, tmp_path / "plain.frugal")
+    assert _same(load(tmp_path / "plain.frugal"), plain)
 
 
 def test_a_module_without_an_importable_class_loads_into_the_module_given(tmp_path):

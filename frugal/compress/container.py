@@ -29,16 +29,19 @@ from __future__ import annotations
 import json
 import math
 import struct
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from frugal.compress.codecs import Codec, Raw, decode_tensor
 from frugal.compress.entropy import CodecError, read_varint, write_varint
 from frugal.measure import weight_tensors
-from frugal.models import ModelTooLarge, SizeLimits, import_path_of, is_import_path, trust_model_source
+from frugal.models import (ModelTooLarge, SizeLimits, import_path_of, is_import_path, model_factory,
+                           trust_model_source)
 from frugal.utils import atomic_write_bytes
 
 MAGIC = b"FRGL"
@@ -296,13 +299,30 @@ def save(model: nn.Module, path: str | Path, codecs: dict[str, Codec] | None = N
     spec = getattr(model, "frugal_spec", None)
     if spec is None:
         path_of = import_path_of(model)
-        spec = {} if path_of is None else {"name": path_of}
+        spec = {"name": path_of} if path_of is not None and _defaults_rebuild(path_of, model) else {}
+        if path_of is not None and not spec:
+            warnings.warn(f"{path_of}() with its default options does not build this model (other shapes), so the "
+                          f"file records no source: load it with load(path, model=...), or build the model with "
+                          f"frugal.models.create_model({path_of!r}, **options) so that its options are recorded",
+                          stacklevel=2)
     if is_import_path(spec.get("name", "")):  # the user holds this code: their process may read it back
         trust_model_source(spec["name"].split(":")[0])
     meta = dict(meta or {})
     if normalize is not None:
         meta["normalize"] = [float(normalize[0]), float(normalize[1])]
     return write_model_file(path, model, spec, codecs, meta)
+
+
+def _defaults_rebuild(path_of: str, model: nn.Module) -> bool:
+    """Whether the class at `path_of`, called without arguments, has `model`'s tensors (sized on the
+    meta device: nothing allocated)."""
+    try:
+        with torch.device("meta"):
+            other = model_factory(path_of)()
+    except Exception:  # needs arguments, or cannot be built on the meta device: not rebuildable as it is
+        return False
+    shapes = [{k: tuple(v.shape) for k, v in weight_tensors(m).items()} for m in (model, other)]
+    return shapes[0] == shapes[1]
 
 
 def load(path: str | Path, model: nn.Module | None = None, device=None, max_params: int = MAX_PARAMS) -> nn.Module:
