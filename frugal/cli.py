@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -46,12 +47,10 @@ def _train_config(a: argparse.Namespace):
         if _nodes(d) > 10_000:  # YAML aliases can make a small file expand without bound
             raise ValueError(f"config {a.config} expands to more than 10,000 values; a config is a short mapping of "
                              "TrainConfig fields")
-    for key in ("task", "model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule",
-                "augment", "seed", "device", "train_limit", "val_size", "data_dir", "threads", "warmup_epochs",
-                "init_from"):
-        v = getattr(a, key)
-        if v is not None:
-            d[key] = v
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(a, f.name, None)
+        if v is not None and f.name != "model_kw":
+            d[f.name] = v
     if a.model_kw:
         try:
             kw = json.loads(a.model_kw)
@@ -76,6 +75,20 @@ def _nodes(v, budget: int = 10_001) -> int:
         elif isinstance(x, list):
             stack += x
     return n
+
+
+_FLAG_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config: type) -> None:
+    """One flag per field of a config dataclass, typed by its annotation, with the field's help text
+    (and its default): a new setting is added to the config alone. A dict field takes JSON."""
+    for f in dataclasses.fields(config):
+        kinds = [k.strip() for k in str(f.type).split("|") if k.strip() != "None"]
+        kind = _FLAG_TYPES.get(kinds[0], str) if kinds[0] != "dict" else str
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = f.metadata.get("help", "") + (f" (default {default})" if default not in (None, "") else "")
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=text)
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -176,27 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list registered models")
 
+    from .train import TrainConfig
+
     t = sub.add_parser("train", help="train one model on one task")
     t.add_argument("--config", help="YAML file of TrainConfig fields; flags override it")
-    t.add_argument("--task")
-    t.add_argument("--model", help="a registered model (`frugal models`) or an import path 'package.module:Callable' "
-                                   "of a class or function that returns an nn.Module")
-    t.add_argument("--model-kw", help='JSON object of model options, e.g. \'{"width": 64}\'')
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--optimizer")
-    t.add_argument("--lr", type=float)
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--schedule")
-    t.add_argument("--warmup-epochs", type=float)
-    t.add_argument("--augment")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--device")
-    t.add_argument("--train-limit", type=int)
-    t.add_argument("--val-size", type=int)
-    t.add_argument("--threads", type=int)
-    t.add_argument("--data-dir")
-    t.add_argument("--init-from", help="a finished run folder whose weights start the model (same names and shapes)")
+    add_config_flags(t, TrainConfig)
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 

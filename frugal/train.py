@@ -39,39 +39,48 @@ from .utils import (LockHeld, atomic_write_bytes, atomic_write_json, file_lock, 
 CHECKPOINT = "checkpoint.pt"
 TRAIN_LOCK = ".train.lock"  # held while a process trains the folder
 WEIGHTS = "model.safetensors"
+HISTORY_CSV = "metrics.csv"  # one row per epoch, rewritten with the checkpoint: it never runs ahead of it
 
 
 AUGMENTS = ("none", "shift", "shift-flip", "affine-noise")
 
 
+def _f(default: Any, help: str, **kw) -> Any:
+    """A config field with its help text: the one place a setting is described (`frugal train
+    --help` shows it)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    task: str = "mnist"  # data set name (see `frugal data list`)
-    model: str = "lenet5"  # registered model name (see frugal.models.list_models), or an import path
-    # "package.module:Callable" of a class or function that returns an nn.Module
-    model_kw: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
-    epochs: int = 5  # passes over the training split (see epoch_size)
-    epoch_size: int | None = None  # examples per epoch: a fresh random subset of the training split each
-    # epoch, none twice; None = all of it. Fixes the optimiser steps when the training set grows.
-    batch_size: int = 128  # examples per optimizer step
-    optimizer: str = "adam"  # adam | adamw | sgd
-    lr: float = 1e-3  # peak learning rate
-    momentum: float = 0.9  # sgd momentum (nesterov)
-    weight_decay: float = 0.0  # L2 (sgd, adam) or decoupled (adamw) weight decay
-    schedule: str = "cosine"  # cosine | constant | onecycle (linear warm-up then cosine)
-    warmup_epochs: float = 0.0  # linear warm-up length, in epochs (cosine and onecycle)
-    label_smoothing: float = 0.0  # cross-entropy label smoothing
-    augment: str = "none"  # none | shift (random translation, +-2 px) | shift-flip (plus left-right flips)
-    # | affine-noise (rotation +-10 deg, scale 0.9-1.1, shift +-2 px, Gaussian pixel noise of 0.1)
-    seed: int = 0  # seeds weights, batch order and augmentation
-    device: str = "auto"  # auto | cpu | cuda[:N]
-    train_limit: int | None = None  # use only the first n training examples (tests, quick runs)
-    val_size: int | None = None  # examples held out of training for validation; None = data set default
-    eval_batch_size: int = 256  # examples per evaluation batch (large ones page-fault big buffers on CPU)
-    data_dir: str | None = None  # data cache; None = FRUGAL_DATA or the user's cache dir
-    threads: int | None = None  # torch intra-op threads; None = torch's default
-    init_from: str | None = None  # a finished run folder: its weights start every parameter and buffer
-    # of the same name and shape (fine-tuning, or a sparse model warm-started from its dense twin)
+    task: str = _f("mnist", "data set name (`frugal data list`), or folder:/path for your own")
+    model: str = _f("lenet5", "a registered model (`frugal models`), or an import path 'package.module:Callable' of "
+                              "a class or function that returns an nn.Module")
+    model_kw: dict = _f(dict, "extra keyword arguments for the model, a JSON object, e.g. '{\"width\": 64}'")
+    epochs: int = _f(5, "passes over the training split (see epoch_size)")
+    epoch_size: int | None = _f(None, "examples per epoch: a fresh random subset of the training split each epoch, "
+                                      "none twice; default all of it (fixes the optimiser steps when the set grows)")
+    batch_size: int = _f(128, "examples per optimizer step")
+    optimizer: str = _f("adam", "adam | adamw | sgd")
+    lr: float = _f(1e-3, "peak learning rate")
+    momentum: float = _f(0.9, "sgd momentum (nesterov)")
+    weight_decay: float = _f(0.0, "L2 (sgd, adam) or decoupled (adamw) weight decay")
+    schedule: str = _f("cosine", "cosine | constant | onecycle (linear warm-up then cosine)")
+    warmup_epochs: float = _f(0.0, "linear warm-up length, in epochs (cosine and onecycle)")
+    label_smoothing: float = _f(0.0, "cross-entropy label smoothing")
+    augment: str = _f("none", "none | shift (random translation, +-2 px) | shift-flip (plus left-right flips) | "
+                              "affine-noise (rotation +-10 deg, scale 0.9-1.1, shift +-2 px, Gaussian pixel noise 0.1)")
+    seed: int = _f(0, "seeds weights, batch order and augmentation")
+    device: str = _f("auto", "auto | cpu | cuda[:N]")
+    train_limit: int | None = _f(None, "use only the first n training examples (tests, quick runs)")
+    val_size: int | None = _f(None, "examples held out of training for validation; default: the data set's")
+    eval_batch_size: int = _f(256, "examples per evaluation batch (large ones page-fault big buffers on CPU)")
+    data_dir: str | None = _f(None, "data cache; default FRUGAL_DATA or the user's cache folder")
+    threads: int | None = _f(None, "torch intra-op threads, >= 1; default torch's")
+    init_from: str | None = _f(None, "a finished run folder: its weights start every parameter and buffer of the "
+                                     "same name and shape (fine-tuning, or a sparse model from its dense twin)")
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -432,7 +441,8 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
     n = min(len(train_split), cfg.epoch_size or len(train_split))  # examples per epoch
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     dtype = next(model.parameters()).dtype
-    show_bar = sys.stderr.isatty() if progress is None else progress
+    # a bar where someone watches: a terminal, or a notebook (whose stderr is no tty)
+    show_bar = (sys.stderr.isatty() or "ipykernel" in sys.modules) if progress is None else progress
     model_loss = getattr(model, "extra_loss", None)
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -446,7 +456,7 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
         correct = torch.zeros((), device=device, dtype=torch.long)
         batches = range(steps_per_epoch)
         if show_bar:
-            from tqdm import tqdm
+            from tqdm.auto import tqdm
             batches = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for b in batches:
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
@@ -505,6 +515,7 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
         for h in hooks:
             h.end_of_epoch(state)
         _save_checkpoint(ckpt_path, cfg, state, hooks, epoch + 1, train_seconds)
+        write_history_csv(run_dir / HISTORY_CSV, state.history)
         log(f"epoch {epoch + 1}/{cfg.epochs} train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
             f"val_loss {val_loss:.4f} val_acc {val_acc:.4f} ({seconds:.1f}s)")
 
@@ -534,6 +545,20 @@ def _save_checkpoint(path: Path, cfg: TrainConfig, state: TrainState, hooks: Seq
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
+    """The per-epoch metrics as CSV (epoch, train_loss, train_acc, val_loss, val_acc, seconds, lr),
+    for a spreadsheet or pandas; written whole and atomically, so a resumed run's file has each
+    epoch once."""
+    import csv
+
+    buf = io.StringIO()
+    if history:
+        w = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(history)
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def read_checkpoint(path: str | Path, map_location=None) -> dict[str, Any]:
@@ -666,7 +691,7 @@ def load_run(run_dir: str | Path, device=None) -> tuple[nn.Module, TrainConfig, 
     return model, cfg, metrics
 
 
-RUN_FILES = ("config.json", CHECKPOINT, "metrics.json", WEIGHTS, "log.txt")  # what a run folder holds
+RUN_FILES = ("config.json", CHECKPOINT, "metrics.json", HISTORY_CSV, WEIGHTS, "log.txt")  # what a run folder holds
 
 
 def copy_run(src: str | Path, dest: str | Path) -> Path:

@@ -71,3 +71,19 @@ def test_models_lists_the_registry(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "lenet5" in out and "431,080" in out
+
+
+def test_every_train_flag_comes_from_the_config_with_its_help():
+    """One place for a setting: each TrainConfig field is a `frugal train` flag whose help is the
+    field's own text."""
+    import dataclasses
+
+    from frugal.cli import build_parser
+    from frugal.train import TrainConfig
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    flags = {a.dest: a for a in sub.choices["train"]._actions}
+    for f in dataclasses.fields(TrainConfig):
+        assert f.name in flags, f.name
+        assert f.metadata["help"] and flags[f.name].help.startswith(f.metadata["help"]), f.name
+    assert all(a.help for a in flags.values()), [d for d, a in flags.items() if not a.help]

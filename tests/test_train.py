@@ -268,3 +268,21 @@ def test_a_run_folder_being_trained_by_another_process_is_refused(tmp_path):
             train(cfg, tmp_path, quiet=True)
     assert not (tmp_path / CHECKPOINT).exists()  # nothing written beside the other process's run
     assert train(cfg, tmp_path, quiet=True).steps == 1  # free again: trains
+
+
+def test_the_per_epoch_metrics_are_a_csv_with_each_epoch_once_after_a_resume(tmp_path):
+    import csv
+
+    class Stop(Hook):  # stops the run in its second epoch, after the first epoch's checkpoint
+        def after_step(self, state):
+            if state.epoch == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(epochs=2, train_limit=128, **DIGITS), tmp_path / "b", hooks=[Stop()], quiet=True)
+    assert [r["epoch"] for r in csv.DictReader((tmp_path / "b" / "metrics.csv").open())] == ["1"]
+    res = train(TrainConfig(epochs=2, train_limit=128, **DIGITS), tmp_path / "b", hooks=[Hook()], resume=True,
+                quiet=True)
+    rows = list(csv.DictReader((tmp_path / "b" / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [float(r["val_acc"]) for r in rows] == [h["val_acc"] for h in res.history]
