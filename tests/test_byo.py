@@ -236,7 +236,7 @@ def test_constrain_and_snap_on_a_user_model_and_the_traps():
 
 def test_a_model_trained_in_a_bare_loop_saves_with_codecs_and_loads_within_their_error(tmp_path):
     from frugal.compress import load, save
-    from frugal.compress.codecs import Uniform
+    from frugal.coding.codecs import Uniform
     from usernets import TinyNet
 
     net = TinyNet()

@@ -3,9 +3,9 @@ import pytest
 import scipy.fft
 import torch
 
-from frugal.compress.codecs import (DCT, KMeans, Prune, Structured, Uniform, Units, codec_from_spec, dct2,
+from frugal.coding.codecs import (DCT, KMeans, Prune, Structured, Uniform, Units, codec_from_spec, dct2,
                                     from_blocks, idct2, to_blocks)
-from frugal.compress.entropy import CodecError, decode_symbols, encode_symbols, entropy_bits
+from frugal.coding.entropy import CodecError, decode_symbols, encode_symbols, entropy_bits
 
 
 def test_dct_matches_scipy_and_inverts():
@@ -220,7 +220,7 @@ def _streams():
 
 
 def test_real_streams_round_trip_exactly_through_the_length_bound():
-    from frugal.compress.entropy import MARGIN_BITS, min_bits, read_varint
+    from frugal.coding.entropy import MARGIN_BITS, min_bits, read_varint
 
     slack = []
     for s in _streams():
@@ -244,7 +244,7 @@ def test_real_streams_round_trip_exactly_through_the_length_bound():
 
 
 def test_a_stream_with_words_cut_from_its_payload_is_refused_before_decoding():
-    from frugal.compress.entropy import read_varint, write_varint
+    from frugal.coding.entropy import read_varint, write_varint
 
     s = np.random.default_rng(0).integers(0, 16, 100_000)
     data = encode_symbols(s)  # about 4 bits a symbol

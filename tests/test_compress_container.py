@@ -6,7 +6,7 @@ import zlib
 import pytest
 import torch
 
-from frugal.compress.codecs import DCT, KMeans, Prune, Uniform, Units
+from frugal.coding.codecs import DCT, KMeans, Prune, Uniform, Units
 from frugal.compress.container import FORMAT_VERSION, ModelFileError, decode_model, encode_model
 from frugal.models import create_model
 

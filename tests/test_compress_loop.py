@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from frugal.compress.codecs import codec_from_spec
+from frugal.coding.codecs import codec_from_spec
 from frugal.compress.loop import CHOSEN, CompressInTheLoop, LoopConfig
 from frugal.data import load_task
 from frugal.train import Hook, TrainConfig, TrainState, train
@@ -185,7 +185,7 @@ def test_the_prefilter_scores_fewer_codes_and_still_compresses(tmp_path, monkeyp
 
 
 def test_tied_sets_each_weight_to_its_cluster_mean():
-    from frugal.compress.loop import tied
+    from frugal.coding.tied import tied
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(6, 7, generator=gen)
@@ -269,7 +269,7 @@ def test_group_shrink_is_the_group_lasso_proximal_step():
 
 
 def test_dead_units_give_a_structured_code_that_loses_nothing_more_than_quantisation():
-    from frugal.compress.codecs import Prune, Structured, Uniform
+    from frugal.coding.codecs import Prune, Structured, Uniform
     from frugal.compress.loop import candidates, dead_units
 
     gen = torch.Generator().manual_seed(2)

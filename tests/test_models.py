@@ -97,3 +97,35 @@ def test_a_model_without_meta_kernels_is_counted_as_it_is_built():
     assert count_params(m) > 0
     with pytest.raises(ModelTooLarge):
         create_model("constrained", base="convnet", kind="p4", width=64, limits=SizeLimits(entries=10_000))
+
+
+def test_an_idea_that_fails_to_import_is_named_and_the_others_still_load(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    import frugal.plugins as plugins
+
+    good = EntryPoint("kernels", "frugal.kernels", "frugal.ideas")
+    broken = EntryPoint("broken", "no_such_frugal_idea_module", "frugal.ideas")
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [broken, good])
+    monkeypatch.setattr(plugins, "_loaded", False)
+    monkeypatch.setattr(plugins, "_failed", {})
+    with pytest.warns(UserWarning, match="'broken'.*no_such_frugal_idea_module"):
+        plugins.load_ideas()
+    assert "broken" in plugins.failed_ideas() and "constrained" in list_models()
+
+
+def test_no_idea_imports_another_and_the_spine_imports_none():
+    """Shared blocks live in the spine (frugal.layers, frugal.coding); ideas plug in by entry point."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent / "frugal"
+    ideas = ("saccade", "compress", "kernels", "specialists", "dream")
+    pattern = re.compile(r"^\s*(?:from|import)\s+frugal\.(" + "|".join(ideas) + r")\b", re.M)
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).parts
+        if rel[0] == "benchmarks":  # scripts that measure one idea
+            continue
+        own = rel[0] if rel[0] in ideas else None
+        for m in pattern.finditer(path.read_text()):
+            assert m.group(1) == own, f"{path.relative_to(root)} imports frugal.{m.group(1)}"

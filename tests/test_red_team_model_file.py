@@ -25,9 +25,9 @@ import torch
 import zstandard
 
 from frugal.cli import main
-from frugal.compress.codecs import Uniform
+from frugal.coding.codecs import Uniform
 from frugal.compress.container import MAGIC, MAX_PARAMS, ModelFileError, decode_model, encode_model
-from frugal.compress.entropy import decode_symbols, read_varint, write_varint, zigzag
+from frugal.coding.entropy import decode_symbols, read_varint, write_varint, zigzag
 from frugal.models import create_model
 
 SMALL = {"name": "lenet300", "in_channels": 1, "image_size": [8, 8], "num_classes": 10, "kw": {}}
@@ -294,7 +294,7 @@ def test_the_crafted_streams_are_well_formed():
 
 STREAM_SCRIPT = textwrap.dedent("""
     import json, sys, time
-    from frugal.compress.entropy import CodecError, decode_symbols
+    from frugal.coding.entropy import CodecError, decode_symbols
 
     def peak_kb():
         for line in open("/proc/self/status"):

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from frugal.compress.codecs import codec_from_spec
+from frugal.coding.codecs import codec_from_spec
 from frugal.compress.container import decode_model, encode_model
 from frugal.measure import weight_tensors
 from frugal.models import create_model

@@ -42,9 +42,9 @@ import torch
 import zstandard
 
 from frugal.benchmarks import add_where_args, where
-from frugal.compress.codecs import DCT, KMeans, Prune, Raw, Structured, Uniform, Units
+from frugal.coding.codecs import DCT, KMeans, Prune, Raw, Structured, Uniform, Units
 from frugal.compress.container import MAGIC, ModelFileError, decode_model, encode_model
-from frugal.compress.entropy import read_varint, write_varint
+from frugal.coding.entropy import read_varint, write_varint
 from frugal.measure import weight_tensors
 from frugal.models import create_model
 from frugal.utils import atomic_write_json, versions

@@ -6,11 +6,11 @@ JPEG-like DCT code for kernels); `entropy` the range coder they share (`constric
 symbols' histogram stored in the stream); `container` the `.frugal` model file.
 """
 
-from frugal.compress.codecs import CODECS, DCT, Codec, KMeans, Prune, Uniform, codec_from_spec, dct2, idct2
+from frugal.coding.codecs import CODECS, DCT, Codec, KMeans, Prune, Uniform, codec_from_spec, dct2, idct2
 from frugal.compress.container import (ModelFileError, decode_model, encode_model, load, read_model_file, save,
                                        write_model_file)
 from frugal.compress.loop import CompressInTheLoop, LoopConfig
-from frugal.compress.entropy import CodecError, decode_symbols, encode_symbols, entropy_bits
+from frugal.coding.entropy import CodecError, decode_symbols, encode_symbols, entropy_bits
 
 from frugal.compress import genes as _genes  # noqa: E402,F401  registers the model `genes_lenet5`
 from frugal.compress import bench as _bench  # noqa: E402,F401  registers the bench method `compress`

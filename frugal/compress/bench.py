@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from frugal.bench import BenchContext, register_method, train_and_measure
-from frugal.compress.codecs import Uniform
+from frugal.coding.codecs import Uniform
 from frugal.compress.container import encode_model
 from frugal.compress.loop import CompressInTheLoop, LoopConfig
 from frugal.data import load_task
@@ -133,7 +133,7 @@ def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]
             hook = CompressInTheLoop(LoopConfig(every=every, lam=lam))
 
             def chosen_file(m, d, run_dir=run_dir, hook=hook):
-                from frugal.compress.codecs import codec_from_spec
+                from frugal.coding.codecs import codec_from_spec
 
                 codecs = {k: codec_from_spec(v) for k, v in hook.chosen.items()}
                 out = file_row(m, spec, codecs, run_dir / "model.frugal")

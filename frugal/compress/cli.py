@@ -40,7 +40,7 @@ def _parse_spec(text: str, flag: str) -> dict:
 
 
 def _codec(spec: dict, flag: str):
-    from frugal.compress.codecs import codec_from_spec
+    from frugal.coding.codecs import codec_from_spec
 
     try:
         return codec_from_spec(spec)

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from frugal.compress.codecs import Codec, Raw, decode_tensor
-from frugal.compress.entropy import CodecError, read_varint, write_varint
+from frugal.coding.codecs import Codec, Raw, decode_tensor
+from frugal.coding.entropy import CodecError, read_varint, write_varint
 from frugal.measure import weight_tensors
 from frugal.models import (ModelTooLarge, SizeLimits, import_path_of, is_import_path, model_factory,
                            trust_model_source)

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from frugal.compress.codecs import (DCT, Codec, KMeans, Prune, Structured, Uniform, Units, codec_from_spec, dct2,
+from frugal.coding.codecs import (DCT, Codec, KMeans, Prune, Structured, Uniform, Units, codec_from_spec, dct2,
                                    from_blocks, idct2, to_blocks, unit_masks)
+from frugal.coding.tied import tied
 from frugal.measure import weight_tensors
 from frugal.train import Hook, TrainState, normalize
 from frugal.utils import atomic_write_json
@@ -327,18 +328,6 @@ def group_shrink(w: torch.Tensor, t: float, rows: bool = True, inputs: bool = Tr
         m.mul_((1 - t * math.sqrt(m[:, 0].numel()) / norm.clamp_min(1e-30)).clamp_min(0))
 
 
-def tied(w: torch.Tensor, cluster: torch.Tensor) -> torch.Tensor:
-    """Each weight replaced by the mean of its cluster. `cluster` holds an index per weight
-    (0..k-1), or -1 for weights held at exactly 0."""
-    flat, idx = w.reshape(-1), cluster.reshape(-1)
-    free = idx >= 0
-    k = int(idx.max()) + 1 if free.any() else 0
-    sums = torch.zeros(k, dtype=w.dtype, device=w.device).index_add_(0, idx[free], flat[free])
-    counts = torch.zeros(k, dtype=w.dtype, device=w.device).index_add_(0, idx[free], torch.ones_like(flat[free]))
-    out = torch.zeros_like(flat)
-    out[free] = (sums / counts.clamp_min(1))[idx[free]]
-    return out.view_as(w)
-
 
 def pareto_front(sizes: list[float], errors: list[float]) -> list[int]:
     """Indices of the candidates no other candidate beats on both counts (no larger and no worse,
@@ -352,5 +341,4 @@ def pareto_front(sizes: list[float], errors: list[float]) -> list[int]:
     return keep
 
 
-__all__ = ["CHOSEN", "CompressInTheLoop", "LoopConfig", "candidates", "dead_units", "group_shrink", "pareto_front",
-           "tied"]
+__all__ = ["CHOSEN", "CompressInTheLoop", "LoopConfig", "candidates", "dead_units", "group_shrink", "pareto_front"]

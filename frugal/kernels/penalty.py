@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frugal.compress.loop import tied
+from frugal.coding.tied import tied
 from frugal.train import Hook, TrainState
 
 KINDS = ("entropy", "gmm")
@@ -233,6 +233,6 @@ def kernel_bytes(model: nn.Module, k: int = 256) -> int:
     """Bytes of the conv kernels as range-coded shared values: exact where a layer has at most k
     distinct values (penalised, snapped or quantised kernels), else shared among k k-means values
     (near-lossless). The same code for every model, so the sizes compare."""
-    from frugal.compress.codecs import KMeans  # the range-coded weight-sharing code
+    from frugal.coding.codecs import KMeans  # the range-coded weight-sharing code
 
     return sum(len(KMeans(k).encode(conv.weight.detach())) for _, conv in conv_kernels(model))

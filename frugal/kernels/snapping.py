@@ -155,8 +155,8 @@ class FreezeKernels(Hook):
 def snapped_kernel_bytes(model: nn.Module, result: SnapResult | None = None) -> int:
     """Bytes of the conv kernels as each kernel's class (range-coded ids) plus only its free values
     (range-coded shared values, the code of `kernel_bytes`): what a snapped net needs to store."""
-    from frugal.compress.codecs import KMeans
-    from frugal.compress.entropy import encode_symbols
+    from frugal.coding.codecs import KMeans
+    from frugal.coding.entropy import encode_symbols
 
     total = 0
     for name, conv in conv_kernels(model):

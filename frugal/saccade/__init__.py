@@ -9,7 +9,7 @@ registers the models `saccadic`, `blockcnn` (its dense twin) and `ram`.
 from frugal.saccade.glimpse import GlimpseSensor, RecurrentAttentionModel, glimpse_boxes
 from frugal.saccade.model import SaccadicCNN, auto_block_size
 from frugal.saccade.policy import Attention, AttentionPolicy, choose_levels
-from frugal.saccade.sparse_conv import BlockSet, BlockSparseConv2d, coordinate_channels, dense_reference
+from frugal.layers.sparse_conv import BlockSet, BlockSparseConv2d, coordinate_channels, dense_reference
 from frugal.saccade.teacher import TwinTeacher, block_evidence
 
 __all__ = ["Attention", "AttentionPolicy", "BlockSet", "BlockSparseConv2d", "GlimpseSensor", "RecurrentAttentionModel",

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from frugal.models import InputCheck, register_model
 from frugal.saccade.explain import draw_block_attention
 from frugal.saccade.policy import ESTIMATORS, Attention, AttentionPolicy, choose_levels
-from frugal.saccade.sparse_conv import BlockSet, BlockSparseConv2d
+from frugal.layers.sparse_conv import BlockSet, BlockSparseConv2d
 
 BUDGET_MODES = ("target", "cap")
 N_STAGES = 3  # the block size halves with each stage, so it must be a multiple of 2 ** (N_STAGES - 1)

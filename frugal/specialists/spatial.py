@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frugal.saccade.sparse_conv import BlockSet, BlockSparseConv2d
+from frugal.layers.sparse_conv import BlockSet, BlockSparseConv2d
 from frugal.specialists.nets import Tapped
 
 

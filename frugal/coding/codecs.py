@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from frugal.compress.entropy import CodecError, decode_symbols, encode_symbols
+from frugal.coding.entropy import CodecError, decode_symbols, encode_symbols
 
 FC_BLOCK = 8  # largest side of the blocks an fc matrix is cut into for the DCT
 
