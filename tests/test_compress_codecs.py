@@ -268,7 +268,7 @@ def test_a_payload_that_strays_from_its_histogram_is_refused():
 
 
 def test_symbol_streams_past_the_cap_are_not_written():
-    from frugal.compress import entropy
+    from frugal.coding import entropy
 
     cap = entropy.MAX_SYMBOLS
     try:
