@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from .data import KNOWN, load_task
+from .data import KNOWN, load_task, task_slug
 from .data.sources import FOLDER_PREFIX
 from .measure import measure
 from .plugins import load_ideas
@@ -59,7 +59,7 @@ class BenchContext:
 
     def run_dir(self, method: str, task: str, seed: int, variant: str = "") -> Path:
         name = f"{variant}-seed{seed}" if variant else f"seed{seed}"
-        return self.out_dir / "runs" / method / task / name
+        return self.out_dir / "runs" / method / task_slug(task) / name
 
 
 @dataclass(frozen=True)
@@ -306,7 +306,7 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
         A run is claimed by a lock on its claim file, which the system drops when its holder dies
         however it dies, so a claim can never go stale (nor be mistaken for a new process's)."""
         tag = f"[{i + 1}/{len(plan)}] {m.name} {task} seed {seed}"
-        claim = out / "runs" / m.name / task / f".seed{seed}.claim"
+        claim = out / "runs" / m.name / task_slug(task) / f".seed{seed}.claim"
         claim.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as held:
             if wait:

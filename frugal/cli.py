@@ -118,7 +118,7 @@ def _cmd_measure(a: argparse.Namespace) -> int:
 
 
 def _cmd_explain(a: argparse.Namespace) -> int:
-    from .data import load_task
+    from .data import load_task, task_slug
     from .train import load_run, normalize
     from .utils import resolve_device
 
@@ -130,7 +130,7 @@ def _cmd_explain(a: argparse.Namespace) -> int:
     data = load_task(a.data or cfg.task, data_dir=a.data_dir or cfg.data_dir)
     images, labels = data.test.x[:a.n], data.test.y[:a.n]
     x = normalize(images.to(device), data.mean, data.std, next(model.parameters()).dtype)
-    out = a.out or str(Path(a.run) / f"explain-{data.name}.png")
+    out = a.out or str(Path(a.run) / f"explain-{task_slug(data.name)}.png")
     print(f"explanations: {model.explain(x, images, labels, out)}")
     return 0
 

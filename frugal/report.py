@@ -250,9 +250,9 @@ def write_task_samples(out: Path, task: str, n: int = 16, data_dir=None) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .data import load_task
+    from .data import load_task, task_slug
 
-    path = Path(out) / "samples" / f"{task}.png"
+    path = Path(out) / "samples" / f"{task_slug(task)}.png"
     if path.exists():
         return path
     data = load_task(task, data_dir=data_dir)

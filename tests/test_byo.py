@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from frugal.cli import main
+from frugal.data import task_slug
 from frugal.models import TRUST_ENV, UntrustedModelSource, create_model
 from frugal.train import TrainConfig, load_run, train
 
@@ -276,3 +277,12 @@ def test_the_bench_on_the_user_s_own_data_and_model(tmp_path, capsys):
     assert row["model"] == "usernets:TinyNet" and row["task"] == f"folder:{data}" and row["epochs"] == 2
     assert row["params"] == sum(p.numel() for p in create_model("usernets:TinyNet").parameters())
     assert "usernets:TinyNet" in (out / "report.md").read_text()
+    # the task's path never becomes folders in the bench's: one part, named after the data folder
+    assert Path(row["run_dir"]).parts[:3] == ("runs", "baseline", task_slug(f"folder:{data}"))
+    assert len(Path(row["run_dir"]).parts) == 4 and (out / "samples" / f"{task_slug(f'folder:{data}')}.png").exists()
+
+
+def test_a_task_slug_is_one_file_name_part_and_tells_folders_apart():
+    assert task_slug("mnist") == "mnist" and task_slug("cluttered-mnist-60") == "cluttered-mnist-60"
+    a, b = task_slug("folder:/data/a/mine"), task_slug("folder:/data/b/mine")
+    assert a != b and a.startswith("folder-mine-") and "/" not in a and ":" not in a

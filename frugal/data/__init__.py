@@ -17,12 +17,13 @@ from frugal.data.corrupt import (CORRUPTIONS, HAND_CORRUPTIONS, LIBRARY_CORRUPTI
 from frugal.data.derived import Cluttered, clutter
 from frugal.data.errors import DataError
 from frugal.data.idx import encode_idx, parse_idx, read_idx
-from frugal.data.registry import (KNOWN, DatasetInfo, default_val_size, fetch, format_dataset_table,
+from frugal.data.registry import (KNOWN, task_slug, DatasetInfo, default_val_size, fetch, format_dataset_table,
                                   list_datasets, load_arrays, load_task, split_indices)
 from frugal.data.sources import Arrays, class_names
 from frugal.data.types import Split, TaskData
 
 __all__ = [
+    "task_slug",
     "Arrays", "CORRUPTIONS", "Cluttered", "DataError", "DatasetInfo", "HAND_CORRUPTIONS", "KNOWN", "SLOW_CORRUPTIONS",
     "LIBRARY_CORRUPTIONS", "SEVERITIES", "Split", "TaskData", "build_corrupted_suite", "clutter",
     "corrupt_images", "data_root", "default_val_size", "encode_idx", "fetch", "format_dataset_table",

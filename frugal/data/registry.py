@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import hashlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -194,6 +196,17 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, val_size: in
     while len(_MEMO) > _MEMO_SIZE:
         _MEMO.popitem(last=False)
     return task
+
+
+def task_slug(name: str) -> str:
+    """A task's name as one file-name part: a registered name as it is; a `folder:` task as
+    folder-<last part>-<8 hex of its path>, so that two folders of the same name stay apart and no
+    path separator or colon reaches a file name."""
+    if not name.startswith(FOLDER_PREFIX):
+        return re.sub(r"[^A-Za-z0-9._-]", "-", name)
+    path = name.removeprefix(FOLDER_PREFIX)
+    tail = re.sub(r"[^A-Za-z0-9._-]", "-", Path(path).expanduser().name or "root")[:40]
+    return f"folder-{tail}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
 
 
 def format_dataset_table(infos: list[DatasetInfo]) -> str:

@@ -24,7 +24,7 @@ import dataclasses
 from typing import Any
 
 from frugal.bench import BenchContext, baseline_config, register_method
-from frugal.data import KNOWN, Split, load_task
+from frugal.data import KNOWN, Split, load_task, task_slug
 from frugal.dream.evaluate import AdversarialTraining, cue_conflict, generalisation, other_net_dreams
 from frugal.dream.generator import DreamConfig
 from frugal.dream.pictures import draw_cue_conflict, draw_dreams
@@ -106,13 +106,13 @@ def run_dream(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
         from frugal.dream.rounds import load_dreams
 
         dreams, _ = load_dreams(rounds_dir / "round-1" / "dreams.npz")
-        draw_dreams(Split(data.train.x[:16], data.train.y[:16]), dreams.x[:16], ctx.figures / f"dreams-{task}.png",
+        draw_dreams(Split(data.train.x[:16], data.train.y[:16]), dreams.x[:16], ctx.figures / f"dreams-{task_slug(task)}.png",
                     title=f"{task}: training images and their round-1 dreams")
         draw_dreams(Split(data.test.x[:16], data.test.y[:16]), other_dreams.x[:16],
-                    ctx.figures / f"dreams-{task}-other-net.png",
+                    ctx.figures / f"dreams-{task_slug(task)}-other-net.png",
                     title=f"{task}: test images and the other net's dreams of them (a test set for every row)")
         conflict, texture = cue_conflict(data.test, n_eval)
-        draw_cue_conflict(conflict, texture, ctx.figures / f"cue-conflict-{task}.png",
+        draw_cue_conflict(conflict, texture, ctx.figures / f"cue-conflict-{task_slug(task)}.png",
                           title=f"{task}: cue conflict, one class's shape filled with another's texture")
     return rows
 

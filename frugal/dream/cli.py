@@ -25,7 +25,7 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 
 def _run(a: argparse.Namespace) -> int:
-    from frugal.data import Split, load_task
+    from frugal.data import Split, load_task, task_slug
     from frugal.dream.generator import DreamConfig
     from frugal.dream.pictures import draw_dreams
     from frugal.dream.rounds import dream_split
@@ -41,7 +41,7 @@ def _run(a: argparse.Namespace) -> int:
                        octaves=a.octaves, seed=a.seed)
     src = Split(data.test.x[:a.n], data.test.y[:a.n])
     dreams, drift = dream_split(model, src, data.mean, data.std, dcfg, device)
-    out = Path(a.out or Path(a.run) / f"dreams-{data.name}.png")
+    out = Path(a.out or Path(a.run) / f"dreams-{task_slug(data.name)}.png")
     draw_dreams(src, dreams.x, out, title=f"{data.name}: test images and dreams ({dcfg.objective})")
     print(json.dumps({"dreams": str(out), "n": len(src), "mean_drift": float(drift.mean())}, indent=2))
     return 0

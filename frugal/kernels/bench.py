@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from frugal.bench import BenchContext, baseline_config, register_method, train_and_measure
-from frugal.data import load_task
+from frugal.data import load_task, task_slug
 from frugal.kernels.constrained import conv_free_parameters
 from frugal.kernels.penalty import KernelPenalty, PenaltyConfig, SharedValues, kernel_bytes
 from frugal.kernels.pictures import draw_kernels
@@ -134,7 +134,7 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
     data = load_task(task, data_dir=ctx.data_dir, val_size=base.val_size)
     model = holder["model"]
     if seed == 0:
-        draw_kernels(model, ctx.figures / f"kernels-{task}-plain.png", title=f"{task}: plain, first conv")
+        draw_kernels(model, ctx.figures / f"kernels-{task_slug(task)}-plain.png", title=f"{task}: plain, first conv")
     result = None
     for t in plan["thresholds"]:
         if t > max(snaps):
@@ -152,6 +152,6 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
         if t in snaps:
             rows.append({**row, "variant": f"snap {t:g}"})
     if seed == 0 and result is not None:
-        draw_kernels(model, ctx.figures / f"kernels-{task}-snapped.png", result,
+        draw_kernels(model, ctx.figures / f"kernels-{task_slug(task)}-snapped.png", result,
                      title=f"{task}: after snapping rounds up to {max(snaps):g}, first conv")
     return rows

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from frugal.bench import BenchContext, register_method, train_and_measure
-from frugal.data import load_task
+from frugal.data import load_task, task_slug
 from frugal.measure import measure
 from frugal.saccade.teacher import TwinTeacher
 from frugal.train import TrainConfig, load_run, normalize
@@ -87,7 +87,7 @@ def attention_stats(model: torch.nn.Module, data, ctx: BenchContext, variant: st
         out["attended_fraction"] = sum(attended) / len(attended)
     if draw and seed == 0 and callable(getattr(model, "explain", None)) and variant != "blockcnn":
         model.explain(x[:16], data.test.x[:16], data.test.y[:16],
-                      ctx.figures / f"explain-{data.name}-{variant}.png")
+                      ctx.figures / f"explain-{task_slug(data.name)}-{variant}.png")
     return out
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from frugal.bench import BenchContext, baseline_config, register_method, train_and_measure
-from frugal.data import load_task
+from frugal.data import load_task, task_slug
 from frugal.measure import count_macs, measure
 from frugal.models import create_model
 from frugal.specialists.analysis import cluster_confusions, draw_cluster_confusions, routed_predictions
@@ -158,8 +158,8 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
     if seed == 0 and ctx.wants("tree d1"):
         pred = routed_predictions(trees[1], base, data.test, data.mean, data.std, ctx.device)
         confs = cluster_confusions(pred, data.num_classes)
-        _cluster_figure(confs, data, ctx.figures / f"specialists-{task}-clusters.png")
-        draw_cluster_confusions(confs, task, data.num_classes, ctx.figures / f"specialists-{task}-confusion.png")
+        _cluster_figure(confs, data, ctx.figures / f"specialists-{task_slug(task)}-clusters.png")
+        draw_cluster_confusions(confs, task, data.num_classes, ctx.figures / f"specialists-{task_slug(task)}-confusion.png")
 
     if ctx.wants("spatial"):
         rows.append(_spatial(ctx, base, base_cfg, data, task, seed, tcfg, speed))
