@@ -444,6 +444,8 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
     # a bar where someone watches: a terminal, or a notebook (whose stderr is no tty)
     show_bar = (sys.stderr.isatty() or "ipykernel" in sys.modules) if progress is None else progress
     model_loss = getattr(model, "extra_loss", None)
+    if callable(getattr(model, "begin_run", None)):  # a model whose schedule is a share of the run (saccadic)
+        model.begin_run(cfg.epochs * steps_per_epoch)
 
     for epoch in range(start_epoch, cfg.epochs):
         state.epoch = epoch
@@ -519,6 +521,10 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
         log(f"epoch {epoch + 1}/{cfg.epochs} train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
             f"val_loss {val_loss:.4f} val_acc {val_acc:.4f} ({seconds:.1f}s)")
 
+    ended = model.end_run() if callable(getattr(model, "end_run", None)) else None
+    if ended:  # the model's own word that the run was too short for what it was asked
+        log(f"warning: {ended}")
+        warnings.warn(ended, stacklevel=2)
     for h in hooks:
         h.before_eval(state)
     test_acc, test_loss = evaluate(model, data.test, data.mean, data.std, device, cfg.eval_batch_size)

@@ -259,3 +259,24 @@ def test_the_policy_sees_the_adaptive_average_of_the_image(image_size):
         logits, _ = model.policy(x)
         reference = model.policy.logits(model.policy.body(F.adaptive_avg_pool2d(x, (4 * gh, 4 * gw))))
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_a_run_too_short_for_the_budget_warm_up_says_so_and_a_share_of_the_run_fits_any_length(tmp_path):
+    """A warm-up in steps (1,000 by default) never ends on a small data set: the run warns. Given as a
+    share of the run, the budget is in force by the end however short the run."""
+    from frugal.train import TrainConfig, train
+
+    cfg = dict(task="digits", model="saccadic", epochs=1, train_limit=128, batch_size=32, device="cpu")
+    with pytest.warns(UserWarning, match="before the compute budget came into force"):
+        res = train(TrainConfig(**cfg, model_kw={"block_size": 4}), tmp_path / "steps", quiet=True)
+    assert res.model.current_budget() > res.model.budget
+    assert "warning: the run ended after 4 training steps" in (tmp_path / "steps" / "log.txt").read_text()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning this time
+        res = train(TrainConfig(**cfg, model_kw={"block_size": 4, "budget_warmup": 0.5}), tmp_path / "share",
+                    quiet=True)
+    assert res.model.warmup_steps() == 2 and res.model.current_budget() == res.model.budget
+    with pytest.raises(ValueError, match="begin_run"):
+        create_model("saccadic", image_size=(8, 8), block_size=4, budget_warmup=0.5).current_budget()

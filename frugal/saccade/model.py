@@ -38,7 +38,7 @@ class SaccadicCNN(nn.Module):
                  block_size: int | None = None, kernel_sizes: Sequence[int] = (3, 5), estimator: str = "gumbel",
                  tau: float = 1.0, dense: bool = False, policy_width: int = 16, budget: float = 0.3,
                  cost_weight: float = 1.0, consistency_weight: float = 0.0, noise_std: float = 0.5,
-                 budget_warmup: int = 1000, attend_init: float = 0.9, min_blocks: int = 1,
+                 budget_warmup: int | float = 1000, attend_init: float = 0.9, min_blocks: int = 1,
                  budget_mode: str = "target"):
         super().__init__()
         if budget_mode not in BUDGET_MODES:
@@ -63,8 +63,13 @@ class SaccadicCNN(nn.Module):
         self.consistency_weight = consistency_weight  # weight of clean-vs-noisy agreement
         self.noise_std = noise_std  # Gaussian noise (normalised pixel units) for the consistency term
         self.min_blocks = min_blocks  # blocks every example attends at least (its least skippable ones)
-        self.budget_warmup = budget_warmup  # training steps over which the budget falls from 1 (dense) to `budget`
+        # how long the budget falls from 1 (dense) to `budget`: an int counts training steps; a float in
+        # (0, 1) is that share of the run, whose length a training loop gives `begin_run` (frugal.train does)
+        if isinstance(budget_warmup, float) and not 0 < budget_warmup < 1:
+            raise ValueError(f"budget_warmup is steps (an int) or a share of the run in (0, 1), got {budget_warmup}")
+        self.budget_warmup = budget_warmup
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training steps seen, for the warm-up
+        self.run_steps: int | None = None  # the run's training steps, once a loop has said (begin_run)
         kernel_sizes = tuple(kernel_sizes[:1]) if dense else tuple(kernel_sizes)
         widths = [width * 2 ** i for i in range(N_STAGES)]
         cins = [in_channels] + widths[:-1]
@@ -207,12 +212,36 @@ class SaccadicCNN(nn.Module):
             loss = loss + self.consistency_weight * (agree + agree_att)
         return loss
 
+    def begin_run(self, total_steps: int) -> None:
+        """A training loop's word on how many steps it will take: a warm-up given as a share of the
+        run becomes that many steps."""
+        self.run_steps = int(total_steps)
+
+    def warmup_steps(self) -> int:
+        if isinstance(self.budget_warmup, float):
+            if self.run_steps is None:
+                raise ValueError("budget_warmup is a share of the run, but no training loop said how long the run "
+                                 "is: call model.begin_run(total_steps) before training (frugal.train does)")
+            return round(self.budget_warmup * self.run_steps)
+        return int(self.budget_warmup)
+
+    def end_run(self) -> str | None:
+        """A warning for the training loop to show, if the run ended before the budget came into force
+        (the model then attends more blocks than the budget, maybe all of them)."""
+        if self.dense or int(self.steps) >= self.warmup_steps():
+            return None
+        return (f"the run ended after {int(self.steps)} training steps, before the compute budget came into force "
+                f"(its warm-up is {self.warmup_steps()} steps): the policy was still asked for "
+                f"{self.current_budget():.0%} of the dense compute, not {self.budget:.0%}. Train longer, or give "
+                "budget_warmup as a share of the run, e.g. 0.3")
+
     def current_budget(self) -> float:
         """The budget of this training step: linear from 1 (the dense twin's compute) to `budget` over
-        the first `budget_warmup` steps, so features form before the policy starts dropping blocks."""
-        if self.budget_warmup <= 0:
+        the first `warmup_steps()` steps, so features form before the policy starts dropping blocks."""
+        warm = self.warmup_steps()
+        if warm <= 0:
             return self.budget
-        left = max(0.0, 1.0 - int(self.steps) / self.budget_warmup)
+        left = max(0.0, 1.0 - int(self.steps) / warm)
         return self.budget + (1.0 - self.budget) * left
 
     @torch.no_grad()
@@ -245,7 +274,7 @@ def _max_pool_tiles(t: torch.Tensor) -> torch.Tensor:
 def saccadic(in_channels: int = 1, image_size: tuple[int, int] = (60, 60), num_classes: int = 10,
              width: int = 16, block_size: int | None = None, estimator: str = "gumbel", tau: float = 1.0,
              budget: float = 0.3, cost_weight: float = 1.0, consistency_weight: float = 0.0,
-             noise_std: float = 0.5, budget_warmup: int = 1000, attend_init: float = 0.9,
+             noise_std: float = 0.5, budget_warmup: int | float = 1000, attend_init: float = 0.9,
              min_blocks: int = 1, budget_mode: str = "target", kernel_sizes: Sequence[int] = (3, 5)) -> nn.Module:
     """Saccadic CNN: a policy picks skip / 3x3 / 5x5 per block; convs run only on chosen blocks."""
     return SaccadicCNN(in_channels, image_size, num_classes, width=width, block_size=block_size,
