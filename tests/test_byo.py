@@ -286,3 +286,40 @@ def test_a_task_slug_is_one_file_name_part_and_tells_folders_apart():
     assert task_slug("mnist") == "mnist" and task_slug("cluttered-mnist-60") == "cluttered-mnist-60"
     a, b = task_slug("folder:/data/a/mine"), task_slug("folder:/data/b/mine")
     assert a != b and a.startswith("folder-mine-") and "/" not in a and ":" not in a
+
+
+def test_compress_in_the_loop_in_a_bare_loop_and_its_file(tmp_path):
+    """round() and hold() on the user's model in a loop frugal does not own: the pruned zeros stay
+    zero through optimizer steps, and the recorded bytes are the length of the codes `save` writes."""
+    from frugal.coding.codecs import codec_from_spec
+    from frugal.compress import CompressInTheLoop, LoopConfig, save
+    from frugal.data import load_task
+    from usernets import TinyNet
+
+    torch.manual_seed(0)
+    net, task = TinyNet(), load_task("digits")
+    x, y = _digits(256)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    loop = CompressInTheLoop(LoopConfig(codecs=("prune",), prune_fractions=(0.75,), steps=(0.05,), tie=False,
+                                        recalibrate=0))
+    for epoch in range(2):
+        for _ in range(5):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            loop.hold(net, lr=1e-2, epoch=epoch)
+        record = loop.round(net, task, epoch=epoch + 1, out=tmp_path, log=lambda s: None)
+    codes = {k: codec_from_spec(s) for k, s in loop.chosen.items()}
+    weights = dict(net.named_parameters())  # as the round left them: coded
+    assert record["bytes"] == sum(len(c.encode(weights[k].detach())) for k, c in codes.items())
+    w = net.block_b[0].weight
+    zeros = (w == 0).clone()
+    assert zeros.float().mean() >= 0.7
+    for _ in range(3):  # steps after the round: hold keeps what the round zeroed
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        loop.hold(net, lr=1e-2)
+    assert not w[zeros].any()
+    assert json.loads((tmp_path / "compression.json").read_text())["codecs"] == loop.chosen
+    assert save(net, tmp_path / "n.frugal", codecs=codes) > 0

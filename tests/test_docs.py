@@ -36,3 +36,4 @@ def test_the_bring_your_own_guide_runs(tmp_path, monkeypatch):
     assert ns["size"] == (tmp_path / "mine.frugal").stat().st_size
     assert type(ns["again"]).__name__ == "MyNet" and ns["result"].kernels > 0
     assert (tmp_path / "bench-mine" / "results.json").exists()
+    assert ns["record"]["bytes"] > 0 and ns["loop"].chosen

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from frugal.coding.codecs import (DCT, Codec, KMeans, Prune, Structured, Uniform, Units, codec_from_spec, dct2,
                                    from_blocks, idct2, to_blocks, unit_masks)
 from frugal.coding.tied import tied
+from frugal.data import TaskData
 from frugal.measure import weight_tensors
 from frugal.train import Hook, TrainState, normalize
 from frugal.utils import atomic_write_json
@@ -126,8 +128,11 @@ def candidates(w: torch.Tensor, cfg: LoopConfig) -> list[Codec]:
 
 
 class CompressInTheLoop(Hook):
-    """The training hook. After a run, `rounds` holds per round: the epoch, each tensor's chosen
-    code and bytes, and the validation accuracy after the swap."""
+    """Compression rounds during training. In any loop: call `round(model, data)` between epochs
+    (every `cfg.every` epochs, and with search=False after the last) and `hold(model, lr)` after each
+    optimizer step (it keeps the zeros, kept frequencies and tied values a round chose);
+    `frugal.train` does both as a hook. After a run, `rounds` holds per round: the epoch, each
+    tensor's chosen code and bytes, and the validation accuracy after the swap."""
 
     def __init__(self, cfg: LoopConfig = LoopConfig()):
         self.cfg = cfg
@@ -145,15 +150,21 @@ class CompressInTheLoop(Hook):
         elif done % self.cfg.every == 0:
             self.compress(state)
 
-    @torch.no_grad()
     def after_step(self, state: TrainState) -> None:
+        self.hold(state.model, state.optimizer.param_groups[0]["lr"], state.epoch)
+
+    @torch.no_grad()
+    def hold(self, model: torch.nn.Module, lr: float, epoch: int = 0) -> None:
+        """After an optimizer step: zeros and kept frequencies stay as the last round chose them,
+        tied weights move together, and (with `cfg.group`) the group-lasso shrink of `lr` x group is
+        applied, during the first `cfg.group_epochs` epochs (0-based `epoch`)."""
         masks = self.cfg.masks == "fixed" and self._masks
-        group = self.cfg.group and (not self.cfg.group_epochs or state.epoch < self.cfg.group_epochs)
+        group = self.cfg.group and (not self.cfg.group_epochs or epoch < self.cfg.group_epochs)
         if not masks and not self._ties and not group:
             return
-        params = dict(state.model.named_parameters())
+        params = dict(model.named_parameters())
         if group:
-            t = self.cfg.group * state.optimizer.param_groups[0]["lr"]
+            t = self.cfg.group * lr
             layers = [n for n, p in params.items() if p.dim() >= 2]
             for name in layers:
                 p = params[name]
@@ -186,11 +197,20 @@ class CompressInTheLoop(Hook):
 
     # -- one round --------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def compress(self, state: TrainState, search: bool = True) -> dict[str, Any]:
-        """One round. `search=False` re-applies the codes chosen last time to the current weights."""
+        """One round inside frugal.train (see `round`)."""
+        return self.round(state.model, state.data, device=state.device, search=search, epoch=state.epoch + 1,
+                          out=state.run_dir, log=state.log)
+
+    @torch.no_grad()
+    def round(self, model: torch.nn.Module, data: TaskData, *, device=None, search: bool = True, epoch: int = 0,
+              out: str | Path | None = None, log: Any = print) -> dict[str, Any]:
+        """One round on any model: each weight tensor gets the code that best trades validation loss
+        (on `data.val`, normalised with the task's mean and std) against bytes. `search=False`
+        re-applies the codes chosen last time to the current weights. `epoch` is recorded; with `out`,
+        the choice is written to out/compression.json (what `frugal compress` reads)."""
         t0 = time.perf_counter()
-        model, data, device = state.model, state.data, state.device
+        device = device or next(model.parameters()).device
         was_training = model.training
         model.eval()
         n = min(self.cfg.score_examples, len(data.val))
@@ -249,14 +269,15 @@ class CompressInTheLoop(Hook):
         val_loss = loss()
         correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x.split(500), y.split(500)))
         model.train(was_training)
-        record = {"epoch": state.epoch + 1, "search": search, "loss_before": before, "loss_after": val_loss,
+        record = {"epoch": epoch, "search": search, "loss_before": before, "loss_after": val_loss,
                   "val_acc_after": correct / n,
                   "bytes": sum(sizes.values()), "tensor_bytes": sizes, "codecs": chosen, "recalibrated": recalibrated,
                   "seconds": time.perf_counter() - t0}
         self.rounds.append(record)
         self.chosen = chosen
-        atomic_write_json(state.run_dir / CHOSEN, {"codecs": chosen, "loop": asdict(self.cfg), "rounds": self.rounds})
-        state.log(f"compression {'round' if search else 'requantisation'} at epoch {record['epoch']}: "
+        if out is not None:
+            atomic_write_json(Path(out) / CHOSEN, {"codecs": chosen, "loop": asdict(self.cfg), "rounds": self.rounds})
+        log(f"compression {'round' if search else 'requantisation'} at epoch {record['epoch']}: "
                   f"{record['bytes']:,} bytes of codes, "
                   f"val loss {before:.4f} -> {val_loss:.4f}, val acc {correct / n:.4f} ({record['seconds']:.1f}s)")
         return record
