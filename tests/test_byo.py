@@ -323,3 +323,26 @@ def test_compress_in_the_loop_in_a_bare_loop_and_its_file(tmp_path):
     assert not w[zeros].any()
     assert json.loads((tmp_path / "compression.json").read_text())["codecs"] == loop.chosen
     assert save(net, tmp_path / "n.frugal", codecs=codes) > 0
+
+
+def test_frozen_kernels_stay_put_in_a_bare_loop_with_weight_decay():
+    from frugal.kernels import FreezeKernels, snap
+    from usernets import TinyNet
+
+    torch.manual_seed(0)
+    net = TinyNet()
+    res = snap(net, threshold=0.02)  # some kernels snap, some stay free
+    freeze = FreezeKernels(net, res)
+    mask = torch.from_numpy(res.classes["block_b.0"] != "free")
+    assert 0 < mask.float().mean() < 1
+    before = net.block_b[0].weight.detach().clone()
+    x, y = _digits(64)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)  # decay moves even gradient-free weights
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        freeze.zero_grads(net)
+        opt.step()
+        freeze.restore(net)
+    after = net.block_b[0].weight.detach()
+    assert torch.equal(after[mask], before[mask]) and not torch.equal(after[~mask], before[~mask])

@@ -120,7 +120,9 @@ def snap(model: nn.Module, threshold: float, earlier: SnapResult | None = None) 
 
 
 class FreezeKernels(Hook):
-    """Holds snapped kernels at their values while the rest of the net fine-tunes."""
+    """Holds snapped kernels at their values while the rest of the net fine-tunes. In any loop:
+    `zero_grads(model)` between backward and the optimizer's step, `restore(model)` after it (weight
+    decay or momentum would move a kernel even with no gradient); `frugal.train` calls both."""
 
     def __init__(self, model: nn.Module, result: SnapResult):
         self.frozen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -130,20 +132,23 @@ class FreezeKernels(Hook):
             w = convs[name].weight
             self.frozen[name] = (mask.to(w.device), w.detach().clone())
 
-    def _convs(self, state: TrainState) -> dict[str, nn.Conv2d]:
-        return dict(conv_kernels(state.model))
-
-    def after_backward(self, state: TrainState) -> None:
-        for name, conv in self._convs(state).items():
+    def zero_grads(self, model: nn.Module) -> None:
+        for name, conv in conv_kernels(model):
             if name in self.frozen and conv.weight.grad is not None:
                 conv.weight.grad[self.frozen[name][0]] = 0.0
 
     @torch.no_grad()
-    def after_step(self, state: TrainState) -> None:
-        for name, conv in self._convs(state).items():
+    def restore(self, model: nn.Module) -> None:
+        for name, conv in conv_kernels(model):
             if name in self.frozen:
                 mask, values = self.frozen[name]
                 conv.weight[mask] = values[mask]
+
+    def after_backward(self, state: TrainState) -> None:
+        self.zero_grads(state.model)
+
+    def after_step(self, state: TrainState) -> None:
+        self.restore(state.model)
 
     def state_dict(self) -> dict[str, Any]:
         return {"frozen": self.frozen}

@@ -34,8 +34,10 @@ def block_evidence(twin: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class TwinTeacher(Hook):
-    """Training hook: `weight` x BCE(attend probability, `block_evidence` of the twin) per block.
-    `twin` is a trained dense twin, or the folder of its finished run; it is frozen."""
+    """`weight` x BCE(attend probability, `block_evidence` of the twin) per block: in any loop,
+    `teacher(model, x)` after the model's forward pass on `x` is a term to add to the loss;
+    `frugal.train` adds it as a hook. `twin` is a trained dense twin, or the folder of its finished
+    run; it is frozen."""
 
     def __init__(self, twin: nn.Module | str | Path, weight: float = 1.0):
         if not weight >= 0:
@@ -49,8 +51,13 @@ class TwinTeacher(Hook):
 
     def extra_loss(self, state: TrainState, logits: torch.Tensor, x: torch.Tensor,
                    y: torch.Tensor) -> torch.Tensor | None:
-        att = getattr(state.model, "attention", None)
-        if not state.model.training or att is None or not self.weight:
+        return self(state.model, x)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The term for the model's last forward pass (on `x`), or None where there is none to add
+        (in eval mode, without a policy, at weight 0)."""
+        att = getattr(model, "attention", None)
+        if not model.training or att is None or not self.weight:
             return None
         p = next(self.twin.parameters())
         if p.device != x.device or p.dtype != x.dtype:
