@@ -154,7 +154,14 @@ def create_model(name: str, *, in_channels: int = 1, image_size: tuple[int, int]
                          f"{sorted(allowed - {'in_channels', 'image_size', 'num_classes'})}")
     if is_import_path(name):  # a user's callable takes the task's shape only where it asks for it by name
         shape = {k: v for k, v in shape.items() if k in params or passes_on}
-    model = fn(**shape, **kw)
+    if is_import_path(name):
+        try:
+            model = fn(**shape, **kw)
+        except TypeError as e:  # the user's callable and the options given do not fit: name both
+            raise ValueError(f"model {name!r} cannot be called with {sorted({**shape, **kw})}: {e}; give the options "
+                             "it takes with --model-kw") from None
+    else:
+        model = fn(**shape, **kw)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
     # what rebuilds it: a model file written from this object records it (frugal.compress.save)

@@ -38,10 +38,12 @@ def test_a_class_named_by_import_path_gets_the_task_s_shape_where_it_asks_for_it
 @pytest.mark.parametrize("name, says", [("usernets:not_a_model", "not an nn.Module"),
                                         ("usernets:Missing", "has no 'Missing'"),
                                         ("no_such_module_xyz:Net", "cannot import"),
-                                        ("usernets:", "not an import path")])
+                                        ("usernets:", "not an import path"),
+                                        ("usernets:TinyNet", "takes no option.*depth"),
+                                        ("builtins:len", "cannot be called with")])
 def test_a_bad_import_path_is_named(name, says):
     with pytest.raises(ValueError, match=says):
-        create_model(name, image_size=(8, 8))
+        create_model(name, image_size=(8, 8), **({"depth": 3} if name == "usernets:TinyNet" else {}))
 
 
 def test_train_with_an_import_path_and_open_the_run_again(tmp_path, capsys):
