@@ -348,3 +348,21 @@ def test_frozen_kernels_stay_put_in_a_bare_loop_with_weight_decay():
         freeze.restore(net)
     after = net.block_b[0].weight.detach()
     assert torch.equal(after[mask], before[mask]) and not torch.equal(after[~mask], before[~mask])
+
+
+def test_a_specialist_tree_grows_on_a_user_network_with_its_own_stage_names(tmp_path):
+    """No `features`/`stem`/`conv1` here: the stages are the top-level modules that hold a conv."""
+    from frugal.specialists import Tapped, TreeConfig, build_tree, load_tree
+    from usernets import TinyNet
+
+    assert Tapped(TinyNet()).taps == ["block_a", "block_b"]
+    train(TrainConfig(task="digits", model="usernets:TinyNet", model_kw={"width": 8}, epochs=1, lr=1e-2,
+                      batch_size=64, device="cpu"), tmp_path / "base", quiet=True)
+    tree, record = build_tree(tmp_path / "base", tmp_path / "tree", TreeConfig(depth=1, k=2, epochs=1),
+                              backend="serial", log=lambda s: None)
+    assert record["levels"][0]["jobs"] == 2  # one specialist per cluster
+    x, _ = _digits(32)
+    with torch.no_grad():
+        assert torch.equal(load_tree(tmp_path / "tree")(x), tree(x))
+    with pytest.raises(ValueError, match="taps=\\[module names\\]"):
+        Tapped(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)))

@@ -29,7 +29,12 @@ def default_taps(model: nn.Module) -> list[str]:
         return ["conv1", "conv2"]
     if "stages" in names:  # a Specialist: its own stages
         return [f"stages.{i}" for i in range(len(names["stages"]))]
-    raise ValueError(f"no stage taps known for {type(model).__name__}; pass taps=[module names]")
+    # any other net (a user's): its top-level children that hold a convolution, in order
+    stages = [n for n, m in model.named_children() if any(isinstance(c, nn.Conv2d) for c in m.modules())]
+    if not stages:
+        raise ValueError(f"no stages found in {type(model).__name__}: none of its top-level modules holds a "
+                         "Conv2d; give Tapped(net, taps=[module names]) the modules whose outputs are its stages")
+    return stages
 
 
 class Tapped(nn.Module):
