@@ -366,3 +366,24 @@ def test_a_specialist_tree_grows_on_a_user_network_with_its_own_stage_names(tmp_
         assert torch.equal(load_tree(tmp_path / "tree")(x), tree(x))
     with pytest.raises(ValueError, match="taps=\\[module names\\]"):
         Tapped(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)))
+
+
+def test_dream_training_takes_a_factory_of_the_user_s_network(tmp_path):
+    from frugal.data import load_task
+    from frugal.dream import DreamConfig, DreamTrainConfig, dream_training, pixel_range
+    from usernets import TinyNet
+
+    d = load_task("digits")
+    made = []
+
+    def factory():
+        made.append(TinyNet(width=4))
+        return made[-1]
+
+    cfg = DreamTrainConfig(rounds=1, mix=0.25, dream=DreamConfig(steps=2, octaves=1))
+    rounds = dream_training(TrainConfig(task="digits", epochs=1, train_limit=256, device="cpu"), tmp_path, cfg, d,
+                            log=lambda s: None, model=factory)
+    assert len(made) == 2 and [r["dreams"] for r in rounds] == [0, 64]
+    assert all(r["result"].model is m for r, m in zip(rounds, made))  # each round trained a fresh user net
+    lo, hi = pixel_range(d.mean, d.std)
+    assert lo < 0 < hi

@@ -20,7 +20,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -136,9 +136,11 @@ def _check_folder(out: Path, cfg: DreamTrainConfig) -> None:
 
 
 def dream_training(base: TrainConfig, out: str | Path, cfg: DreamTrainConfig, data: TaskData,
-                   device=None, quiet: bool = True, log=print) -> list[dict[str, Any]]:
+                   device=None, quiet: bool = True, log=print,
+                   model: Callable[[], torch.nn.Module] | None = None) -> list[dict[str, Any]]:
     """Rounds 0..cfg.rounds. Returns per round: the Result, the dreams' count and mean drift, and
-    the seconds spent dreaming."""
+    the seconds spent dreaming. Each round trains a fresh net: `base.model` (a registered name or an
+    import path), or `model()` when a factory of your own is given."""
     out = Path(out)
     _check_folder(out, cfg)
     device = device or torch.device(base.device if base.device != "auto" else "cpu")
@@ -176,7 +178,7 @@ def dream_training(base: TrainConfig, out: str | Path, cfg: DreamTrainConfig, da
         if r:  # A is already cut to train_limit; the dreams come after it
             cfg_r = replace(base, train_limit=None, epoch_size=len(a) if cfg.budget == "steps" else None)
         res: Result = train(cfg_r, rdir, resume=(rdir / CHECKPOINT).exists(), data=with_extra(data, dreamed),
-                            quiet=quiet, progress=False)
+                            quiet=quiet, progress=False, model=None if model is None else model())
         prev = res.model
         info["result"] = res
         rounds.append(info)
