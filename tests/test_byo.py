@@ -387,3 +387,34 @@ def test_dream_training_takes_a_factory_of_the_user_s_network(tmp_path):
     assert all(r["result"].model is m for r, m in zip(rounds, made))  # each round trained a fresh user net
     lo, hi = pixel_range(d.mean, d.std)
     assert lo < 0 < hi
+
+
+UNGUARDED = """
+import os, sys
+from frugal.specialists.runner import run_jobs
+from usernets import worker_pid
+open(sys.argv[1], "a").write("ran\\n")  # top-level code a spawned worker would run again
+pids = run_jobs(worker_pid, [{}, {}], backend="process", workers=2)
+print(sorted(set(pids)) == [os.getpid()])
+"""
+GUARDED = """
+import os, sys
+from frugal.specialists.runner import run_jobs
+from usernets import worker_pid
+if __name__ == "__main__":
+    pids = run_jobs(worker_pid, [{}, {}], backend="process", workers=2)
+    print(os.getpid() not in pids)
+"""
+
+
+@pytest.mark.parametrize("script, serial", [(UNGUARDED, True), (GUARDED, False)])
+def test_a_pool_called_from_an_unguarded_script_runs_serially_instead_of_running_the_script_again(
+        tmp_path, script, serial):
+    (tmp_path / "script.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BYO), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(tmp_path / "ran.txt")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"  # serial: every job in the script's process; guarded: in workers
+    if serial:
+        assert (tmp_path / "ran.txt").read_text() == "ran\n" and "if __name__ == '__main__'" in out.stderr

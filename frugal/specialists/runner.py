@@ -7,6 +7,9 @@ job sets one torch thread itself: results do not depend on the backend, the work
 
 from __future__ import annotations
 
+import ast
+import sys
+import warnings
 from typing import Any, Callable, Sequence
 
 BACKENDS = ("serial", "process", "ray")
@@ -36,6 +39,13 @@ def run_jobs(fn: Callable[[dict[str, Any]], Any], jobs: list[dict[str, Any]], ba
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
+        where = unguarded_script_call()
+        if where:  # each spawned worker would import the script and run its top-level code again
+            warnings.warn(f"the process pool is called from top-level code of {where} that is not under "
+                          "`if __name__ == '__main__':`; every worker would run that script again, so the jobs run "
+                          "serially here. Put the call under that guard to use the pool.", stacklevel=3)
+            return [fn(j) for j in jobs]
+
         # spawn: a fresh interpreter per worker (fork would copy torch's thread pools and locks)
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
             return list(ex.map(fn, jobs))
@@ -47,3 +57,37 @@ def run_jobs(fn: Callable[[dict[str, Any]], Any], jobs: list[dict[str, Any]], ba
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     remote = ray.remote(num_cpus=1)(fn)
     return ray.get([remote.remote(j) for j in jobs])
+
+
+def unguarded_script_call() -> str | None:
+    """'script.py, line N' when the current call comes from top-level code of the __main__ script
+    outside an `if __name__ == "__main__":` block (where a spawned worker, which imports the
+    script, would run it again); None otherwise (a function, a guarded block, an interactive shell,
+    `python -m`, a notebook)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or getattr(main, "__spec__", None) is not None:  # -m runs import the module by name, guarded or not
+        return None
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") != "__main__":
+        frame = frame.f_back
+    if frame is None or frame.f_code.co_name != "<module>":
+        return None  # not called from the script, or from inside one of its functions
+    try:
+        tree = ast.parse(open(path, encoding="utf-8").read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    line = frame.f_lineno
+    for node in tree.body:
+        if isinstance(node, ast.If) and _is_main_guard(node.test) and node.lineno <= line <= node.end_lineno:
+            return None
+    return f"{path}, line {line}"
+
+
+def _is_main_guard(test: ast.expr) -> bool:
+    """`__name__ == "__main__"` (either way round)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return (any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides)
+            and any(isinstance(x, ast.Constant) and x.value == "__main__" for x in sides))

@@ -22,3 +22,10 @@ def make(width: int = 4, **shape):
 
 def not_a_model(**shape):
     return "a string"
+
+
+def worker_pid(job):
+    """A pool job: the process it ran in."""
+    import os
+
+    return os.getpid()
