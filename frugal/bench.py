@@ -297,8 +297,10 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
 
     for task in dict.fromkeys(t for _, t, _ in plan):
         write_task_samples(out, task, data_dir=cfg.data_dir)
-    def is_done(m: Method, task: str, seed: int) -> bool:
-        done = {_key(r) for r in _read_results(results_path)["rows"]}
+    def done_keys() -> set[tuple]:
+        return {_key(r) for r in _read_results(results_path)["rows"]}
+
+    def is_done(m: Method, task: str, seed: int, done: set[tuple]) -> bool:
         return (m.name, task, seed, "") in done or (m.name, task, seed, selection) in done
 
     def attempt(i: int, m: Method, task: str, seed: int, wait: bool) -> bool:
@@ -313,7 +315,7 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
                 log(f"{tag}: waiting for the process that runs it")
                 held.enter_context(file_lock(claim))
             with _locked(results_path):
-                if is_done(m, task, seed):
+                if is_done(m, task, seed, done_keys()):
                     log(f"{tag}: done before, kept" if not wait else f"{tag}: done by the other process")
                     return True
                 if not wait:
@@ -341,8 +343,9 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     for i, m, task, seed in left:  # runs other processes hold: wait for each, and take over one whose holder died
         attempt(i, m, task, seed, wait=True)
     with _locked(results_path):
-        missing = [f"{m.name} {task} seed {seed}" for m, task, seed in plan if not is_done(m, task, seed)]
-        any_rows = bool(_read_results(results_path)["rows"])
+        done = done_keys()  # read once for the whole plan
+        missing = [f"{m.name} {task} seed {seed}" for m, task, seed in plan if not is_done(m, task, seed, done)]
+        any_rows = bool(done)
     if any_rows:
         write_report(out)
     if missing:

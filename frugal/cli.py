@@ -11,6 +11,8 @@ from typing import Callable
 
 import yaml
 
+from .utils import json_extent
+
 
 def _cmd_data(a: argparse.Namespace) -> int:
     from .data import fetch, format_dataset_table, list_datasets
@@ -44,7 +46,7 @@ def _train_config(a: argparse.Namespace):
             raise ValueError(f"cannot read config {a.config}: {e}") from e
         if not isinstance(d, dict):
             raise ValueError(f"config {a.config} must be a mapping of TrainConfig fields")
-        if _nodes(d) > 10_000:  # YAML aliases can make a small file expand without bound
+        if json_extent(d, max_nodes=10_000)[1] > 10_000:  # YAML aliases can make a small file expand without bound
             raise ValueError(f"config {a.config} expands to more than 10,000 values; a config is a short mapping of "
                              "TrainConfig fields")
     for f in dataclasses.fields(TrainConfig):
@@ -62,19 +64,6 @@ def _train_config(a: argparse.Namespace):
                              f"got {a.model_kw!r}")
         d["model_kw"] = {**(d.get("model_kw") or {}), **kw}
     return TrainConfig.from_dict(d)
-
-
-def _nodes(v, budget: int = 10_001) -> int:
-    """How many values `v` holds, counting each alias again, stopping once past `budget`."""
-    n, stack = 0, [v]
-    while stack and n < budget:
-        x = stack.pop()
-        n += 1
-        if isinstance(x, dict):
-            stack += [*x.keys(), *x.values()]
-        elif isinstance(x, list):
-            stack += x
-    return n
 
 
 _FLAG_TYPES = {"int": int, "float": float, "str": str}

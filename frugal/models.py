@@ -51,19 +51,24 @@ def is_import_path(name: str) -> bool:
     return ":" in name
 
 
-def trust_model_source(module: str) -> None:
-    """Let files name models from `module` (and the modules below it): the user vouches for the code
-    that building them imports and runs. Child processes inherit it (through FRUGAL_TRUST_MODELS)."""
+def trust_model_source(source: str) -> None:
+    """Let files name models from a module (and the modules below it), given as 'mypkg.nets' or as a
+    model's import path 'mypkg.nets:MyNet': the user vouches for the code that building them
+    imports and runs. Child processes inherit it (through FRUGAL_TRUST_MODELS)."""
+    module = source.split(":")[0]
     if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module):
-        raise ValueError(f"{module!r} is not a module name like 'mypkg.nets'")
-    have = [m for m in os.environ.get(TRUST_ENV, "").split(",") if m]
+        raise ValueError(f"{source!r} is not a module name like 'mypkg.nets'")
+    have = _trusted_modules()
     if module not in have:
         os.environ[TRUST_ENV] = ",".join(have + [module])
 
 
+def _trusted_modules() -> list[str]:
+    return [m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip()]
+
+
 def _trusted(module: str) -> bool:
-    return any(module == m or module.startswith(m + ".")
-               for m in (m.strip() for m in os.environ.get(TRUST_ENV, "").split(",")) if m)
+    return any(module == m or module.startswith(m + ".") for m in _trusted_modules())
 
 
 def model_factory(name: str, trusted: bool = True) -> Callable[..., nn.Module]:
@@ -141,7 +146,8 @@ def create_model(name: str, *, in_channels: int = 1, image_size: tuple[int, int]
                 model = create_model(name, in_channels=in_channels, image_size=image_size,
                                      num_classes=num_classes, **kw)
             return model.to(device=device, dtype=dtype)
-    shape = dict(in_channels=in_channels, image_size=_check_size(image_size), num_classes=num_classes)
+    size = _check_size(image_size)
+    shape = dict(in_channels=in_channels, image_size=size, num_classes=num_classes)
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # a builtin without a signature: it is given the options alone
@@ -154,7 +160,6 @@ def create_model(name: str, *, in_channels: int = 1, image_size: tuple[int, int]
                          f"{sorted(allowed - {'in_channels', 'image_size', 'num_classes'})}")
     if is_import_path(name):  # a user's callable takes the task's shape only where it asks for it by name
         shape = {k: v for k, v in shape.items() if k in params or passes_on}
-    if is_import_path(name):
         try:
             model = fn(**shape, **kw)
         except TypeError as e:  # the user's callable and the options given do not fit: name both
@@ -165,7 +170,7 @@ def create_model(name: str, *, in_channels: int = 1, image_size: tuple[int, int]
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
     # what rebuilds it: a model file written from this object records it (frugal.compress.save)
-    model.frugal_spec = {"name": name, "in_channels": in_channels, "image_size": list(_check_size(image_size)),
+    model.frugal_spec = {"name": name, "in_channels": in_channels, "image_size": list(size),
                          "num_classes": num_classes, "kw": dict(kw)}
     return model.to(device=device, dtype=dtype)
 

@@ -324,7 +324,7 @@ def check_spec(spec: Any) -> dict[str, Any]:
 
     if not isinstance(spec, dict):
         fail("it is not a JSON object")
-    unknown = sorted(set(spec) - {"name", "in_channels", "image_size", "num_classes", "kw"})
+    unknown = sorted(set(spec) - {"name", "kw", *SHAPE_KEYS})
     if unknown:
         fail(f"unknown field(s) {unknown}")
     if not isinstance(spec.get("name"), str):
@@ -404,14 +404,14 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
     seed_everything(cfg.seed)
     spec = model_spec(cfg, data)
     if is_import_path(cfg.model):  # the caller named this code: files of this process may name it too
-        trust_model_source(cfg.model.split(":")[0])
+        trust_model_source(cfg.model)
     if model is None:
         model = build_model(spec)
     else:  # a model object: rebuildable from its class's import path, if it has one (options unknown)
         path = import_path_of(model)
         spec = None if path is None else {**spec, "name": path, "kw": {}}
         if path is not None:
-            trust_model_source(path.split(":")[0])
+            trust_model_source(path)
     if cfg.init_from and not resume:
         loaded = init_weights_from(model, cfg.init_from)
         log(f"initialised {len(loaded)} tensors from {cfg.init_from}")

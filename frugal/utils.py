@@ -106,6 +106,23 @@ def read_json(path: str | os.PathLike, fix: str, max_bytes: int = 64 << 20) -> A
         raise ValueError(f"{path} nests its JSON too deeply to read; {fix}") from None
 
 
+def json_extent(v: Any, max_depth: int | None = None, max_nodes: int | None = None) -> tuple[int, int]:
+    """(depth, nodes) of a parsed JSON or YAML value: how deeply lists and objects nest (0 for a
+    plain value) and how many values and keys it holds, each alias counted again. Counted without
+    recursion, and stopped once past either bound, so a value that nests or expands without bound
+    (a crafted header, a YAML alias bomb) costs no more than the bound."""
+    depth, nodes, stack = 0, 0, [(v, 0)]
+    while stack:
+        x, d = stack.pop()
+        nodes += 1
+        if isinstance(x, (list, dict)):
+            depth = max(depth, d + 1)
+            stack += [(y, d + 1) for y in ([*x.keys(), *x.values()] if isinstance(x, dict) else x)]
+        if (max_depth is not None and depth > max_depth) or (max_nodes is not None and nodes > max_nodes):
+            break
+    return depth, nodes
+
+
 class LockHeld(RuntimeError):
     """Another process holds the lock (`file_lock(..., wait=False)`)."""
 

@@ -42,7 +42,7 @@ from frugal.coding.entropy import CodecError, read_varint, write_varint
 from frugal.measure import weight_tensors
 from frugal.models import (ModelTooLarge, SizeLimits, import_path_of, is_import_path, model_factory,
                            trust_model_source)
-from frugal.utils import atomic_write_bytes
+from frugal.utils import atomic_write_bytes, json_extent
 
 MAGIC = b"FRGL"
 FORMAT_VERSION = 2
@@ -212,23 +212,9 @@ def _read_header(zheader: bytes) -> Any:
         raise ModelFileError(f"header is not JSON ({e}): the file is damaged") from None
     except RecursionError:
         raise ModelFileError("header nests its JSON too deeply to read: the file is damaged") from None
-    if _depth(header, MAX_DEPTH) > MAX_DEPTH:
+    if json_extent(header, max_depth=MAX_DEPTH)[0] > MAX_DEPTH:
         raise ModelFileError(f"header nests its JSON more than {MAX_DEPTH} deep: the file is damaged")
     return header
-
-
-def _depth(v: Any, bound: int) -> int:
-    """How deeply lists and objects nest in `v` (0 for a plain value), counted without recursion and
-    without going past bound + 1, so nothing below the check recurses on a file's data."""
-    deepest, stack = 0, [(v, 0)]
-    while stack:
-        x, d = stack.pop()
-        if isinstance(x, (list, dict)):
-            deepest = max(deepest, d + 1)
-            if deepest > bound:
-                break
-            stack += [(y, d + 1) for y in (x.values() if isinstance(x, dict) else x)]
-    return deepest
 
 
 def _json_type(v: Any) -> str:
@@ -306,7 +292,7 @@ def save(model: nn.Module, path: str | Path, codecs: dict[str, Codec] | None = N
                           f"frugal.models.create_model({path_of!r}, **options) so that its options are recorded",
                           stacklevel=2)
     if is_import_path(spec.get("name", "")):  # the user holds this code: their process may read it back
-        trust_model_source(spec["name"].split(":")[0])
+        trust_model_source(spec["name"])
     meta = dict(meta or {})
     if normalize is not None:
         meta["normalize"] = [float(normalize[0]), float(normalize[1])]
