@@ -358,7 +358,7 @@ def test_a_specialist_tree_grows_on_a_user_network_with_its_own_stage_names(tmp_
     assert Tapped(TinyNet()).taps == ["block_a", "block_b"]
     train(TrainConfig(task="digits", model="usernets:TinyNet", model_kw={"width": 8}, epochs=1, lr=1e-2,
                       batch_size=64, device="cpu"), tmp_path / "base", quiet=True)
-    tree, record = build_tree(tmp_path / "base", tmp_path / "tree", TreeConfig(depth=1, k=2, epochs=1),
+    tree, record = build_tree(tmp_path / "base", None, tmp_path / "tree", TreeConfig(depth=1, k=2, epochs=1),
                               backend="serial", log=lambda s: None)
     assert record["levels"][0]["jobs"] == 2  # one specialist per cluster
     x, _ = _digits(32)
@@ -366,6 +366,41 @@ def test_a_specialist_tree_grows_on_a_user_network_with_its_own_stage_names(tmp_
         assert torch.equal(load_tree(tmp_path / "tree")(x), tree(x))
     with pytest.raises(ValueError, match="taps=\\[module names\\]"):
         Tapped(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)))
+
+
+def test_a_tree_grows_on_a_net_trained_in_a_bare_loop_with_the_taps_given(tmp_path):
+    """build_tree(net, data, out, config, taps): no run folder; the nodes train in pool workers from
+    a copy of the net; the user's net keeps its weights and gains no hooks; the saved tree needs the
+    net back (its source was not recorded) and then predicts exactly as built."""
+    from frugal.data import load_task
+    from frugal.specialists import TreeConfig, build_tree, load_tree
+    from usernets import TinyNet
+
+    torch.manual_seed(0)
+    net = TinyNet(width=6)
+    x, y = _digits(512)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for i in range(0, 512, 64):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x[i:i + 64]), y[i:i + 64]).backward()
+        opt.step()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg = TreeConfig(depth=1, k=2, epochs=1, min_cluster=30, widths=(4, 8))
+    tree, record = build_tree(net, load_task("digits"), tmp_path / "tree", cfg, taps=["block_a"],
+                              backend="process", workers=2, log=lambda s: None)
+    assert record["levels"][0]["jobs"] == 2 and tree.root.tapped.taps == ["block_a"]
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert not any(m._forward_hooks for m in net.modules())
+    with pytest.raises(ValueError, match="load_tree\\(path, base=net\\)"):
+        load_tree(tmp_path / "tree")
+    with torch.no_grad():
+        assert torch.equal(load_tree(tmp_path / "tree", base=TinyNet(width=6))(x[:64]), tree(x[:64]))
+    # the same call again finds the finished build; another base is refused, not overwritten
+    _, again = build_tree(net, "digits", tmp_path / "tree", cfg, taps=["block_a"], backend="serial",
+                          log=lambda s: None)
+    assert again["levels"] == record["levels"]
+    with pytest.raises(ValueError, match="built differently"):
+        build_tree(TinyNet(width=6), "digits", tmp_path / "tree", cfg, backend="serial", log=lambda s: None)
 
 
 def test_dream_training_takes_a_factory_of_the_user_s_network(tmp_path):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 DOCS = Path(__file__).parent.parent / "docs"
 
@@ -37,3 +38,6 @@ def test_the_bring_your_own_guide_runs(tmp_path, monkeypatch):
     assert type(ns["again"]).__name__ == "MyNet" and ns["result"].kernels > 0
     assert (tmp_path / "bench-mine" / "results.json").exists()
     assert ns["record"]["bytes"] > 0 and ns["loop"].chosen
+    assert ns["built"]["levels"][0]["jobs"] >= 1 and ns["tree"].root.tapped.taps == ["block_a", "block_b"]
+    with torch.no_grad():
+        assert torch.equal(ns["loaded"](ns["x"]), ns["logits"])

@@ -31,13 +31,13 @@ def digits_x():
 @pytest.fixture(scope="module")
 def tree1(base_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("tree1")
-    tree, record = build_tree(base_run, out, CFG, backend="serial", log=lambda s: None)
+    tree, record = build_tree(base_run, None, out, CFG, backend="serial", log=lambda s: None)
     return tree, record, out
 
 
 def test_building_is_deterministic_under_a_seed(base_run, tree1, digits_x, tmp_path):
     tree, _, _ = tree1
-    again, _ = build_tree(base_run, tmp_path, CFG, backend="serial", log=lambda s: None)
+    again, _ = build_tree(base_run, None, tmp_path, CFG, backend="serial", log=lambda s: None)
     x, _ = digits_x
     assert torch.equal(tree.root.centroids, again.root.centroids)
     with torch.no_grad():
@@ -51,24 +51,24 @@ def test_nodes_train_with_their_base_runs_augmentation_unless_told(tree1, base_r
         return {json.loads(f.read_text())["config"]["augment"] for f in (out / "runs").glob("*/config.json")}
 
     assert augments(tree1[2]) == {"shift"}
-    build_tree(base_run, tmp_path, dataclasses.replace(CFG, augment="none"), backend="serial", log=lambda s: None)
+    build_tree(base_run, None, tmp_path, dataclasses.replace(CFG, augment="none"), backend="serial", log=lambda s: None)
     assert augments(tmp_path) == {"none"}
 
 
 def test_process_pool_trains_the_same_nodes_as_the_serial_runner(base_run, tree1, tmp_path):
     _, record, serial_dir = tree1
-    build_tree(base_run, tmp_path / "pool", CFG, backend="process", workers=2, log=lambda s: None)
+    build_tree(base_run, None, tmp_path / "pool", CFG, backend="process", workers=2, log=lambda s: None)
     names = [n for n in record["nodes"] if n != "root"]
     assert names and all((tmp_path / "pool" / f"{n}.safetensors").exists() for n in names)
     assert same_nodes(serial_dir, tmp_path / "pool")
-    build_tree(base_run, tmp_path / "seed1", dataclasses.replace(CFG, seed=1), backend="serial", log=lambda s: None)
+    build_tree(base_run, None, tmp_path / "seed1", dataclasses.replace(CFG, seed=1), backend="serial", log=lambda s: None)
     assert not same_nodes(serial_dir, tmp_path / "seed1")  # the comparison can fail
 
 
 def test_a_finished_build_is_loaded_not_built_again(base_run, tree1, digits_x):
     tree, record, out = tree1
     stamps = {f.name: f.stat().st_mtime_ns for f in out.glob("*.safetensors")}
-    again, again_record = build_tree(base_run, out, CFG, backend="serial", log=lambda s: None)
+    again, again_record = build_tree(base_run, None, out, CFG, backend="serial", log=lambda s: None)
     assert again_record["levels"] == record["levels"]  # the original times, not a rebuild's
     assert {f.name: f.stat().st_mtime_ns for f in out.glob("*.safetensors")} == stamps
     x, _ = digits_x
@@ -76,7 +76,7 @@ def test_a_finished_build_is_loaded_not_built_again(base_run, tree1, digits_x):
         assert torch.equal(again(x), tree(x))
     # another config is not built over it
     with pytest.raises(ValueError, match=r"built differently.*'epochs': '1 -> 2'"):
-        build_tree(base_run, out, dataclasses.replace(CFG, epochs=2), backend="serial", log=lambda s: None)
+        build_tree(base_run, None, out, dataclasses.replace(CFG, epochs=2), backend="serial", log=lambda s: None)
     assert {f.name: f.stat().st_mtime_ns for f in out.glob("*.safetensors")} == stamps
 
 
@@ -92,7 +92,7 @@ def test_a_stopped_build_resumes_its_nodes_and_ends_with_the_same_tree(base_run,
     names = sorted(n for n in record["nodes"] if n != "root")
     for f in (BUILD_FILE, TREE_FILE, f"{names[0]}.safetensors"):
         (stopped / f).unlink()
-    _, resumed = build_tree(base_run, stopped, CFG, backend="serial", log=lambda s: None)
+    _, resumed = build_tree(base_run, None, stopped, CFG, backend="serial", log=lambda s: None)
     assert resumed["levels"][0]["resumed"] and not record["levels"][0]["resumed"]
     assert same_nodes(out, stopped)
 

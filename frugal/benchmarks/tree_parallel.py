@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
             dirs = {}
             for backend in ("serial", "process"):
                 out = Path(tmp) / f"{backend}-{r}"
-                _, record = build_tree(base, out, cfg, backend=backend, workers=a.workers, data_dir=a.data_dir,
+                _, record = build_tree(base, None, out, cfg, backend=backend, workers=a.workers, data_dir=a.data_dir,
                                        log=lambda s: None)
                 seconds[backend].append(sum(lv["seconds"] for lv in record["levels"]))
                 dirs[backend] = out

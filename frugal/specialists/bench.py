@@ -140,7 +140,7 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
             continue
         cfg = TreeConfig(depth=depth, seed=seed, **tcfg)
         out = ctx.run_dir("specialists", task, seed, f"tree-d{depth}")
-        tree, record = build_tree(base_dir, out, cfg, backend=backend, workers=2, data_dir=ctx.data_dir,
+        tree, record = build_tree(base_dir, None, out, cfg, backend=backend, workers=2, data_dir=ctx.data_dir,
                                   log=lambda s: None)
         row = measure(tree.to(ctx.device), data, ctx.device, data_dir=ctx.data_dir, speed=speed)
         row.update(train_seconds_parallel=sum(lv["seconds"] for lv in record["levels"]),
@@ -149,7 +149,7 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
             # the same nodes trained one after another (bit for bit, which the tests check): only its time
             # is new, so it is measured on the first seed only
             serial_out = ctx.run_dir("specialists", task, seed, "tree-d1-serial")
-            _, serial = build_tree(base_dir, serial_out, cfg, backend="serial", data_dir=ctx.data_dir,
+            _, serial = build_tree(base_dir, None, serial_out, cfg, backend="serial", data_dir=ctx.data_dir,
                                    log=lambda s: None)
             row["train_seconds_serial"] = sum(lv["seconds"] for lv in serial["levels"])
         trees[depth], tree_rows[depth] = tree, {**row, "variant": f"tree d{depth}"}
@@ -228,7 +228,7 @@ def _unsupervised(ctx: BenchContext, base_cfg: TrainConfig, data, task: str, see
         rows.append(ae_row)
     if ctx.wants("unsupervised tree"):
         out = ctx.run_dir("specialists", task, seed, "unsupervised-tree")
-        utree, _ = build_tree(ae_dir, out, TreeConfig(depth=1, seed=seed, **tcfg), backend=backend, workers=2,
+        utree, _ = build_tree(ae_dir, None, out, TreeConfig(depth=1, seed=seed, **tcfg), backend=backend, workers=2,
                               data_dir=ctx.data_dir, log=lambda s: None)
         rows.append({**measure(utree.to(ctx.device), data, ctx.device, data_dir=ctx.data_dir, speed=speed),
                      "variant": "unsupervised tree", "run_dir": str(out.relative_to(ctx.out_dir))})

@@ -20,7 +20,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -172,17 +172,33 @@ class Tree(nn.Module):
 # building and saving
 
 
-def make_specialist(parent: Tapped, data: TaskData, widths, device, residual: bool = True) -> Specialist:
-    """A specialist of `widths` on the frozen `parent` (whose ancestors run inside it when needed)."""
-    taps, pen, sizes = probe(parent, normalize(data.train.x[:2].to(device), data.mean, data.std))
-    spec = Specialist(parent, data.in_channels, data.num_classes, widths, taps, pen, residual,
-                      reads=twin_taps(sizes, len(widths), data.image_size[0])).to(device)
+def make_specialist(parent: Tapped, shape: "TaskData | Sequence[int]", widths, device,
+                    residual: bool = True) -> Specialist:
+    """A specialist of `widths` on the frozen `parent` (whose ancestors run inside it when needed).
+    `shape`: the task (its image shape and classes), or (channels, height, width, classes)."""
+    c, h, w, classes = shape_of(shape)
+    taps, pen, sizes = probe(parent, torch.zeros(2, c, h, w, device=device))  # shapes only
+    spec = Specialist(parent, c, classes, widths, taps, pen, residual, reads=twin_taps(sizes, len(widths), h)).to(device)
     spec.widths = tuple(widths)
     return spec
 
 
-def save_tree(tree: Tree, out: str | Path, base_spec: dict[str, Any], task: str) -> Path:
-    """tree.json (config, base spec, per node: centroids, radii, children) and each net's weights."""
+def shape_of(shape: "TaskData | Sequence[int]") -> tuple[int, int, int, int]:
+    """(channels, height, width, classes) of a task, or of such a 4-tuple, checked."""
+    if isinstance(shape, TaskData):
+        return (shape.in_channels, *shape.image_size, shape.num_classes)
+    dims = tuple(shape)
+    if len(dims) != 4 or not all(type(d) is int and 1 <= d <= 1 << 16 for d in dims):
+        raise ValueError(f"a tree's input shape is (channels, height, width, classes), whole numbers from 1 to "
+                         f"{1 << 16}; got {list(dims)[:8]}")
+    return dims  # type: ignore[return-value]
+
+
+def save_tree(tree: Tree, out: str | Path, base_spec: dict[str, Any] | None, task: str,
+              shape: "TaskData | Sequence[int] | None" = None) -> Path:
+    """tree.json (config, base spec, the base's taps, the input shape, per node: centroids, radii,
+    children) and each net's weights. `base_spec` None: the base is a model object that only the
+    caller can rebuild (load_tree(path, base=...))."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     nodes = {}
@@ -192,8 +208,11 @@ def save_tree(tree: Tree, out: str | Path, base_spec: dict[str, Any], task: str)
                          "radius": None if n.radius is None else n.radius.tolist(),
                          "children": {str(c): ch.name for c, ch in n.children.items()},
                          "widths": list(getattr(n.net, "widths", ()))}
-    return atomic_write_json(out / TREE_FILE, {"config": asdict(tree.cfg), "base_spec": base_spec, "task": task,
-                                               "nodes": nodes})
+    record = {"config": asdict(tree.cfg), "base_spec": base_spec, "task": task, "taps": tree.root.tapped.taps,
+              "nodes": nodes}
+    if shape is not None:
+        record["shape"] = list(shape_of(shape))
+    return atomic_write_json(out / TREE_FILE, record)
 
 
 def save_net(net: nn.Module, path: Path) -> None:
@@ -205,11 +224,14 @@ def save_net(net: nn.Module, path: Path) -> None:
     atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}))
 
 
-def load_tree(path: str | Path, device=None) -> Tree:
-    """A saved tree, rebuilt and loaded: it predicts exactly as when it was saved."""
-    from frugal.data import load_task
+def load_tree(path: str | Path, device=None, base: nn.Module | None = None) -> Tree:
+    """A saved tree, rebuilt and loaded: it predicts exactly as when it was saved. `base`: a net of
+    the base's architecture, for a tree whose base has no recorded source (a model object); a copy
+    of it gets the saved base weights, the net itself is left as it is."""
+    import copy
+
     from frugal.models import SizeLimits
-    from frugal.train import build_model, read_weights
+    from frugal.train import build_model, check_spec, read_weights
     from frugal.utils import read_json
 
     path = Path(path)
@@ -220,23 +242,34 @@ def load_tree(path: str | Path, device=None) -> Tree:
     meta = read_json(meta_path, fix)
     try:
         cfg = TreeConfig.from_dict(meta["config"])
-        task = meta["task"]
+        task, taps = meta["task"], meta.get("taps")
         if not isinstance(task, str) or not isinstance(meta["nodes"], dict):
             raise TypeError("task must be a name and nodes an object")
+        if taps is not None and not (isinstance(taps, list) and all(isinstance(t, str) for t in taps)):
+            raise TypeError("taps must be a list of module names")
+        if meta.get("base_spec") is not None:
+            check_spec(meta["base_spec"])
+        shape = shape_of(meta["shape"]) if "shape" in meta else None
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{meta_path} is not a tree's record ({e}); {fix}") from None
-    data = load_task(task)
+    if meta.get("base_spec") is None and base is None:
+        raise ValueError(f"{path} was built on a model object whose source was not recorded; rebuild that net and "
+                         "pass it: load_tree(path, base=net)")
+    if shape is None:  # a tree saved before shapes were recorded: its task says
+        from frugal.data import load_task
+        shape = load_task(task)
     device = device or torch.device("cpu")
 
     def build(name: str, parent: Tapped | None) -> Node:
         info = meta["nodes"][name]
         if parent is None:
-            net = build_model(meta["base_spec"], device=device, limits=SizeLimits())
+            net = copy.deepcopy(base) if base is not None else \
+                build_model(meta["base_spec"], device=device, limits=SizeLimits())
         else:
-            net = make_specialist(parent, data, info["widths"], device, cfg.combine == "residual")
+            net = make_specialist(parent, shape, info["widths"], device, cfg.combine == "residual")
         net.load_state_dict(read_weights(path / f"{name}.safetensors"))
         net.to(device)
-        node = Node(name, net.eval(), Tapped(net))
+        node = Node(name, net.eval(), Tapped(net, taps) if parent is None else Tapped(net))
         if info["centroids"] is not None:
             node.centroids, node.radius = torch.tensor(info["centroids"]), torch.tensor(info["radius"])
         for c, child in info["children"].items():
