@@ -27,6 +27,24 @@ import torch.nn.functional as F
 from .plugins import load_ideas
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_TRANSFORMS: dict[str, Callable[..., Any]] = {}  # in-place changes a model spec may list after its build
+
+
+def register_transform(name: str, fn: Callable[..., Any]) -> None:
+    """Register an in-place model change (say saccade's `sparsify`) under a name, so that a spec's
+    "transforms": [{"name": ..., "kw": {...}}] can rebuild a changed model. The change records
+    itself in the model's `frugal_spec`."""
+    _TRANSFORMS[name] = fn
+
+
+def apply_transforms(model: nn.Module, transforms: Any) -> nn.Module:
+    """Apply a spec's transforms to a freshly built model, in order."""
+    load_ideas()
+    for t in transforms or ():
+        if t["name"] not in _TRANSFORMS:
+            raise ValueError(f"unknown model transform {t['name']!r}; known: {', '.join(sorted(_TRANSFORMS)) or 'none'}")
+        _TRANSFORMS[t["name"]](model, **t.get("kw", {}))
+    return model
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

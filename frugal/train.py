@@ -1,7 +1,7 @@
 """The training loop: `train(cfg) -> Result`.
 
 One visible loop over epochs and batches. A model may add terms to the loss with a method
-`extra_loss(x, logits, y) -> Tensor | None`; beyond that, a few hook points the ideas use:
+`extra_loss(x, logits, y) -> Tensor | None` (on the model or any of its modules); beyond that, a few hook points the ideas use:
 `extra_loss` (add a term to the loss), `after_backward` (between backward and the optimizer step),
 `end_of_epoch`, and `before_eval`. Every run writes a folder with the resolved config, metrics, the
 weights (safetensors), a log, and a checkpoint per epoch from which `resume=True` continues. A
@@ -31,7 +31,7 @@ from safetensors.torch import save as st_save
 
 from .data import TaskData, load_task
 from .data.types import Split
-from .models import (SizeLimits, UntrustedModelSource, create_model, import_path_of, is_import_path,
+from .models import (SizeLimits, UntrustedModelSource, apply_transforms, create_model, import_path_of, is_import_path,
                      trust_model_source)
 from .utils import (LockHeld, atomic_write_bytes, atomic_write_json, file_lock, read_json, remove_stale_temp_files,
                     resolve_device, seed_everything, versions)
@@ -324,7 +324,7 @@ def check_spec(spec: Any) -> dict[str, Any]:
 
     if not isinstance(spec, dict):
         fail("it is not a JSON object")
-    unknown = sorted(set(spec) - {"name", "kw", *SHAPE_KEYS})
+    unknown = sorted(set(spec) - {"name", "kw", "transforms", *SHAPE_KEYS})
     if unknown:
         fail(f"unknown field(s) {unknown}")
     if not isinstance(spec.get("name"), str):
@@ -342,6 +342,11 @@ def check_spec(spec: Any) -> dict[str, Any]:
         fail("'kw' must be a JSON object of model options")
     if not _plain_json(kw, depth=4):
         fail("'kw' holds values nested too deeply or too long (options are numbers, strings and short lists)")
+    transforms = spec.get("transforms", [])
+    if not (isinstance(transforms, list) and len(transforms) <= 8 and all(
+            isinstance(t, dict) and set(t) <= {"name", "kw"} and isinstance(t.get("name"), str)
+            and isinstance(t.get("kw", {}), dict) and _plain_json(t.get("kw", {}), depth=4) for t in transforms)):
+        fail("'transforms' must be a short list of {\"name\": ..., \"kw\": {...}}")
     return spec
 
 
@@ -364,7 +369,8 @@ def build_model(spec: dict[str, Any], device=None, limits: SizeLimits | None = N
     if limits is not None:
         check_spec(spec)
     shape = {k: tuple(v) if k == "image_size" else v for k, v in spec.items() if k in SHAPE_KEYS}
-    return create_model(spec["name"], device=device, limits=limits, **shape, **spec.get("kw", {}))
+    model = create_model(spec["name"], device=device, limits=limits, **shape, **spec.get("kw", {}))
+    return apply_transforms(model, spec.get("transforms"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -407,9 +413,17 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
         trust_model_source(cfg.model)
     if model is None:
         model = build_model(spec)
-    else:  # a model object: rebuildable from its class's import path, if it has one (options unknown)
-        path = import_path_of(model)
-        spec = None if path is None else {**spec, "name": path, "kw": {}}
+    else:  # a model object: rebuildable from what built it (create_model records it), else from its
+        # class's import path (options unknown); then any in-place change that recorded itself (sparsify)
+        own = getattr(model, "frugal_spec", None)
+        if isinstance(own, dict) and isinstance(own.get("name"), str):
+            path = own["name"] if is_import_path(own["name"]) else None
+            spec = {**spec, "name": own["name"], "kw": dict(own.get("kw", {}))}
+        else:
+            path = import_path_of(model)
+            spec = None if path is None else {**spec, "name": path, "kw": {}}
+        if spec is not None and getattr(model, "frugal_transforms", None):
+            spec["transforms"] = list(model.frugal_transforms)
         if path is not None:
             trust_model_source(path)
     if cfg.init_from and not resume:
@@ -443,9 +457,11 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
     dtype = next(model.parameters()).dtype
     # a bar where someone watches: a terminal, or a notebook (whose stderr is no tty)
     show_bar = (sys.stderr.isatty() or "ipykernel" in sys.modules) if progress is None else progress
-    model_loss = getattr(model, "extra_loss", None)
-    if callable(getattr(model, "begin_run", None)):  # a model whose schedule is a share of the run (saccadic)
-        model.begin_run(cfg.epochs * steps_per_epoch)
+    # the model's own terms and schedules: on the model or any of its modules (a saccade gate inside a user's net)
+    model_losses = [m.extra_loss for m in model.modules() if callable(getattr(m, "extra_loss", None))]
+    for m in model.modules():
+        if callable(getattr(m, "begin_run", None)):  # a schedule given as a share of the run (saccadic)
+            m.begin_run(cfg.epochs * steps_per_epoch)
 
     for epoch in range(start_epoch, cfg.epochs):
         state.epoch = epoch
@@ -474,7 +490,7 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
                 w = ws[idx]
                 loss = (w * per).sum() / w.sum().clamp_min(1e-12)
             ce_sum += loss.detach() * len(idx)
-            if model_loss is not None:  # a model's own auxiliary terms (e.g. an attention policy's)
+            for model_loss in model_losses:  # a model's own auxiliary terms (e.g. an attention policy's)
                 extra = model_loss(x, logits, y)
                 if extra is not None:
                     loss = loss + extra
@@ -521,10 +537,11 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
         log(f"epoch {epoch + 1}/{cfg.epochs} train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
             f"val_loss {val_loss:.4f} val_acc {val_acc:.4f} ({seconds:.1f}s)")
 
-    ended = model.end_run() if callable(getattr(model, "end_run", None)) else None
-    if ended:  # the model's own word that the run was too short for what it was asked
-        log(f"warning: {ended}")
-        warnings.warn(ended, stacklevel=2)
+    for m in model.modules():
+        ended = m.end_run() if callable(getattr(m, "end_run", None)) else None
+        if ended:  # the model's own word that the run was too short for what it was asked
+            log(f"warning: {ended}")
+            warnings.warn(ended, stacklevel=2)
     for h in hooks:
         h.before_eval(state)
     test_acc, test_loss = evaluate(model, data.test, data.mean, data.std, device, cfg.eval_batch_size)

@@ -5,10 +5,16 @@ layer is one `F.conv2d` over the whole map. Both run under no_grad, timed in tur
 round, and the medians are compared: speed-up = dense / sparse, ideal = 1 / d, efficiency =
 speed-up * d.
 
-Two forms of the sparse layer are timed. `map`: a dense map in, a dense map out (zeros on skipped
+Three forms of the sparse layer are timed. `map`: a dense map in, a dense map out (zeros on skipped
 blocks), as a drop-in for one conv. `tiles`: the chosen blocks' tiles in and out, as a layer inside
 a stack of sparse layers runs (the saccadic CNN's stages); the timed call includes building the
 block index from the level map, which a model does once per forward pass for all its stages.
+`drop-in`: an nn.Conv2d gated by `frugal.saccade.sparsify` (its gate given the same blocks, so no
+policy runs), as it computes inside a user's network.
+
+A fresh output map costs its page faults on CPU (the dense conv pays them too); PyTorch backs
+large CPU tensors with transparent huge pages when THP_MEM_ALLOC_ENABLE=1 is set, which cuts that
+cost. The setting is recorded in the output.
 
     python -m frugal.benchmarks.sparse_conv --channels 64 --size 60 --batch 64 --block 10 12
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +72,20 @@ class _Dense(torch.nn.Module):
         return F.conv2d(x, self.conv.weight[0], self.conv.bias[0], padding=k // 2)
 
 
+def _drop_in(channels: int, kernel: int, block: int, conv: BlockSparseConv2d, levels: torch.Tensor) -> torch.nn.Module:
+    """An nn.Conv2d with the layer's weights, gated by sparsify, its gate fixed to `levels`."""
+    from frugal.saccade import sparsify
+
+    plain = torch.nn.Conv2d(channels, channels, kernel, padding=kernel // 2).to(levels.device)
+    with torch.no_grad():
+        plain.weight.copy_(conv.weight[0])
+        plain.bias.copy_(conv.bias[0])
+    net = torch.nn.Sequential(plain)
+    gate = sparsify(net, block_size=block, in_channels=channels)
+    gate.fixed_levels = levels
+    return net
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--channels", type=int, default=64)
@@ -102,17 +123,19 @@ def main(argv: list[str] | None = None) -> dict:
                 0, 1, 3, 2, 4, 5)[blocks.bi, blocks.yi, blocks.xi].contiguous()  # (n, s, s, C): the chosen blocks
             real_d = float((levels > 0).float().mean())
             # dense and sparse timed in turn within each round, so drifts in machine load hit both
-            t = alternate_timing({"dense": dense, "map": _Sparse(conv, levels), "tiles": _Tiles(conv, levels)}, x,
-                                 a.repeats, inputs={"tiles": tiles})
+            forms = {"dense": dense, "map": _Sparse(conv, levels), "tiles": _Tiles(conv, levels),
+                     "drop-in": _drop_in(a.channels, a.kernel, block, conv, levels)}
+            t = alternate_timing(forms, x, a.repeats, inputs={"tiles": tiles})
             t_dense = t["dense"]
-            for form in ("map", "tiles"):
+            for form in ("map", "tiles", "drop-in"):
                 t_sparse = t[form]
                 speedup = t_dense / t_sparse
                 rows.append({"form": form, "block": block, "density": real_d, "dense_ms": 1e3 * t_dense,
                              "sparse_ms": 1e3 * t_sparse, "speedup": speedup, "ideal": 1 / real_d,
                              "efficiency": speedup * real_d})
     out = {"benchmark": "sparse_conv", "channels": a.channels, "size": a.size, "batch": a.batch,
-           "kernel": a.kernel, "layout": "NCHW" if a.nchw else "channels_last", "device": str(device), "threads": torch.get_num_threads(), "rows": rows,
+           "kernel": a.kernel, "layout": "NCHW" if a.nchw else "channels_last", "device": str(device),
+           "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "threads": torch.get_num_threads(), "rows": rows,
            "versions": versions()}
     print(json.dumps(out, indent=2))
     return out

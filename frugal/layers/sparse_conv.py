@@ -61,17 +61,28 @@ def _axis_coordinate(i: torch.Tensor, n: int, dtype) -> torch.Tensor:
 
 
 def gather_tiles(x_nhwc: torch.Tensor, bi: torch.Tensor, yi: torch.Tensor, xi: torch.Tensor,
-                 block_size: int, halo: int, coords: bool) -> torch.Tensor:
+                 block_size: int, halo: int, coords: bool, workspace: "Workspace | None" = None) -> torch.Tensor:
     """One tile per chosen block: the block plus `halo` pixels on each side, zero outside the map,
     with the two coordinate channels appended when `coords`: (n, C [+2], s + 2 halo, s + 2 halo),
     channels-last in memory.
 
     x_nhwc is the feature map as (B, H, W, C), so that each gathered pixel is one contiguous run of C
-    values. Only the chosen tiles are read (no padded copy of the map): the cost follows the blocks."""
-    _, h, w, _ = x_nhwc.shape
+    values. Only the chosen tiles are read (no padded copy of the map): the cost follows the blocks.
+    With a `workspace` (inference only) the tiles live in reused memory."""
+    _, h, w, c = x_nhwc.shape
     rows, cols, inside = _tile_pixels(yi, xi, block_size, halo, h, w)
-    tiles = x_nhwc[bi[:, None, None], rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]  # (n, T, T, C)
-    tiles = tiles * inside[..., None].to(tiles.dtype)  # zero padding outside the map
+    # one index_select of whole pixels (C contiguous values each) from the flat map; the few pixels
+    # outside the map, read clamped, are then zeroed in place (cheaper than a mask over every tile)
+    idx = (bi[:, None, None] * h + rows.clamp(0, h - 1)[:, :, None]) * w + cols.clamp(0, w - 1)[:, None, :]  # (n, T, T)
+    flat = x_nhwc.reshape(-1, c)
+    if workspace is None:
+        tiles = flat.index_select(0, idx.view(-1))  # (n*T*T, C)
+    else:
+        tiles = torch.index_select(flat, 0, idx.view(-1), out=workspace.get("tiles", (idx.numel(), c), flat))
+    outside = (~inside).view(-1).nonzero().squeeze(1)
+    if outside.numel():
+        tiles = tiles.index_fill(0, outside, 0) if tiles.requires_grad else tiles.index_fill_(0, outside, 0)
+    tiles = tiles.view(*idx.shape, c)  # (n, T, T, C)
     if coords:
         tiles = _append_coordinates(tiles, yi, xi, block_size, halo, h, w)
     return tiles.permute(0, 3, 1, 2)  # (n, C', T, T), channels-last in memory
@@ -122,7 +133,9 @@ class BlockSet:
         return (self.tile_levels == level).nonzero(as_tuple=True)[0]
 
     def to_map(self, tiles: torch.Tensor) -> torch.Tensor:
-        """Tiles (n, s, s, C) -> the dense map (B, C, gh*s, gw*s), zero on skipped blocks."""
+        """Tiles (n, s, s, C) -> the dense map (B, C, gh*s, gw*s), zero on skipped blocks. (Writing each
+        value once, copied or zeroed by block rows, is slower on CPU: a fresh map's cost is its page
+        faults, which a memset pays at full speed.)"""
         (b, gh, gw), (s, c) = self.levels.shape, (tiles.shape[1], tiles.shape[3])
         out = tiles.new_zeros(b, gh * s, gw * s, c)  # (B, H, W, C)
         out.view(b, gh, s, gw, s, c).permute(0, 1, 3, 2, 4, 5)[self.bi, self.yi, self.xi] = tiles
@@ -245,7 +258,8 @@ class BlockSparseConv2d(nn.Module):
                     tiles = _append_coordinates(tiles, blocks.yi[sel], blocks.xi[sel], s, k // 2, gh * s, gw * s)
                 tiles = tiles.permute(0, 3, 1, 2)  # (m, C', T, T), channels-last in memory
             else:
-                tiles = gather_tiles(x_nhwc, blocks.bi[sel], blocks.yi[sel], blocks.xi[sel], s, k // 2, self.coords)
+                tiles = gather_tiles(x_nhwc, blocks.bi[sel], blocks.yi[sel], blocks.xi[sel], s, k // 2, self.coords,
+                                     workspace)
             bias = self.bias[lvl - 1] if self.bias is not None else None
             y = F.conv2d(tiles, self.weight[lvl - 1], bias).permute(0, 2, 3, 1)  # (m, s, s, out)
             if sel.numel() == blocks.n:

@@ -17,3 +17,9 @@ __all__ = ["Attention", "AttentionPolicy", "BlockSet", "BlockSparseConv2d", "Gli
            "TwinTeacher", "block_evidence", "glimpse_boxes"]
 
 from frugal.saccade import bench as _bench  # noqa: E402,F401  registers the bench method `saccade`
+
+from frugal.models import register_transform  # noqa: E402
+from frugal.saccade.sparsify import GatedConv2d, SaccadeGate, gate_of, gateable, sparsify  # noqa: E402
+
+register_transform("sparsify", sparsify)
+__all__ += ["GatedConv2d", "SaccadeGate", "gate_of", "gateable", "sparsify"]

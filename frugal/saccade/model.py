@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from frugal.models import InputCheck, register_model
 from frugal.saccade.explain import draw_block_attention
-from frugal.saccade.policy import ESTIMATORS, Attention, AttentionPolicy, choose_levels
+from frugal.saccade.policy import ESTIMATORS, Attention, AttentionPolicy, BudgetSchedule, choose_levels
 from frugal.layers.sparse_conv import BlockSet, BlockSparseConv2d
 
 BUDGET_MODES = ("target", "cap")
@@ -31,7 +31,7 @@ def auto_block_size(image_size: tuple[int, int]) -> int:
     return 4 * max(1, round(max(image_size) / 20))
 
 
-class SaccadicCNN(nn.Module):
+class SaccadicCNN(BudgetSchedule, nn.Module):
     """Hard attention that skips compute: a policy picks skip / 3x3 / 5x5 per block."""
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], num_classes: int, width: int = 16,
@@ -54,7 +54,6 @@ class SaccadicCNN(nn.Module):
         self.pad = (0, math.ceil(w / s) * s - w, 0, math.ceil(h / s) * s - h)  # right and bottom
         self.grid = (math.ceil(h / s), math.ceil(w / s))
         self.block_size, self.estimator, self.tau, self.dense = s, estimator, tau, dense
-        self.budget = budget  # target compute of the sparse stages, as a fraction of the dense twin's
         # "target": the cost term pulls the expected compute to the budget from both sides; "cap": only
         # compute above it costs. With a cap, the straight-through gradient drifts below the budget
         # (on cluttered-mnist-60 to 16% of the blocks and 80% accuracy at epoch 4 of 12)
@@ -63,13 +62,7 @@ class SaccadicCNN(nn.Module):
         self.consistency_weight = consistency_weight  # weight of clean-vs-noisy agreement
         self.noise_std = noise_std  # Gaussian noise (normalised pixel units) for the consistency term
         self.min_blocks = min_blocks  # blocks every example attends at least (its least skippable ones)
-        # how long the budget falls from 1 (dense) to `budget`: an int counts training steps; a float in
-        # (0, 1) is that share of the run, whose length a training loop gives `begin_run` (frugal.train does)
-        if isinstance(budget_warmup, float) and not 0 < budget_warmup < 1:
-            raise ValueError(f"budget_warmup is steps (an int) or a share of the run in (0, 1), got {budget_warmup}")
-        self.budget_warmup = budget_warmup
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training steps seen, for the warm-up
-        self.run_steps: int | None = None  # the run's training steps, once a loop has said (begin_run)
+        self.init_budget(budget, budget_warmup)
         kernel_sizes = tuple(kernel_sizes[:1]) if dense else tuple(kernel_sizes)
         widths = [width * 2 ** i for i in range(N_STAGES)]
         cins = [in_channels] + widths[:-1]
@@ -212,37 +205,8 @@ class SaccadicCNN(nn.Module):
             loss = loss + self.consistency_weight * (agree + agree_att)
         return loss
 
-    def begin_run(self, total_steps: int) -> None:
-        """A training loop's word on how many steps it will take: a warm-up given as a share of the
-        run becomes that many steps."""
-        self.run_steps = int(total_steps)
-
-    def warmup_steps(self) -> int:
-        if isinstance(self.budget_warmup, float):
-            if self.run_steps is None:
-                raise ValueError("budget_warmup is a share of the run, but no training loop said how long the run "
-                                 "is: call model.begin_run(total_steps) before training (frugal.train does)")
-            return round(self.budget_warmup * self.run_steps)
-        return int(self.budget_warmup)
-
-    def end_run(self) -> str | None:
-        """A warning for the training loop to show, if the run ended before the budget came into force
-        (the model then attends more blocks than the budget, maybe all of them)."""
-        if self.dense or int(self.steps) >= self.warmup_steps():
-            return None
-        return (f"the run ended after {int(self.steps)} training steps, before the compute budget came into force "
-                f"(its warm-up is {self.warmup_steps()} steps): the policy was still asked for "
-                f"{self.current_budget():.0%} of the dense compute, not {self.budget:.0%}. Train longer, or give "
-                "budget_warmup as a share of the run, e.g. 0.3")
-
-    def current_budget(self) -> float:
-        """The budget of this training step: linear from 1 (the dense twin's compute) to `budget` over
-        the first `warmup_steps()` steps, so features form before the policy starts dropping blocks."""
-        warm = self.warmup_steps()
-        if warm <= 0:
-            return self.budget
-        left = max(0.0, 1.0 - int(self.steps) / warm)
-        return self.budget + (1.0 - self.budget) * left
+    def budget_applies(self) -> bool:
+        return not self.dense
 
     @torch.no_grad()
     def explain(self, x: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, path) -> Path:

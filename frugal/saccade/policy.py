@@ -49,6 +49,56 @@ class AttentionPolicy(nn.Module):
         return self.logits(f), value
 
 
+class BudgetSchedule:
+    """A compute budget that falls from 1 (dense) to `budget` over a warm-up, so features form before
+    the policy starts dropping blocks. Mixed into an nn.Module (call `init_budget` in its __init__).
+    The warm-up is an int (training steps) or a float in (0, 1): that share of the run, whose
+    length a training loop gives `begin_run` (frugal.train does)."""
+
+    def init_budget(self, budget: float, budget_warmup: int | float) -> None:
+        if isinstance(budget_warmup, float) and not 0 < budget_warmup < 1:
+            raise ValueError(f"budget_warmup is steps (an int) or a share of the run in (0, 1), got {budget_warmup}")
+        self.budget = budget  # target compute, as a share of the dense twin's
+        self.budget_warmup = budget_warmup
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training steps seen, for the warm-up
+        self.run_steps: int | None = None  # the run's training steps, once a loop has said (begin_run)
+
+    def budget_applies(self) -> bool:
+        return True
+
+    def begin_run(self, total_steps: int) -> None:
+        """A training loop's word on how many steps it will take: a warm-up given as a share of the
+        run becomes that many steps."""
+        self.run_steps = int(total_steps)
+
+    def warmup_steps(self) -> int:
+        if isinstance(self.budget_warmup, float):
+            if self.run_steps is None:
+                raise ValueError("budget_warmup is a share of the run, but no training loop said how long the run "
+                                 "is: call begin_run(total_steps) on the model or gate before training "
+                                 "(frugal.train does)")
+            return round(self.budget_warmup * self.run_steps)
+        return int(self.budget_warmup)
+
+    def end_run(self) -> str | None:
+        """A warning for the training loop to show, if the run ended before the budget came into force
+        (the model then attends more blocks than the budget, maybe all of them)."""
+        if not self.budget_applies() or int(self.steps) >= self.warmup_steps():
+            return None
+        return (f"the run ended after {int(self.steps)} training steps, before the compute budget came into force "
+                f"(its warm-up is {self.warmup_steps()} steps): the policy was still asked for "
+                f"{self.current_budget():.0%} of the dense compute, not {self.budget:.0%}. Train longer, or give "
+                "budget_warmup as a share of the run, e.g. 0.3")
+
+    def current_budget(self) -> float:
+        """The budget of this training step: linear from 1 to `budget` over the warm-up."""
+        warm = self.warmup_steps()
+        if warm <= 0:
+            return self.budget
+        left = max(0.0, 1.0 - int(self.steps) / warm)
+        return self.budget + (1.0 - self.budget) * left
+
+
 @dataclass
 class Attention:
     """What one forward pass chose, kept on the model for the losses and for explanations."""
