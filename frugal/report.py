@@ -345,7 +345,7 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     if not res_path.exists():
         raise FileNotFoundError(f"no results.json in {out}; run `frugal bench --out {out}` first")
     results = read_json(res_path, "it is not a frugal results file; rebuild it with `frugal bench --out DIR`")
-    if isinstance(results, dict) and isinstance(results.get("benchmark"), str) and "rows" not in results:
+    if isinstance(results, dict) and isinstance(results.get("benchmark"), str) and "meta" not in results:
         return write_benchmark_report(out, results)
     if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
         raise ValueError(f"{res_path} is not a frugal results file (no list of rows); rebuild it with "
@@ -430,6 +430,10 @@ def write_benchmark_report(out: Path, results: dict[str, Any]) -> tuple[Path, Pa
         elif all(isinstance(x, dict) and all(_scalar(y) for y in x.values()) for x in v.values()):
             cols = list(dict.fromkeys(c for x in v.values() for c in x))
             sections.append((key, ([""] + cols, [[k] + [_cell(x.get(c, "–")) for c in cols] for k, x in v.items()])))
+    for key, v in results.items():  # a list of rows of figures: one table
+        if isinstance(v, list) and v and all(isinstance(x, dict) and all(_scalar(y) for y in x.values()) for x in v):
+            cols = list(dict.fromkeys(c for x in v for c in x))
+            sections.append((key, (cols, [[_cell(x.get(c, "–")) for c in cols] for x in v])))
     versions = results.get("versions")
     if isinstance(versions, dict):
         intro += " Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if _scalar(v)) + "."

@@ -38,6 +38,7 @@ def test_the_bring_your_own_guide_runs(tmp_path, monkeypatch):
     assert type(ns["again"]).__name__ == "MyNet" and ns["result"].kernels > 0
     assert (tmp_path / "bench-mine" / "results.json").exists()
     assert ns["record"]["bytes"] > 0 and ns["loop"].chosen
+    assert ns["gate"].gated == ["block_a.0", "block_b.0"] and 0 < ns["gate"].attended() <= 1
     assert ns["built"]["levels"][0]["jobs"] >= 1 and ns["tree"].root.tapped.taps == ["block_a", "block_b"]
     with torch.no_grad():
         assert torch.equal(ns["loaded"](ns["x"]), ns["logits"])
