@@ -115,39 +115,74 @@ def get_method(name: str) -> Method:
 # ---------------------------------------------------------------------------------------------------
 # The baseline: a standard CNN per task, trained plainly. Every idea is compared with these rows.
 
-# Per task: the model, and the training settings per budget. Units: lr is the peak learning rate
-# per step (batch 128), epochs are passes over the training split.
-BASELINE_PLANS: dict[str, dict[str, Any]] = {
-    "mnist": dict(model="lenet5", common=dict(optimizer="adam", lr=1e-3, batch_size=128),
-                  quick=dict(epochs=3), full=dict(epochs=12, augment="shift")),
-    "fashion-mnist": dict(model="resnet", common=dict(optimizer="sgd", lr=0.1, weight_decay=5e-4, batch_size=128,
-                                                      warmup_epochs=0.5),
-                          quick=dict(epochs=2), full=dict(epochs=15, augment="shift-flip")),
-    "translated-mnist-60": dict(model="convnet", common=dict(optimizer="adam", lr=2e-3, batch_size=128),
-                                quick=dict(epochs=2, train_limit=20000), full=dict(epochs=10)),
-    "cluttered-mnist-60": dict(model="convnet", common=dict(optimizer="adam", lr=2e-3, batch_size=128),
-                               quick=dict(epochs=2, train_limit=20000), full=dict(epochs=10)),
-    "cluttered-mnist-100": dict(model="convnet", common=dict(optimizer="adam", lr=2e-3, batch_size=128),
-                                quick=dict(epochs=2, train_limit=10000), full=dict(epochs=10)),
-    "digits": dict(model="convnet", common=dict(optimizer="adam", lr=3e-3, batch_size=64),
-                   quick=dict(epochs=10), full=dict(epochs=30)),
+@dataclass(frozen=True)
+class Stage:
+    """What one budget changes in a recipe: passes over the training split, and how much of it."""
+
+    epochs: int
+    train_limit: int | None = None  # the first N training examples; None: all
+    augment: str | None = None  # None: the training loop's default
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is trained on a task: the model and the settings every budget shares, then per
+    budget (tiny: one short epoch, to test the plumbing). lr is the peak rate per step; an unset
+    field keeps TrainConfig's default. Every idea's plans start from the task's recipe, so that
+    the rows of one model on one task are trained alike."""
+
+    model: str
+    optimizer: str
+    lr: float
+    batch_size: int
+    quick: Stage
+    full: Stage
+    weight_decay: float | None = None
+    warmup_epochs: float | None = None
+    tiny: Stage = Stage(epochs=1, train_limit=256)
+
+    def config(self, task: str, budget: str, seed: int, *, device: str = "auto", data_dir: str | None = None,
+               model: str | None = None) -> TrainConfig:
+        if budget not in BUDGETS:
+            raise ValueError(f"unknown budget {budget!r}; known: {', '.join(BUDGETS)}")
+        stage: Stage = getattr(self, budget)
+        kw = {k: v for k, v in dict(weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs,
+                                    train_limit=stage.train_limit, augment=stage.augment).items() if v is not None}
+        return TrainConfig(task=task, model=model or self.model, seed=seed, device=device, data_dir=data_dir,
+                           optimizer=self.optimizer, lr=self.lr, batch_size=self.batch_size, epochs=stage.epochs, **kw)
+
+
+_LENET_ADAM = dict(optimizer="adam", lr=1e-3, batch_size=128)
+_CONVNET_ADAM = dict(optimizer="adam", lr=2e-3, batch_size=128)
+BASELINE_RECIPES: dict[str, Recipe] = {
+    "mnist": Recipe("lenet5", **_LENET_ADAM, quick=Stage(3), full=Stage(12, augment="shift")),
+    "fashion-mnist": Recipe("resnet", optimizer="sgd", lr=0.1, batch_size=128, weight_decay=5e-4, warmup_epochs=0.5,
+                            quick=Stage(2), full=Stage(15, augment="shift-flip")),
+    "translated-mnist-60": Recipe("convnet", **_CONVNET_ADAM, quick=Stage(2, 20000), full=Stage(10)),
+    "cluttered-mnist-60": Recipe("convnet", **_CONVNET_ADAM, quick=Stage(2, 20000), full=Stage(10)),
+    "cluttered-mnist-100": Recipe("convnet", **_CONVNET_ADAM, quick=Stage(2, 10000), full=Stage(10)),
+    "digits": Recipe("convnet", optimizer="adam", lr=3e-3, batch_size=64, quick=Stage(10), full=Stage(30)),
 }
-TINY = dict(epochs=1, train_limit=256)  # the tiny budget: one short epoch, to test the plumbing
 # Any other task (a user's `folder:` data): the plain CNN, or the user's --model, at a rate Adam
 # takes on every task above; quick caps the training set so that a run stays within minutes.
-DEFAULT_PLAN: dict[str, Any] = dict(model="convnet", common=dict(optimizer="adam", lr=2e-3, batch_size=128),
-                                    quick=dict(epochs=2, train_limit=20000), full=dict(epochs=10))
+DEFAULT_RECIPE = Recipe("convnet", **_CONVNET_ADAM, quick=Stage(2, 20000), full=Stage(10))
+
+
+def recipe_for(task: str) -> Recipe:
+    return BASELINE_RECIPES.get(task, DEFAULT_RECIPE)
 
 
 def baseline_config(task: str, budget: str, seed: int, device: str = "auto",
                     data_dir: str | None = None, model: str | None = None) -> TrainConfig:
-    """The baseline's training config: the task's plan (DEFAULT_PLAN for a task without one), with
-    `model` (the user's --model) in place of the plan's model when given."""
-    if budget not in BUDGETS:
-        raise ValueError(f"unknown budget {budget!r}; known: {', '.join(BUDGETS)}")
-    plan = BASELINE_PLANS.get(task, DEFAULT_PLAN)
-    kw = {**plan["common"], **(TINY if budget == "tiny" else plan[budget])}
-    return TrainConfig(task=task, model=model or plan["model"], seed=seed, device=device, data_dir=data_dir, **kw)
+    """The baseline's training config: the task's recipe (DEFAULT_RECIPE for a task without one),
+    with `model` (the user's --model) in place of the recipe's model when given."""
+    return recipe_for(task).config(task, budget, seed, device=device, data_dir=data_dir, model=model)
+
+
+def plan_fields(cfg: TrainConfig, data) -> dict[str, Any]:
+    """What a row was trained with, for the report's plan column: epochs and training examples."""
+    n = len(data.train) if cfg.train_limit is None else min(len(data.train), cfg.train_limit)
+    return {"epochs": cfg.epochs, "train_examples": n}
 
 
 def train_and_measure(ctx: BenchContext, cfg: TrainConfig, run_dir: Path,
@@ -161,14 +196,14 @@ def train_and_measure(ctx: BenchContext, cfg: TrainConfig, run_dir: Path,
     has_suite = f"{cfg.task}-c" in KNOWN  # --corrupted covers the tasks that have a corrupted suite
     row = measure(res.model, data, ctx.device, corrupted=ctx.corrupted and has_suite, data_dir=ctx.data_dir,
                   speed=ctx.budget != "tiny")
-    row.update(val_acc=res.val_acc, train_seconds=res.train_seconds, epochs=cfg.epochs,
+    row.update(val_acc=res.val_acc, train_seconds=res.train_seconds, **plan_fields(cfg, data),
                model=cfg.model, run_dir=str(run_dir.relative_to(ctx.out_dir)))
     if extra is not None:
         row.update(extra(res.model, data))
     return row
 
 
-@register_method("baseline", tasks=(*BASELINE_PLANS, "*"),
+@register_method("baseline", tasks=(*BASELINE_RECIPES, "*"),
                  default_tasks=("mnist", "fashion-mnist", "cluttered-mnist-60"),
                  description="a standard CNN per task (or the user's --model), trained plainly: the control for every idea")
 def run_baseline(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:

@@ -98,7 +98,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (task, method, variant), rs in sorted(groups.items()):
         acc_m, acc_s = _mean_std([r["test_acc"] for r in rs])
         e = {"task": task, "method": method, "variant": variant, "n": len(rs),
-             "seeds": sorted(r["seed"] for r in rs), "test_acc_mean": acc_m, "test_acc_std": acc_s}
+             "seeds": sorted(r["seed"] for r in rs), "test_acc_mean": acc_m, "test_acc_std": acc_s,
+             "plan": " / ".join(sorted({plan_of(r) for r in rs}))}
         for key, _, _ in COLUMNS:
             vals = [r[key] for r in rs if key in r]
             if vals:
@@ -115,6 +116,25 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             e["corrupted_mean"], e["corrupted_std"] = _mean_std(corr)
         out.append(e)
     return out
+
+
+def plan_of(row: dict[str, Any]) -> str:
+    """A row's training plan as the report prints it: epochs x training examples."""
+    ep, n = row.get("epochs"), row.get("train_examples")
+    if ep is None:
+        return "–"
+    return f"{ep:g} ep" + (f" × {n:,}" if isinstance(n, int) else "")
+
+
+def plan_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per (task, model) whose rows were trained on different plans (say a method's own
+    plan beside the baseline's), so that no comparison across them goes unremarked."""
+    plans: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    for r in rows:
+        if r.get("model") and r.get("epochs") is not None:
+            plans[(r["task"], r["model"])][plan_of(r)].add(f"{r['method']}: {r.get('variant', r['method'])}")
+    return [f"{task}, model `{model}`: " + "; ".join(f"{p} ({', '.join(sorted(v))})" for p, v in sorted(by.items()))
+            for (task, model), by in sorted(plans.items()) if len(by) > 1]
 
 
 def _variant_groups(rows: list[dict[str, Any]], method: str, keys) -> dict[tuple, list[dict]]:
@@ -174,11 +194,11 @@ def _fmt(e: dict, key: str, fmt: str) -> str:
 
 
 def table_rows(agg: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    header = ["task", "method", "variant", "seeds", "test acc % (mean ± std)"] + [h for _, h, _ in COLUMNS] + [
+    header = ["task", "method", "variant", "plan", "seeds", "test acc % (mean ± std)"] + [h for _, h, _ in COLUMNS] + [
         "latency / baseline", "corrupted acc %"]
     body = []
     for e in agg:
-        cells = [e["task"], e["method"], e["variant"], str(e["n"]),
+        cells = [e["task"], e["method"], e["variant"], e.get("plan", "–"), str(e["n"]),
                  f"{100 * e['test_acc_mean']:.2f} ± {100 * e['test_acc_std']:.2f}" if e["n"] > 1
                  else f"{100 * e['test_acc_mean']:.2f}"]
         cells += [_fmt(e, k, f) for k, _, f in COLUMNS]
@@ -382,12 +402,19 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     if samples:
         sections.append(("Tasks", None, samples))
 
+    notes = plan_notes(rows)
     md = ["# frugal bench report", "", intro]
+    if notes:
+        md += ["", "The plan column gives each row's epochs and training examples. These models were trained on "
+               "more than one plan; compare their rows with that in mind:", ""] + [f"- {n}" for n in notes]
     h = ["<!doctype html><meta charset='utf-8'><title>frugal bench report</title>",
          "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
          "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:nth-child(-n+3){text-align:left}"
          "img{max-width:100%}</style>",
          "<h1>frugal bench report</h1>", f"<p>{html.escape(intro)}</p>"]
+    if notes:
+        h += ["<p>These models were trained on more than one plan; compare their rows with that in mind:</p><ul>"]
+        h += [f"<li>{html.escape(n)}</li>" for n in notes] + ["</ul>"]
     for title, table, images in sections:
         if title:
             md += ["", f"## {title}"]

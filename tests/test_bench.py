@@ -77,7 +77,7 @@ def test_registered_method_runs_through_the_bench(tmp_path):
             return [dict(test_acc=0.5 + seed / 10, params=1, macs=1.0, zstd_bytes=10, variant="v")]
     bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=(name,), seeds=2), log=lambda s: None)
     md = (tmp_path / "report.md").read_text()
-    assert "| digits | constant-test-method | v | 2 | 55.00 ± 7.07 |" in md
+    assert "| digits | constant-test-method | v | – | 2 | 55.00 ± 7.07 |" in md
 
 
 def test_variants_are_refused_for_a_method_that_trains_its_plan_as_a_whole(tmp_path):

@@ -33,7 +33,7 @@ def test_train_measure_bench_report_end_to_end_on_digits(tmp_path, capsys):
     assert "test acc" in p.stdout and (out / "report.html").exists()
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0
-    assert "| digits | baseline | convnet | 1 |" in (out / "report.md").read_text()
+    assert "| digits | baseline | convnet | 1 ep × 256 | 1 |" in (out / "report.md").read_text()  # with its plan
 
 
 def test_train_from_a_yaml_config_with_flag_override(tmp_path, capsys):
