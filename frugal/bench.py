@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import fnmatch
+import math
 import sys
 import time
 import uuid
@@ -46,6 +47,13 @@ class BenchContext:
     quiet: bool = True  # no per-epoch lines on stderr
     variants: tuple[str, ...] = ()  # glob patterns on variant labels; empty: every variant of the plan
     model: str | None = None  # the user's model (a registered name or an import path) for the methods that take one
+    note: Callable[[str], None] = lambda s: None  # a line for the user: why a method skips a part of its plan
+
+    def base_config(self, task: str, seed: int) -> TrainConfig:
+        """The task's baseline training config with the user's --model: where every idea's plan for a
+        task without its own starts."""
+        return baseline_config(task, self.budget, seed, device=str(self.device), data_dir=self.data_dir,
+                               model=self.model)
 
     def wants(self, variant: str) -> bool:
         """Whether the bench was asked for this variant (a method that registers `selectable=True`
@@ -164,19 +172,37 @@ BASELINE_RECIPES: dict[str, Recipe] = {
     "digits": Recipe("convnet", optimizer="adam", lr=3e-3, batch_size=64, quick=Stage(10), full=Stage(30)),
 }
 # Any other task (a user's `folder:` data): the plain CNN, or the user's --model, at a rate Adam
-# takes on every task above; quick caps the training set so that a run stays within minutes.
+# takes on every task above; quick caps the training set so that a run stays within minutes. On a
+# small data set a few epochs are a few dozen steps, too few to learn anything: `sized` raises the
+# epochs until a run takes at least MIN_STEPS optimiser steps (within MAX_EPOCHS).
 DEFAULT_RECIPE = Recipe("convnet", **_CONVNET_ADAM, quick=Stage(2, 20000), full=Stage(10))
+MIN_STEPS = dict(quick=300, full=2000)
+MAX_EPOCHS = dict(quick=30, full=100)
 
 
-def recipe_for(task: str) -> Recipe:
-    return BASELINE_RECIPES.get(task, DEFAULT_RECIPE)
+def sized(recipe: Recipe, train_examples: int) -> Recipe:
+    """The recipe with each budget's epochs raised so that a run takes at least MIN_STEPS steps."""
+    def stage(budget: str) -> Stage:
+        st: Stage = getattr(recipe, budget)
+        n = min(train_examples, st.train_limit or train_examples)
+        steps = max(1, math.ceil(n / recipe.batch_size))
+        return dataclasses.replace(st, epochs=max(st.epochs, min(MAX_EPOCHS[budget], math.ceil(MIN_STEPS[budget] / steps))))
+
+    return dataclasses.replace(recipe, quick=stage("quick"), full=stage("full"))
+
+
+def recipe_for(task: str, data_dir: str | None = None) -> Recipe:
+    """The task's recipe; a task without one gets DEFAULT_RECIPE sized to its training split."""
+    if task in BASELINE_RECIPES:
+        return BASELINE_RECIPES[task]
+    return sized(DEFAULT_RECIPE, len(load_task(task, data_dir=data_dir).train))
 
 
 def baseline_config(task: str, budget: str, seed: int, device: str = "auto",
                     data_dir: str | None = None, model: str | None = None) -> TrainConfig:
-    """The baseline's training config: the task's recipe (DEFAULT_RECIPE for a task without one),
-    with `model` (the user's --model) in place of the recipe's model when given."""
-    return recipe_for(task).config(task, budget, seed, device=device, data_dir=data_dir, model=model)
+    """The baseline's training config: the task's recipe (DEFAULT_RECIPE sized to the data for a
+    task without one), with `model` (the user's --model) in place of the recipe's model when given."""
+    return recipe_for(task, data_dir).config(task, budget, seed, device=device, data_dir=data_dir, model=model)
 
 
 def plan_fields(cfg: TrainConfig, data) -> dict[str, Any]:
@@ -301,7 +327,8 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     if cfg.model:
         for m in methods:
             if m.name != "baseline":
-                log(f"note: --model is the baseline's; method {m.name!r} trains its own models")
+                log(f"note: --model {cfg.model} is used by {m.name!r} on tasks without a plan of its own "
+                    f"(its plans for {', '.join(t for t in m.tasks if t != '*') or 'no task'} keep their models)")
     selection = ",".join(cfg.variants)
     plan: list[tuple[Method, str, int]] = []
     for m in methods:
@@ -322,7 +349,7 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     results_path = out / "results.json"
     ctx = BenchContext(out, cfg.budget, resolve_device(cfg.device), cfg.data_dir, cfg.corrupted,
                        process_id=uuid.uuid4().hex[:12], quiet=not cfg.verbose, variants=tuple(cfg.variants),
-                       model=cfg.model)
+                       model=cfg.model, note=lambda s: log(f"    note: {s}"))
     meta = {"config": dataclasses.asdict(cfg), "versions": versions(), "argv": sys.argv,
             "device": str(ctx.device)}
     with _locked(results_path):

@@ -76,7 +76,11 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type) -> None:
         kinds = [k.strip() for k in str(f.type).split("|") if k.strip() != "None"]
         kind = _FLAG_TYPES.get(kinds[0], str) if kinds[0] != "dict" else str
         default = f.default if f.default is not dataclasses.MISSING else None
-        text = f.metadata.get("help", "") + (f" (default {default})" if default not in (None, "") else "")
+        text = f.metadata.get("help", "") + (f" (default {default})" if default not in (None, "", False) else "")
+        if kinds[0] == "bool":  # a switch: present or not
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_const", const=True, default=None,
+                                help=text)
+            continue
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=text)
 
 
@@ -129,7 +133,10 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
     budget = a.budget or ("quick" if a.quick else "full")
     seeds = a.seeds if a.seeds is not None else (1 if budget != "full" else 3)
-    cfg = BenchConfig(out=a.out, budget=budget, methods=tuple(a.methods), tasks=tuple(a.tasks or ()),
+    from .bench import list_methods
+
+    methods = tuple(list_methods()) if a.methods == ["all"] else tuple(a.methods)
+    cfg = BenchConfig(out=a.out, budget=budget, methods=methods, tasks=tuple(a.tasks or ()),
                       seeds=seeds, device=a.device, data_dir=a.data_dir, corrupted=a.corrupted,
                       threads=a.threads, verbose=a.verbose, variants=tuple(a.variants or ()), model=a.model)
     path = bench(cfg, log=lambda s: print(s, flush=True))
@@ -161,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .plugins import load_ideas
 
     load_ideas()
+    from .bench import list_methods
+    from .data import KNOWN
+
     p = argparse.ArgumentParser(prog="frugal", description="Cheaper CNNs, measured against a standard CNN.")
     p.add_argument("--trust-model", action="append", default=[], metavar="MODULE",
                    help="let run folders and model files name models from this module (an import path like "
@@ -203,16 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="the main job: methods x tasks x seeds, measured, with a report")
     b.add_argument("--quick", action="store_true", help="short training (under 10 minutes on 2 CPU cores)")
     b.add_argument("--budget", choices=["tiny", "quick", "full"], help=argparse.SUPPRESS)
-    b.add_argument("--methods", nargs="+", default=["baseline"])
-    b.add_argument("--tasks", nargs="+")
+    b.add_argument("--methods", nargs="+", default=["baseline"], metavar="METHOD",
+                   help=f"bench methods to run, or 'all': {', '.join(list_methods())} (default: baseline)")
+    b.add_argument("--tasks", nargs="+", metavar="TASK",
+                   help=f"tasks: {', '.join(t for t in KNOWN if not t.endswith('-c'))}, or folder:/path/to/your/data (default: each method's own)")
     b.add_argument("--seeds", type=int, help="seeds per method and task (default: 1 quick, 3 full)")
-    b.add_argument("--out", default="bench-out")
-    b.add_argument("--device", default="auto")
-    b.add_argument("--data-dir")
+    b.add_argument("--out", default="bench-out", help="output folder; run again with the same one to resume "
+                                                       "(default: bench-out)")
+    b.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    b.add_argument("--data-dir", help="the data cache (default: $FRUGAL_DATA or ~/.cache/frugal)")
     b.add_argument("--corrupted", action="store_true", help="also accuracy on the corrupted test suites")
-    b.add_argument("--threads", type=int)
-    b.add_argument("--model", help="your model for the baseline: a registered name or an import path "
-                                   "'package.module:Callable' (default: each task's plan; convnet for a folder: task)")
+    b.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    b.add_argument("--model", help="your model: a registered name or an import path 'package.module:Callable'; "
+                                   "the baseline trains it on every task, each idea on tasks without a plan of "
+                                   "its own (default: each task's plan; convnet for a folder: task)")
     b.add_argument("--verbose", action="store_true", help="per-epoch lines")
     b.add_argument("--variants", nargs="+", metavar="PATTERN",
                    help="only the variants whose label matches one of these glob patterns, e.g. 'plain' 'snap *' "

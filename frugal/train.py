@@ -81,6 +81,8 @@ class TrainConfig:
     threads: int | None = _f(None, "torch intra-op threads, >= 1; default torch's")
     init_from: str | None = _f(None, "a finished run folder: its weights start every parameter and buffer of the "
                                      "same name and shape (fine-tuning, or a sparse model from its dense twin)")
+    tensorboard: bool = _f(False, "also write the per-epoch metrics as TensorBoard events to RUN/tensorboard "
+                                  "(pip install -e '.[tensorboard]')")
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -449,6 +451,7 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
             "task": repr(data), "device": str(device), "versions": versions()})
         log(f"start {cfg.model} on {data!r}, {sum(p.numel() for p in model.parameters())} params, device {device}")
 
+    board = tensorboard_writer(run_dir, start_epoch) if cfg.tensorboard else None
     # the whole training split lives on the device as uint8; batches are index slices of it
     xs, ys = train_split.x.to(device), train_split.y.to(device)
     ws = None if train_split.w is None else train_split.w.to(device, torch.float32)  # per-example loss weights
@@ -534,6 +537,11 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
             h.end_of_epoch(state)
         _save_checkpoint(ckpt_path, cfg, state, hooks, epoch + 1, train_seconds)
         write_history_csv(run_dir / HISTORY_CSV, state.history)
+        if board is not None:
+            for k, v in row.items():
+                if k != "epoch":
+                    board.add_scalar(k, v, epoch + 1)
+            board.flush()
         log(f"epoch {epoch + 1}/{cfg.epochs} train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
             f"val_loss {val_loss:.4f} val_acc {val_acc:.4f} ({seconds:.1f}s)")
 
@@ -551,6 +559,9 @@ def _train(cfg: TrainConfig, run_dir: Path, hooks: Sequence[Hook], resume: bool,
     atomic_write_json(run_dir / "metrics.json", {
         "test_acc": test_acc, "test_loss": test_loss, "val_acc": state.history[-1]["val_acc"],
         "train_seconds": train_seconds, "steps": state.step, "epochs": state.history, "versions": versions()})
+    if board is not None:
+        board.add_scalar("test_acc", test_acc, cfg.epochs)
+        board.close()
     log(f"done: test_acc {test_acc:.4f} val_acc {state.history[-1]['val_acc']:.4f} train {train_seconds:.1f}s")
     return Result(run_dir, cfg, model, state.history, test_acc, test_loss, train_seconds, state.step)
 
@@ -568,6 +579,20 @@ def _save_checkpoint(path: Path, cfg: TrainConfig, state: TrainState, hooks: Seq
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def tensorboard_writer(run_dir: Path, start_epoch: int):
+    """A TensorBoard writer for RUN/tensorboard; a resumed run drops events past its checkpoint
+    (a killed epoch's), as metrics.csv does."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RuntimeError("tensorboard=True needs TensorBoard: pip install -e '.[tensorboard]' (or leave out "
+                           "--tensorboard; metrics.csv has the same figures)") from None
+    return SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=start_epoch + 1)
 
 
 def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
@@ -624,7 +649,7 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, state: TrainState, hooks: Seq
     # where things are and run, not what is trained; `init_from` only set the weights at epoch 0,
     # which the checkpoint has replaced (a run and its twin may move together)
     diff = {k: (v, getattr(cfg, k)) for k, v in saved.to_dict().items()
-            if k not in ("device", "threads", "data_dir", "init_from") and v != getattr(cfg, k)}
+            if k not in ("device", "threads", "data_dir", "init_from", "tensorboard") and v != getattr(cfg, k)}
     if diff:
         raise ValueError(f"cannot resume {path.parent}: the config differs from the saved run in "
                          f"{ {k: f'{a!r} -> {b!r}' for k, (a, b) in diff.items()} }; resume with the same settings")

@@ -91,8 +91,18 @@ def test_unknown_method_and_task_are_named():
         get_method("nope")
     with pytest.raises(ValueError, match="unknown task 'no-such-task'; known: .*mnist.*folder:"):
         bench(BenchConfig(out="unused", tasks=("no-such-task",)), log=lambda s: None)
+    name = "digits-only-test-method"
+    if name not in list_methods():
+        register_method(name, tasks=("digits",))(lambda ctx, task, seed: [])
     with pytest.raises(ValueError, match="nothing to run"):  # a known task no asked method has a plan for
-        bench(BenchConfig(out="unused", methods=("compress",), tasks=("translated-mnist-60",)), log=lambda s: None)
+        bench(BenchConfig(out="unused", methods=(name,), tasks=("translated-mnist-60",)), log=lambda s: None)
+
+
+def test_every_idea_has_a_plan_for_any_task():
+    """The user's own data: each idea runs a default plan on a task it has none for."""
+    ideas = {"compress", "dream", "kernels", "saccade", "specialists"}
+    assert ideas <= set(list_methods())
+    assert all(list_methods()[m].knows("folder:/any/where") for m in ideas | {"baseline"})
 
 
 def test_report_has_a_corrupted_suite_table_averaged_over_seeds(tmp_path):

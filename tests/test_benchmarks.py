@@ -11,12 +11,15 @@ from frugal.train import TrainConfig, load_run, normalize, train
 from frugal.data import load_task
 
 
-def test_sparse_conv_benchmark_times_both_forms(capsys):
+def test_sparse_conv_benchmark_times_every_form_and_writes_its_command(capsys, tmp_path):
     out = sparse_conv.main(["--channels", "4", "--size", "8", "--batch", "2", "--block", "4",
-                            "--density", "1", "0.5", "--repeats", "2", "--threads", "1"])
+                            "--density", "1", "0.5", "--repeats", "2", "--threads", "1",
+                            "--out", str(tmp_path / "results.json")])
     printed = json.loads(capsys.readouterr().out)
-    assert printed["rows"] == out["rows"]
-    assert {(r["form"], r["density"]) for r in out["rows"]} == {(f, d) for f in ("map", "tiles") for d in (1.0, 0.5)}
+    assert printed["rows"] == out["rows"] == json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert out["command"].startswith("python -m frugal.benchmarks.sparse_conv --channels 4")
+    assert {(r["form"], r["density"]) for r in out["rows"]} == {
+        (f, d) for f in ("map", "tiles", "drop-in") for d in (1.0, 0.5)}
     for r in out["rows"]:
         assert r["dense_ms"] > 0 and r["sparse_ms"] > 0
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])

@@ -259,29 +259,50 @@ def test_a_model_trained_in_a_bare_loop_saves_with_codecs_and_loads_within_their
 
 
 def test_the_bench_on_the_user_s_own_data_and_model(tmp_path, capsys):
-    """`frugal bench --quick --tasks folder:DIR --model pkg.mod:fn`: the baseline's default plan on
-    a task it has no plan for, with the user's network, measured and reported."""
+    """`frugal bench --quick --methods all --tasks folder:DIR --model pkg.mod:fn`: every idea on a
+    task none of them has a plan for, with the user's network, measured and reported, each row
+    with its plan."""
     import numpy as np
     from sklearn.datasets import load_digits
+
+    from frugal.bench import MIN_STEPS
 
     d = load_digits()
     x = (d.images * 16).clip(0, 255).astype(np.uint8)  # (N, 8, 8)
     data = tmp_path / "mydata"
     data.mkdir()
-    np.savez(data / "data.npz", x_train=x[:300], y_train=d.target[:300], x_test=x[300:400], y_test=d.target[300:400])
-    out = tmp_path / "bench"
-    rc = main(["bench", "--quick", "--tasks", f"folder:{data}", "--model", "usernets:TinyNet", "--methods",
-               "baseline", "compress", "--seeds", "1", "--device", "cpu", "--out", str(out)])
+    np.savez(data / "data.npz", x_train=x[:400], y_train=d.target[:400], x_test=x[400:500], y_test=d.target[400:500])
+    task, out = f"folder:{data}", tmp_path / "bench"
+    rc = main(["bench", "--quick", "--tasks", task, "--model", "usernets:TinyNet", "--methods", "all",
+               "--seeds", "1", "--device", "cpu", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     logs = capsys.readouterr().out
-    assert "has no plan for task" in logs and "--model is the baseline's" in logs  # compress says why it skips
-    (row,) = json.loads((out / "results.json").read_text())["rows"]
-    assert row["model"] == "usernets:TinyNet" and row["task"] == f"folder:{data}" and row["epochs"] == 2
-    assert row["params"] == sum(p.numel() for p in create_model("usernets:TinyNet").parameters())
-    assert "usernets:TinyNet" in (out / "report.md").read_text()
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    by = {(r["method"], r["variant"]): r for r in rows}
+    assert {r["method"] for r in rows} == {"baseline", "compress", "dream", "kernels", "saccade", "specialists"}
+    base = by[("baseline", "usernets:TinyNet")]
+    # a small data set: the default recipe's 2 quick epochs are raised to MIN_STEPS steps (360 examples, 3 a step)
+    assert base["train_examples"] == 360 and base["epochs"] == 30 >= MIN_STEPS["quick"] / 3 / 4
+    assert base["params"] == sum(p.numel() for p in create_model("usernets:TinyNet").parameters())
+    # every idea trained the user's net (the specialists' equal-MACs control is a plain CNN by design)
+    controls = {("specialists", v) for m, v in by if m == "specialists" and v.startswith(("equal-MACs", "ensemble"))}
+    assert {r["model"] for (m, v), r in by.items() if (m, v) not in controls} == {"usernets:TinyNet", "constrained"}
+    constrained = json.loads((out / by[("kernels", "constrained d4")]["run_dir"] / "config.json").read_text())
+    assert constrained["config"]["model_kw"]["base"] == "usernets:TinyNet"
+    for key in [("compress", "usernets:TinyNet loop λ=0.03"), ("kernels", "constrained d4"), ("kernels", "snap 0.5"),
+                ("dream", "round 1"), ("specialists", "tree d1"), ("saccade", "sparsify 0.25")]:
+        assert key in by, key
+    assert by[("compress", "usernets:TinyNet loop λ=0.03")]["file_bytes"] < by[("compress", "usernets:TinyNet dense")]["file_bytes"]
+    assert "corrupted_mean_acc" in by[("dream", "round 1")]  # its suite, built in the cache on first use
+    sparse, dense = by[("saccade", "sparsify 0.25")], by[("saccade", "dense")]
+    assert sparse["attended_fraction"] == pytest.approx(0.25) and sparse["macs"] < dense["macs"]
+    assert "spatial specialist and the unsupervised tree are planned for" in logs  # a part that cannot apply says why
+    md = (out / "report.md").read_text()
+    assert f"| {task} | baseline | usernets:TinyNet | 30 ep × 360 |" in md
+    assert "trained on more than one plan" in md
     # the task's path never becomes folders in the bench's: one part, named after the data folder
-    assert Path(row["run_dir"]).parts[:3] == ("runs", "baseline", task_slug(f"folder:{data}"))
-    assert len(Path(row["run_dir"]).parts) == 4 and (out / "samples" / f"{task_slug(f'folder:{data}')}.png").exists()
+    assert Path(base["run_dir"]).parts[:3] == ("runs", "baseline", task_slug(task))
+    assert len(Path(base["run_dir"]).parts) == 4 and (out / "samples" / f"{task_slug(task)}.png").exists()
 
 
 def test_a_task_slug_is_one_file_name_part_and_tells_folders_apart():

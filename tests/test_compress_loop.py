@@ -138,7 +138,7 @@ def test_compress_bench_trains_each_model_with_its_own_settings(tmp_path, monkey
     from frugal.compress import bench as cb
 
     monkeypatch.setattr(cb, "LAMBDAS", (0.03,))
-    monkeypatch.setattr(cb, "MODEL_TRAIN", {"lenet300": {"lr": 4e-3}})
+    monkeypatch.setattr(cb, "PLANS", {**cb.PLANS, "digits": [cb.CompressPlan("lenet300", quick=10, full=30, lr=4e-3)]})
     bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("compress",), tasks=("digits",), seeds=1,
                       device="cpu"), log=lambda s: None)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]

@@ -153,9 +153,9 @@ def test_a_cut_plan_changes_only_the_epochs_of_every_row_and_the_dreamed_fractio
     for (task, budget), plan in PLANS.items():
         base, rounds, corrupted_n = dream_plan(task, budget, seed=2, device="cpu")
         ref = baseline_config(task, budget, seed=2, device="cpu")
-        assert base == dataclasses.replace(ref, epochs=plan.get("epochs", ref.epochs))
-        assert rounds.mix == plan.get("mix", 1.0) and rounds.dream.seed == 2
-        assert corrupted_n == plan.get("corrupted_n")
+        assert base == dataclasses.replace(ref, epochs=plan.epochs or ref.epochs)
+        assert rounds.mix == plan.mix and rounds.dream.seed == 2 and rounds.rounds == plan.rounds
+        assert corrupted_n == plan.corrupted_n
     base, rounds, corrupted_n = dream_plan("mnist", "full", seed=0, device="cpu")
     assert base == baseline_config("mnist", "full", seed=0, device="cpu") and rounds.mix == 1.0
     assert corrupted_n is None  # the whole suite

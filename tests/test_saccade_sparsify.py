@@ -69,6 +69,15 @@ def test_gated_convs_equal_the_dense_conv_kept_on_the_chosen_blocks():
         gate.inference_fraction = 0.25  # each example's 4 most wanted of 16 blocks
         net(x)
         assert (gate.attention.levels.flatten(1).sum(1) == 4).all()
+        gate.inference_fraction = None  # by default the budget's share: half of the 16
+        net(x)
+        assert (gate.attention.levels.flatten(1).sum(1) == 8).all()
+        gate.adaptive = True  # the policy's own choice per block (at least min_blocks)
+        net(x)
+        logits = gate.attention.logits
+        want = (logits[:, 1] > logits[:, 0]).long()
+        assert torch.equal(gate.attention.levels, want) or int(want.flatten(1).sum(1).min()) == 0
+        gate.adaptive = False
         gate.enabled = False  # the dense twin: the same weights, every conv whole
         assert torch.equal(net(x), _reference(net, x, torch.ones(6, 4, 4, dtype=torch.long)))
 

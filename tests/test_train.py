@@ -286,3 +286,28 @@ def test_the_per_epoch_metrics_are_a_csv_with_each_epoch_once_after_a_resume(tmp
     rows = list(csv.DictReader((tmp_path / "b" / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert [float(r["val_acc"]) for r in rows] == [h["val_acc"] for h in res.history]
+
+
+def test_tensorboard_gets_each_epoch_once_after_a_resume_and_says_what_it_needs(tmp_path, monkeypatch):
+    """The events hold what metrics.csv holds: every figure of every epoch, a killed epoch's
+    purged by the resumed run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class Stop(Hook):
+        def after_step(self, state):
+            if state.epoch == 1:
+                raise KeyboardInterrupt
+
+    cfg = TrainConfig(epochs=2, train_limit=128, tensorboard=True, **DIGITS)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b", hooks=[Stop()], quiet=True)
+    res = train(cfg, tmp_path / "b", hooks=[Hook()], resume=True, quiet=True)
+    events = EventAccumulator(str(tmp_path / "b" / "tensorboard"))
+    events.Reload()
+    val = events.Scalars("val_acc")
+    assert [e.step for e in val] == [1, 2]
+    assert [e.value for e in val] == pytest.approx([h["val_acc"] for h in res.history])
+    assert {"train_loss", "train_acc", "val_loss", "lr", "seconds", "test_acc"} <= set(events.Tags()["scalars"])
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as without the extra installed
+    with pytest.raises(RuntimeError, match=r"pip install -e '.\[tensorboard\]'"):
+        train(TrainConfig(epochs=1, train_limit=64, tensorboard=True, **DIGITS), tmp_path / "c", quiet=True)

@@ -21,10 +21,13 @@ for every row (`PLANS`). mnist runs its baseline's plan.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from frugal.bench import BenchContext, baseline_config, register_method
+from frugal.bench import BenchContext, baseline_config, plan_fields, register_method
 from frugal.data import KNOWN, Split, load_task, task_slug
+from frugal.data.sources import FOLDER_PREFIX
 from frugal.dream.evaluate import AdversarialTraining, cue_conflict, generalisation, other_net_dreams
 from frugal.dream.generator import DreamConfig
 from frugal.dream.pictures import draw_cue_conflict, draw_dreams
@@ -32,33 +35,71 @@ from frugal.dream.rounds import DreamTrainConfig, dream_training
 from frugal.measure import measure
 from frugal.train import CHECKPOINT, train
 
+@dataclass(frozen=True)
+class DreamPlan:
+    """What the method changes over the task's baseline recipe: rounds of dream training per budget,
+    the epochs of every row (None: the recipe's; epochs are passes over A), the dreamed fraction of
+    A per round, and the test images per corrupted split (None: all)."""
+
+    rounds: int
+    epochs: int | None = None
+    mix: float = 1.0
+    corrupted_n: int | None = None
+
+
 ROUNDS = dict(tiny=1, quick=1, full=3)
 ADV_STEPS = 2  # PGD steps per training batch of the adversarial control (the attack in evaluation takes 10)
 DREAM = dict(steps=5, step=0.1, octaves=2)  # the bench's dreams: half the default steps at twice the step
 EVAL_N = dict(tiny=100, quick=1000, full=2000)  # test images for PGD, other-net dreams and cue conflict
-# (task, budget) -> changes to the baseline's training config (epochs: passes over A), the dreamed
-# fraction of A per round (mix) and the test images per corrupted split (corrupted_n; default all)
-PLANS: dict[tuple[str, str], dict[str, Any]] = {
-    ("fashion-mnist", "full"): dict(epochs=5, mix=0.5, corrupted_n=2000)}
+# (task, budget) -> the plan where it differs from the default for the budget
+PLANS: dict[tuple[str, str], DreamPlan] = {
+    ("fashion-mnist", "full"): DreamPlan(rounds=ROUNDS["full"], epochs=5, mix=0.5, corrupted_n=2000)}
+TASKS = ("mnist", "fashion-mnist", "digits")  # planned; any other task runs the default plan on the user's --model
 
 
-def dream_plan(task: str, budget: str, seed: int, device: str = "auto", data_dir: str | None = None):
+def dream_plan(task: str, budget: str, seed: int, device: str = "auto", data_dir: str | None = None,
+               model: str | None = None):
     """The training config every row of the task shares, the rounds' config, and the test images per
-    corrupted split (None: all)."""
+    corrupted split (None: all). `model`: the user's, for a task without a plan."""
     if task == "digits":  # tiny tests
         base = dataclasses.replace(baseline_config("mnist", budget, seed, device=device, data_dir=data_dir),
                                    task="digits", model="convnet")
     else:
-        base = baseline_config(task, budget, seed, device=device, data_dir=data_dir)
-    plan = PLANS.get((task, budget), {})
-    if "epochs" in plan:
-        base = dataclasses.replace(base, epochs=plan["epochs"])
-    rounds = DreamTrainConfig(rounds=ROUNDS[budget], mix=plan.get("mix", 1.0),
-                              dream=DreamConfig(seed=seed, **DREAM))
-    return base, rounds, plan.get("corrupted_n")
+        base = baseline_config(task, budget, seed, device=device, data_dir=data_dir,
+                               model=None if task in TASKS else model)
+    plan = PLANS.get((task, budget), DreamPlan(rounds=ROUNDS[budget]))
+    if plan.epochs is not None:
+        base = dataclasses.replace(base, epochs=plan.epochs)
+    rounds = DreamTrainConfig(rounds=plan.rounds, mix=plan.mix, dream=DreamConfig(seed=seed, **DREAM))
+    return base, rounds, plan.corrupted_n
 
 
-@register_method("dream", tasks=("mnist", "fashion-mnist", "digits"), default_tasks=("mnist", "fashion-mnist"),
+def has_corrupted_suite(ctx: BenchContext, task: str, n: int) -> bool:
+    """Whether the task has a corrupted test suite: its own, or for a folder: task one built from
+    its first n test images into frugal's cache on first use (never into the data folder)."""
+    if f"{task}-c" in KNOWN:
+        return True
+    if not task.startswith(FOLDER_PREFIX):
+        return False
+    from frugal.data import DataError, build_corrupted_suite, load_corrupted
+    from frugal.data.cache import data_root
+    from frugal.data.corrupt import folder_suite_dir
+
+    try:
+        load_corrupted(task, data_dir=ctx.data_dir)
+        return True
+    except DataError:
+        pass
+    try:
+        build_corrupted_suite(task, folder_suite_dir(Path(task.removeprefix(FOLDER_PREFIX)), data_root(ctx.data_dir)),
+                              limit=n, data_dir=ctx.data_dir)
+        return True
+    except (DataError, ValueError, ImportError) as e:
+        ctx.note(f"dream on {task}: no corrupted suite ({e}); the rows measure clean accuracy only")
+        return False
+
+
+@register_method("dream", tasks=(*TASKS, "*"), default_tasks=("mnist", "fashion-mnist"),
                  description="iterated DeepDream training vs plain, augmented and adversarial training",
                  fields=(("pgd_acc", "PGD acc (eps 0.1)", "{:.1%}"),
                          ("other_dream_acc", "acc on other net's dreams", "{:.1%}"),
@@ -66,10 +107,11 @@ def dream_plan(task: str, budget: str, seed: int, device: str = "auto", data_dir
                          ("mean_drift", "dreams' mean drift (RMS, pixels 0-1)", "{:.3f}"),
                          ("dream_seconds", "dreaming s", "{:,.0f}"), ("epoch_seconds", "1 epoch on A s", "{:,.0f}")))
 def run_dream(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
-    base, dcfg, corrupted_n = dream_plan(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir)
+    base, dcfg, corrupted_n = dream_plan(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir,
+                                         model=ctx.model)
     data = load_task(task, data_dir=ctx.data_dir, val_size=base.val_size)
     n_eval = EVAL_N[ctx.budget]
-    corrupted = f"{task}-c" in KNOWN and ctx.budget != "tiny"
+    corrupted = ctx.budget != "tiny" and has_corrupted_suite(ctx, task, n_eval)
     rounds = dream_training(base, ctx.run_dir("dream", task, seed, "rounds"), dcfg, data, device=ctx.device,
                             quiet=ctx.quiet, log=lambda s: None)
     epoch_seconds = rounds[0]["result"].history[0]["seconds"]
@@ -94,7 +136,7 @@ def run_dream(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
         row = measure(res.model, data, ctx.device, corrupted=corrupted, data_dir=ctx.data_dir,
                       speed=ctx.budget != "tiny", corrupted_n=corrupted_n)
         row.update(generalisation(res.model, data, ctx.device, other_dreams=other_dreams, n=n_eval))
-        row.update(variant=variant, epochs=res.config.epochs, steps=res.steps, train_seconds=res.train_seconds,
+        row.update(variant=variant, **plan_fields(res.config, data), steps=res.steps, train_seconds=res.train_seconds,
                    model=base.model, run_dir=str(run_dir.relative_to(ctx.out_dir)), epoch_seconds=epoch_seconds,
                    dreams=info.get("dreams", 0), mix=dcfg.mix)
         if info.get("dream_seconds"):

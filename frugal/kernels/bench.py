@@ -20,11 +20,12 @@ class ids plus free values) and the share of kernels snapped. Kernel grids go in
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from frugal.bench import BenchContext, baseline_config, register_method, train_and_measure
+from frugal.bench import BenchContext, baseline_config, plan_fields, register_method, train_and_measure
 from frugal.data import load_task, task_slug
 from frugal.kernels.constrained import conv_free_parameters
 from frugal.kernels.penalty import KernelPenalty, PenaltyConfig, SharedValues, kernel_bytes
@@ -33,18 +34,34 @@ from frugal.kernels.snapping import FreezeKernels, snap, snapped_kernel_bytes
 from frugal.measure import measure
 from frugal.train import CHECKPOINT, train
 
-# Per task: constrained kinds (those with fewer free values than the plain kernel; the group kinds
-# p4 and p4m need conv widths that divide by 4 and 8, which lenet5's 50 channels do not), penalties
-# (kind, weight), snapping thresholds (relative residual energy, rising) and fine-tuning epochs.
-PLANS: dict[str, dict[str, Any]] = {
-    "mnist": dict(kinds=("lr", "d4", "radial", "dct6", "rank1", "lsep8"), penalties=(("entropy", 0.01), ("gmm", 1e-3)),
-                  thresholds=(0.1, 0.2, 0.35, 0.5), finetune=dict(tiny=1, quick=1, full=2)),
-    "fashion-mnist": dict(kinds=("lr", "lrud", "d4", "dct4", "lsep8", "p4", "p4m"), widths=(8, 11),
-                          penalties=(("entropy", 0.01), ("gmm", 1e-3)), thresholds=(0.1, 0.2, 0.35, 0.5),
-                          finetune=dict(tiny=1, quick=1, full=2)),
-    "digits": dict(kinds=("lr", "d4", "p4"), widths=(8,), penalties=(("gmm", 1e-3),), thresholds=(0.2, 0.5),
-                   finetune=dict(tiny=1, quick=1, full=2)),
+@dataclass(frozen=True)
+class KernelsPlan:
+    """What the method trains on a task, over the task's baseline recipe: constrained kinds (those
+    with fewer free values than the plain kernel; the group kinds p4 and p4m need conv widths that
+    divide by 4 and 8, which lenet5's 50 channels do not), narrower plain controls (models with a
+    `width`), penalties (kind, weight), snapping thresholds (relative residual energy, rising) and
+    the fine-tuning epochs after weight sharing and after each snapping round, per budget."""
+
+    kinds: tuple[str, ...]
+    penalties: tuple[tuple[str, float], ...]
+    thresholds: tuple[float, ...]
+    widths: tuple[int, ...] = ()
+    finetune: tuple[tuple[str, int], ...] = (("tiny", 1), ("quick", 1), ("full", 2))
+
+    def finetune_epochs(self, budget: str) -> int:
+        return dict(self.finetune)[budget]
+
+
+PLANS: dict[str, KernelsPlan] = {
+    "mnist": KernelsPlan(kinds=("lr", "d4", "radial", "dct6", "rank1", "lsep8"),
+                         penalties=(("entropy", 0.01), ("gmm", 1e-3)), thresholds=(0.1, 0.2, 0.35, 0.5)),
+    "fashion-mnist": KernelsPlan(kinds=("lr", "lrud", "d4", "dct4", "lsep8", "p4", "p4m"), widths=(8, 11),
+                                 penalties=(("entropy", 0.01), ("gmm", 1e-3)), thresholds=(0.1, 0.2, 0.35, 0.5)),
+    "digits": KernelsPlan(kinds=("lr", "d4", "p4"), widths=(8,), penalties=(("gmm", 1e-3),), thresholds=(0.2, 0.5)),
 }
+# Any other task, on the user's --model (whose options frugal does not know, so no narrower
+# control): one symmetric kind, one penalty, two snapping rounds.
+ANY_TASK = KernelsPlan(kinds=("d4",), penalties=(("entropy", 0.01),), thresholds=(0.2, 0.5))
 
 
 def _kernel_fields(model: torch.nn.Module, result=None) -> dict[str, Any]:
@@ -56,7 +73,7 @@ def _kernel_fields(model: torch.nn.Module, result=None) -> dict[str, Any]:
             "kernel_bytes": snapped_kernel_bytes(model, result), "snapped_fraction": result.snapped_fraction}
 
 
-@register_method("kernels", tasks=tuple(PLANS), default_tasks=("mnist", "fashion-mnist"),
+@register_method("kernels", tasks=(*PLANS, "*"), default_tasks=("mnist", "fashion-mnist"),
                  description="constrained, penalised and snapped kernels against the plain net",
                  fields=(("conv_free_params", "conv free params", "{:,.0f}"),
                          ("kernel_bytes", "kernel bytes", "{:,.0f}"),
@@ -66,12 +83,14 @@ def _kernel_fields(model: torch.nn.Module, result=None) -> dict[str, Any]:
                         ("kernel_bytes", "conv kernel bytes (range-coded)")),
                  selectable=True)
 def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
-    plan = PLANS[task]
+    plan = PLANS.get(task, ANY_TASK)
     if task == "digits":
         base = dataclasses.replace(baseline_config("mnist", ctx.budget, seed, device=str(ctx.device),
                                                    data_dir=ctx.data_dir), task="digits", model="convnet")
-    else:
+    elif task in PLANS:
         base = baseline_config(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir)
+    else:
+        base = ctx.base_config(task, seed)
     rows = []
 
     plain_dir = ctx.run_dir("kernels", task, seed, "plain")
@@ -81,7 +100,7 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
         holder["model"] = m
         return _kernel_fields(m)
 
-    snaps = [t for t in plan["thresholds"] if ctx.wants(f"snap {t:g}")]
+    snaps = [t for t in plan.thresholds if ctx.wants(f"snap {t:g}")]
     if ctx.wants("plain") or snaps:  # snapping starts from the plain net
         row = train_and_measure(ctx, base, plain_dir, extra=plain_extra)
         if ctx.wants("plain"):
@@ -89,11 +108,11 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
 
     # (variant, run folder, config): the narrow plain controls, then each constrained kind
     trained = [(f"plain width {w}", f"plain-width{w}",
-                dataclasses.replace(base, model_kw={**base.model_kw, "width": w})) for w in plan.get("widths", ())]
+                dataclasses.replace(base, model_kw={**base.model_kw, "width": w})) for w in plan.widths]
     trained += [(f"constrained {kind}", f"constrained-{kind}",
                  dataclasses.replace(base, model="constrained", model_kw={"base": base.model, "kind": kind,
                                                                           **base.model_kw}))
-                for kind in plan["kinds"]]
+                for kind in plan.kinds]
     for variant, name, cfg in trained:
         if not ctx.wants(variant):
             continue
@@ -101,9 +120,9 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
                                 extra=lambda m, d: _kernel_fields(m))
         rows.append({**row, "variant": variant})
 
-    epochs = plan["finetune"][ctx.budget]  # fine-tuning after weight sharing and after each snapping round
+    epochs = plan.finetune_epochs(ctx.budget)  # fine-tuning after weight sharing and after each snapping round
     finetune_cfg = dataclasses.replace(base, epochs=epochs, lr=base.lr / 10, warmup_epochs=0.0)
-    for kind, weight in plan["penalties"]:
+    for kind, weight in plan.penalties:
         if not ctx.wants(f"penalty {kind} {weight:g}"):
             continue
         hook = KernelPenalty(PenaltyConfig(kind=kind, weight=weight))
@@ -136,7 +155,7 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
     if seed == 0:
         draw_kernels(model, ctx.figures / f"kernels-{task_slug(task)}-plain.png", title=f"{task}: plain, first conv")
     result = None
-    for t in plan["thresholds"]:
+    for t in plan.thresholds:
         if t > max(snaps):
             break
         result = snap(model, t, earlier=result)
@@ -146,7 +165,8 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
                     hooks=[FreezeKernels(model, result)], quiet=ctx.quiet, progress=False)
         model = res.model
         row = measure(model, data, ctx.device, data_dir=ctx.data_dir, speed=ctx.budget != "tiny")
-        row.update(_kernel_fields(model, result), acc_before_finetune=before, threshold=t, epochs=epochs,
+        row.update(_kernel_fields(model, result), acc_before_finetune=before, threshold=t,
+                   **plan_fields(finetune_cfg, data),
                    model=base.model, run_dir=str(run_dir.relative_to(ctx.out_dir)), train_seconds=res.train_seconds,
                    snapped_counts=dict(result.counts))
         if t in snaps:

@@ -26,17 +26,40 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frugal.layers.sparse_conv import BlockSet, Workspace, gather_tiles
-from frugal.saccade.policy import AttentionPolicy, BudgetSchedule, choose_levels
+from frugal.saccade.policy import BudgetSchedule, choose_levels
 
 GATE = "saccade_gate"  # the attribute of a sparsified net that holds its gate
+
+
+class GatePolicy(nn.Module):
+    """The gate's policy, sized to stay cheap beside the net it gates: the input averaged to 2x2
+    pixels per block (never above its own size), a 3x3 conv-ReLU, a max-pool to the block grid, a
+    3x3 conv-ReLU on the grid, and a 1x1 conv to skip / compute logits per block."""
+
+    def __init__(self, in_channels: int, width: int):
+        super().__init__()
+        self.grid = (1, 1)  # set by the gate for each input
+        self.body = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.mix = nn.Conv2d(width, width, 3, padding=1)
+        self.logits = nn.Conv2d(width, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (gh, gw), (h, w) = self.grid, x.shape[-2:]
+        size = (min(2 * gh, h), min(2 * gw, w))
+        small = F.avg_pool2d(x, (h // size[0], w // size[1])) if h % size[0] == 0 and w % size[1] == 0 \
+            else F.adaptive_avg_pool2d(x, size)
+        f = F.adaptive_max_pool2d(F.relu(self.body(small)), (gh, gw))  # (B, width, gh, gw)
+        return self.logits(F.relu(self.mix(f))), None
 
 
 class SaccadeGate(BudgetSchedule, nn.Module):
     """The policy of a sparsified net: reads the net's input, picks the blocks every gated conv
     computes. `loss()` is the budget term of the last forward pass (add it to the task loss);
-    `attention` is what that pass chose (levels (B, gh, gw): 1 = computed, 0 = skipped)."""
+    `attention` is what that pass chose (levels (B, gh, gw): 1 = computed, 0 = skipped). At
+    inference each image computes the budget's share of its blocks, the ones the policy ranks
+    highest; `inference_fraction` sets another share, `adaptive = True` the policy's own choice."""
 
-    def __init__(self, in_channels: int, block_size: int, budget: float = 0.25, width: int = 16, tau: float = 1.0,
+    def __init__(self, in_channels: int, block_size: int, budget: float = 0.25, width: int = 8, tau: float = 1.0,
                  cost_weight: float = 1.0, budget_warmup: int | float = 0.3, attend_init: float = 0.9,
                  min_blocks: int = 1):
         nn.Module.__init__(self)
@@ -50,7 +73,7 @@ class SaccadeGate(BudgetSchedule, nn.Module):
             raise ValueError(f"attend_init is a probability in (0, 1), got {attend_init}")
         self.init_budget(budget, budget_warmup)
         self.block_size, self.tau, self.cost_weight, self.min_blocks = block_size, tau, cost_weight, min_blocks
-        self.policy = AttentionPolicy(in_channels, (1, 1), n_levels=1, width=width)
+        self.policy = GatePolicy(in_channels, width)
         with torch.no_grad():  # start attending nearly everywhere: the policy learns what it can drop
             self.policy.logits.bias.zero_()
             self.policy.logits.bias[1] = math.log(attend_init / (1 - attend_init))
@@ -58,6 +81,10 @@ class SaccadeGate(BudgetSchedule, nn.Module):
         self.enabled = True  # False: every conv runs dense (the dense twin, same weights)
         self.inference_fraction: float | None = None  # attend this share of each image's blocks at inference
         self.fixed_levels: torch.Tensor | None = None  # (B, gh, gw) 0/1: forced blocks, the policy not run
+        # inference: each image computes the budget's share of its blocks, those the policy wants most
+        # (the budget term trains the expected share, which a policy can meet with every block at
+        # p = budget: its argmax would then skip them all); adaptive: the policy's own argmax per block
+        self.adaptive = False
         self.attention = None
         self._blocks: BlockSet | None = None
         self.options = dict(block_size=block_size, budget=budget, width=width, tau=tau, cost_weight=cost_weight,
@@ -90,12 +117,21 @@ class SaccadeGate(BudgetSchedule, nn.Module):
             return
         logits, _ = self.policy(x)
         top = None
-        if self.inference_fraction is not None:
-            if not 0 < self.inference_fraction <= 1:
-                raise ValueError(f"inference_fraction is a share of the blocks in (0, 1], got {self.inference_fraction}")
-            top = max(1, round(self.inference_fraction * (h // s) * (w // s)))
+        share = self.inference_fraction if self.inference_fraction is not None else \
+            None if self.adaptive else self._trained_share()
+        if share is not None and not self.training:
+            if not 0 < share <= 1:
+                raise ValueError(f"inference_fraction is a share of the blocks in (0, 1], got {share}")
+            top = max(1, round(share * (h // s) * (w // s)))
         self.attention = choose_levels(logits, None, self.level_costs, "gumbel", self.training, self.tau,
                                        min_blocks=self.min_blocks, top_blocks=top)
+
+    def _trained_share(self) -> float:
+        """The share of blocks inference computes: this step's budget (1 early in the warm-up)."""
+        try:
+            return self.current_budget()
+        except ValueError:  # a warm-up given as a share of a run no loop has described
+            return self.budget
 
     def blocks(self) -> BlockSet:
         """The chosen blocks of the last input, shared by every gated conv."""
@@ -196,7 +232,8 @@ def sparsify(model: nn.Module, block_size: int = 4, budget: float = 0.25, convs:
 
     `convs`: names of the convs to gate (default: every one that can be, see `gateable`).
     `in_channels`: the input's channels (default: the first conv's). Other options go to
-    `SaccadeGate` (budget_warmup: steps, or a share of the run given by gate.begin_run(total_steps)).
+    `SaccadeGate` (budget_warmup: steps, or a share of the run given by gate.begin_run(total_steps);
+    width: the policy's channels, by default the first gated conv's, within 4..16).
     In your own loop: `loss = task_loss + gate.loss()`; frugal.train adds it by itself."""
     if isinstance(getattr(model, GATE, None), SaccadeGate):
         raise ValueError(f"{type(model).__name__} is sparsified already (it has a {GATE})")
@@ -218,6 +255,8 @@ def sparsify(model: nn.Module, block_size: int = 4, budget: float = 0.25, convs:
     if in_channels is None:
         first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
         in_channels = first.in_channels
+    if gate_options.get("width") is None:  # the policy no wider than the net's first gated conv: it must stay cheap
+        gate_options["width"] = min(16, max(4, named[chosen[0]].out_channels))
     ref = next(model.parameters())
     gate = SaccadeGate(in_channels, block_size, budget, **gate_options).to(device=ref.device, dtype=ref.dtype)
     for n in chosen:

@@ -17,6 +17,7 @@ are trained or reloaded whenever a picked variant needs them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from frugal.bench import BenchContext, baseline_config, register_method, train_and_measure
+from frugal.bench import BenchContext, baseline_config, plan_fields, register_method, train_and_measure
 from frugal.data import load_task, task_slug
 from frugal.measure import count_macs, measure
 from frugal.models import create_model
@@ -68,7 +69,25 @@ def _base_config(ctx: BenchContext, task: str, seed: int) -> TrainConfig:
     if task == "digits":  # tiny tests: the mnist plan on the 8x8 digits with the plain convnet
         return dataclasses.replace(baseline_config("mnist", ctx.budget, seed, device=str(ctx.device),
                                                    data_dir=ctx.data_dir), task="digits", model="convnet")
-    return baseline_config(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir)
+    if task in TASKS:
+        return baseline_config(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir)
+    return ctx.base_config(task, seed)  # any other task: the baseline's recipe, on the user's --model
+
+
+MAX_ENSEMBLE = 8  # members of the equal-parameter ensemble at most (a tree on a small base may have 50x its parameters)
+
+
+def _tree_settings(budget: str, task: str, train_examples: int, base: nn.Module, data) -> dict[str, Any]:
+    """The budget's tree settings. On a task without a plan (a user's data set and net) a cluster
+    needs a quarter of its even share of the training set, at most the plan's minimum, and the
+    specialists' stages are half as wide as the base's first two taps (at least 4 channels)."""
+    t = dict(TREES[budget])
+    if task not in TASKS:
+        t["min_cluster"] = min(t["min_cluster"], max(10, train_examples // (4 * t["k"])))
+        taps, _, _ = probe(Tapped(copy.deepcopy(base)), torch.zeros(2, data.in_channels, *data.image_size,
+                                                               device=next(base.parameters()).device))
+        t["widths"] = tuple(max(4, c // 2) for c in taps[:2])
+    return t
 
 
 def _width_for_macs(name: str, data, target: float) -> tuple[str, dict]:
@@ -112,7 +131,7 @@ def _cluster_figure(confs: dict[int, dict[str, np.ndarray]], data, path: Path) -
     save_figure(fig, path)
 
 
-@register_method("specialists", tasks=TASKS, default_tasks=("fashion-mnist", "mnist"),
+@register_method("specialists", tasks=(*TASKS, "*"), default_tasks=("fashion-mnist", "mnist"),
                  description="feature-cluster trees and spatial specialists vs base, equal-MACs CNN and ensemble",
                  fields=(("train_seconds_serial", "tree train s (serial)", "{:,.0f}"),
                          ("train_seconds_parallel", "tree train s (2 workers)", "{:,.0f}"),
@@ -121,7 +140,6 @@ def _cluster_figure(confs: dict[int, dict[str, np.ndarray]], data, path: Path) -
 def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     base_cfg = _base_config(ctx, task, seed)
     data = load_task(task, data_dir=ctx.data_dir, val_size=base_cfg.val_size)
-    tcfg = dict(TREES[ctx.budget])
     backend = "serial" if ctx.budget == "tiny" else "process"  # tiny (tests): no worker start-up
     speed = ctx.budget != "tiny"
     rows = []
@@ -130,6 +148,7 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
     if ctx.wants("base"):
         rows.append(base_row)
     base = load_run(base_dir, device=ctx.device)[0].eval()
+    tcfg = _tree_settings(ctx.budget, task, plan_fields(base_cfg, data)["train_examples"], base, data)
     # the controls are sized by the depth-1 tree (its MACs and parameters), so they need it built
     want_wide, want_ensemble = _wants_control(ctx, "equal-MACs CNN"), _wants_control(ctx, "ensemble")
     controls = want_wide or want_ensemble
@@ -144,7 +163,8 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
                                   log=lambda s: None)
         row = measure(tree.to(ctx.device), data, ctx.device, data_dir=ctx.data_dir, speed=speed)
         row.update(train_seconds_parallel=sum(lv["seconds"] for lv in record["levels"]),
-                   nodes=len(tree.nodes()), model=base_cfg.model, run_dir=str(out.relative_to(ctx.out_dir)))
+                   nodes=len(tree.nodes()), model=base_cfg.model, run_dir=str(out.relative_to(ctx.out_dir)),
+                   epochs=cfg.epochs, train_examples=len(data.train))  # each node: its cluster of the whole split
         if depth == 1 and seed == 0 and ctx.wants("tree d1"):
             # the same nodes trained one after another (bit for bit, which the tests check): only its time
             # is new, so it is measured on the first seed only
@@ -161,9 +181,12 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
         _cluster_figure(confs, data, ctx.figures / f"specialists-{task_slug(task)}-clusters.png")
         draw_cluster_confusions(confs, task, data.num_classes, ctx.figures / f"specialists-{task_slug(task)}-confusion.png")
 
-    if ctx.wants("spatial"):
+    if task not in TASKS and (ctx.wants("spatial") or ctx.wants("unsupervised tree")):
+        ctx.note(f"specialists on {task}: the spatial specialist and the unsupervised tree are planned for frugal's "
+                 f"own tasks ({', '.join(TASKS)}) and nets only; trained here: base, trees, and the controls")
+    elif ctx.wants("spatial"):
         rows.append(_spatial(ctx, base, base_cfg, data, task, seed, tcfg, speed))
-    if ctx.wants("autoencoder (probe)") or ctx.wants("unsupervised tree"):
+    if task in TASKS and (ctx.wants("autoencoder (probe)") or ctx.wants("unsupervised tree")):
         rows += _unsupervised(ctx, base_cfg, data, task, seed, tcfg, backend, speed)
 
     if controls:  # the same executed MACs in one plain CNN; the same parameters in an ensemble
@@ -174,6 +197,10 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
             rows.append({**train_and_measure(ctx, ctrl_cfg, ctx.run_dir("specialists", task, seed, "equal-macs")),
                          "variant": label})
         n = max(2, round(tree_rows[1]["params"] / base_row["params"]))
+        if n > MAX_ENSEMBLE:
+            ctx.note(f"specialists on {task}: the tree has {n}x the base's parameters; the ensemble control keeps "
+                     f"{MAX_ENSEMBLE} members")
+            n = MAX_ENSEMBLE
         if want_ensemble and (ctx.wants(f"ensemble of {n}") or ctx.wants("ensemble")):
             members = [base]
             for j in range(1, n):
