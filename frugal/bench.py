@@ -186,7 +186,8 @@ def sized(recipe: Recipe, train_examples: int) -> Recipe:
         st: Stage = getattr(recipe, budget)
         n = min(train_examples, st.train_limit or train_examples)
         steps = max(1, math.ceil(n / recipe.batch_size))
-        return dataclasses.replace(st, epochs=max(st.epochs, min(MAX_EPOCHS[budget], math.ceil(MIN_STEPS[budget] / steps))))
+        wanted = min(MAX_EPOCHS[budget], math.ceil(MIN_STEPS[budget] / steps))
+        return dataclasses.replace(st, epochs=max(st.epochs, wanted))
 
     return dataclasses.replace(recipe, quick=stage("quick"), full=stage("full"))
 
@@ -231,7 +232,8 @@ def train_and_measure(ctx: BenchContext, cfg: TrainConfig, run_dir: Path,
 
 @register_method("baseline", tasks=(*BASELINE_RECIPES, "*"),
                  default_tasks=("mnist", "fashion-mnist", "cluttered-mnist-60"),
-                 description="a standard CNN per task (or the user's --model), trained plainly: the control for every idea")
+                 description="a standard CNN per task (or the user's --model), trained plainly: the control for "
+                             "every idea")
 def run_baseline(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     cfg = baseline_config(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir, model=ctx.model)
     row = train_and_measure(ctx, cfg, ctx.run_dir("baseline", task, seed))

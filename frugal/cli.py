@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", nargs="+", default=["baseline"], metavar="METHOD",
                    help=f"bench methods to run, or 'all': {', '.join(list_methods())} (default: baseline)")
     b.add_argument("--tasks", nargs="+", metavar="TASK",
-                   help=f"tasks: {', '.join(t for t in KNOWN if not t.endswith('-c'))}, or folder:/path/to/your/data (default: each method's own)")
+                   help=f"tasks: {', '.join(t for t in KNOWN if not t.endswith('-c'))}, or folder:/path/to/your/data "
+                        "(default: each method's own)")
     b.add_argument("--seeds", type=int, help="seeds per method and task (default: 1 quick, 3 full)")
     b.add_argument("--out", default="bench-out", help="output folder; run again with the same one to resume "
                                                        "(default: bench-out)")

@@ -1,8 +1,8 @@
 """The training loop: `train(cfg) -> Result`.
 
 One visible loop over epochs and batches. A model may add terms to the loss with a method
-`extra_loss(x, logits, y) -> Tensor | None` (on the model or any of its modules); beyond that, a few hook points the ideas use:
-`extra_loss` (add a term to the loss), `after_backward` (between backward and the optimizer step),
+`extra_loss(x, logits, y) -> Tensor | None` (on the model or any of its modules); beyond that, a
+few hook points the ideas use: `extra_loss` (add a term to the loss), `after_backward` (between backward and the optimizer step),
 `end_of_epoch`, and `before_eval`. Every run writes a folder with the resolved config, metrics, the
 weights (safetensors), a log, and a checkpoint per epoch from which `resume=True` continues. A
 training split may weight its examples (`Split.w`): the loss is then their weighted mean.

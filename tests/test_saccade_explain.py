@@ -26,12 +26,15 @@ def test_explain_refuses_a_model_without_attention(tmp_path, capsys):
 def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path, monkeypatch):
     import json
 
+    import dataclasses
+
     import torch
 
     import frugal.saccade.bench as saccade_bench
     from frugal.bench import BenchConfig, bench
 
-    monkeypatch.setitem(saccade_bench.TEACHER, "digits", 0.5)  # the twin teaches the saccadic variant
+    # the twin teaches the saccadic variant
+    monkeypatch.setitem(saccade_bench.TASKS, "digits", dataclasses.replace(saccade_bench.TASKS["digits"], teacher=0.5))
     bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("saccade",), tasks=("digits",), seeds=1,
                       device="cpu"), log=lambda s: None)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]

@@ -21,32 +21,51 @@ from frugal.measure import measure
 from frugal.saccade.teacher import TwinTeacher
 from frugal.train import TrainConfig, load_run, normalize
 
-# Per task: training settings per budget (lr is the peak Adam learning rate per batch of 128);
-# `finetune` is the epochs of the saccadic model, which starts from its trained dense twin.
-TASKS = {
-    "mnist": dict(quick=dict(epochs=2, finetune=1), full=dict(epochs=8, finetune=4)),
-    "translated-mnist-60": dict(quick=dict(epochs=2, finetune=1, train_limit=20000), full=dict(epochs=10, finetune=5)),
-    "cluttered-mnist-60": dict(quick=dict(epochs=2, finetune=1, train_limit=20000), full=dict(epochs=12, finetune=6)),
-    "cluttered-mnist-100": dict(quick=dict(epochs=2, finetune=1, train_limit=10000), full=dict(epochs=6, finetune=3)),
-    "digits": dict(quick=dict(epochs=5, finetune=3), full=dict(epochs=30, finetune=15)),
+@dataclass(frozen=True)
+class SaccadeStage:
+    """One budget of a task's plan: the dense twin's epochs, the saccadic model's fine-tuning epochs
+    (it starts from the trained twin), and the training examples (None: all)."""
+
+    epochs: int
+    finetune: int
+    train_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class SaccadePlan:
+    """The method's plan on one of frugal's tasks (Adam at a peak rate of 2e-3 per batch of 128).
+
+    - `budget`: the saccadic model's compute, as a share of its twin's stage compute. On mnist the
+      digit fills most of the 7x7 grid of 4-pixel blocks: there is less to skip.
+    - `more_budgets`: more points of the accuracy-vs-compute curve on the task the targets are set
+      on (variant "saccadic-<budget>"), each fine-tuned from the same twin.
+    - `block_size`: the block side in pixels, twin and saccadic model alike (None: `auto_block_size`).
+      On cluttered-mnist-60 the 12-pixel blocks of the 5x5 grid were too coarse to cover a digit
+      without its surroundings; 8-pixel blocks (an 8x8 grid on the image padded to 64x64) are not.
+    - `kernel_sizes`: the levels where they differ from skip / 3x3 / 5x5. Gumbel training runs every
+      level densely, and a 5x5 costs 2.8 3x3s: on cluttered-mnist-100 that is ~4x the twin's epoch
+      time for a level that died under the compute term on cluttered-mnist-60 and mnist.
+    - `teacher`: the weight of `TwinTeacher`'s term in the fine-tuning, where it is needed (the
+      fine-tuning on cluttered-mnist-60 diverged on one seed of two without it)."""
+
+    quick: SaccadeStage
+    full: SaccadeStage
+    budget: float = 0.25
+    more_budgets: tuple[float, ...] = ()
+    block_size: int | None = None
+    kernel_sizes: tuple[int, ...] | None = None
+    teacher: float | None = None
+
+
+TINY = SaccadeStage(epochs=1, finetune=1, train_limit=256)
+TASKS: dict[str, SaccadePlan] = {
+    "mnist": SaccadePlan(SaccadeStage(2, 1), SaccadeStage(8, 4), budget=0.5),
+    "translated-mnist-60": SaccadePlan(SaccadeStage(2, 1, 20000), SaccadeStage(10, 5)),
+    "cluttered-mnist-60": SaccadePlan(SaccadeStage(2, 1, 20000), SaccadeStage(12, 6), budget=0.2, more_budgets=(0.3,),
+                                      block_size=8, kernel_sizes=(3,), teacher=1.0),
+    "cluttered-mnist-100": SaccadePlan(SaccadeStage(2, 1, 10000), SaccadeStage(6, 3), kernel_sizes=(3,)),
+    "digits": SaccadePlan(SaccadeStage(5, 3), SaccadeStage(30, 15)),
 }
-TINY = dict(epochs=1, finetune=1, train_limit=256)
-# Levels of the saccadic model where they differ from skip / 3x3 / 5x5. Gumbel training runs every
-# level densely, and a 5x5 costs 2.8 3x3s: on cluttered-mnist-100 that is ~4x the twin's epoch time
-# for a level that died under the compute term on cluttered-mnist-60 and mnist, so skip / 3x3 there.
-KERNEL_SIZES = {"cluttered-mnist-60": [3], "cluttered-mnist-100": [3]}
-# Block side in pixels, twin and saccadic model alike, where it differs from `auto_block_size`. On
-# cluttered-mnist-60 the 12-pixel blocks of the 5x5 grid were too coarse to cover a digit without
-# its surroundings: fine-tuned at budget 0.25 the model had 2.47% error at 24.3% of its twin's
-# multiply-adds (twin 1.99%); on 8-pixel blocks (an 8x8 grid on the image padded to 64x64) it had
-# 2.03% at 21.8%, and attending 22% of the blocks 1.90% at 27.3% (twin 1.92%).
-BLOCK_SIZE = {"cluttered-mnist-60": 8}
-# Compute budget of the saccadic model, as a share of its twin's stage compute. On mnist the digit
-# fills most of the 7x7 grid of 4-pixel blocks: there is less to skip.
-BUDGET = {"mnist": 0.5, "cluttered-mnist-60": 0.2}
-# More budgets on the task the targets are set on: a point of the accuracy-vs-compute curve each
-# (variant "saccadic-<budget>"), fine-tuned from the same twin
-MORE_BUDGETS = {"cluttered-mnist-60": (0.3,)}
 # Shares of the blocks the trained saccadic model is also measured at, attending each image's most
 # wanted blocks (`inference_fraction`): the accuracy-vs-compute curve of one trained policy. 0.24 is
 # the largest share within 30% of the twin's multiply-adds on cluttered-mnist-60 (the bound its
@@ -54,15 +73,10 @@ MORE_BUDGETS = {"cluttered-mnist-60": (0.3,)}
 INFERENCE_FRACTIONS = (0.22, 0.24, 0.28, 0.5)
 TWIN = "blockcnn"  # the dense twin's variant: trained first, it starts the saccadic model
 # Training overrides of the saccadic variants. This fine-tuning is seed-sensitive on
-# cluttered-mnist-60: seed 0 reached 97.97%, seed 1 diverged (validation accuracy 0.88 after epoch
-# 1, 0.58 after epoch 4). Its first Adam steps at the full rate threw the twin's features off (loss
-# 2.1 over steps 1-50, from 0.9), and its policy did not learn where to look before the budget
-# fell (at 85% of the blocks it still gave every block p > 0.5, so it dropped digit blocks at
-# random). A quarter epoch of learning-rate warmup with the budget falling over 1500 steps instead
-# of 500 did not save it: 0.946, 0.921, 0.856 after epochs 1-3 (seed 0: 0.975, 0.974, 0.969).
-# `TwinTeacher` (frugal.saccade.teacher) held seed 1 at 0.97: weight of its term per task.
+# cluttered-mnist-60: its first Adam steps at the full rate threw the twin's features off, and its
+# policy did not learn where to look before the budget fell; a learning-rate warm-up with a slower
+# budget did not save it, `TwinTeacher` (frugal.saccade.teacher, SaccadePlan.teacher) did.
 FINETUNE = {"lr": 1e-3, "init_from": TWIN}
-TEACHER = {"cluttered-mnist-60": 1.0}
 # (variant, model, model options, training overrides of the task plan). The saccadic model is
 # fine-tuned from the twin (`init_from`): trained from scratch on cluttered-mnist-60 (12 epochs,
 # budget 0.3) it reached 2.83% error against the twin's 1.99%, at 1.6x the twin's training time.
@@ -183,25 +197,27 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
     if task not in TASKS:  # the user's task and net: saccades through sparsify
         return run_any_task(ctx, task, seed)
     rows: dict[str, dict[str, Any]] = {}
-    plan = dict(TINY if ctx.budget == "tiny" else TASKS[task][ctx.budget])
-    finetune = plan.pop("finetune")
+    task_plan = TASKS[task]
+    stage = TINY if ctx.budget == "tiny" else getattr(task_plan, ctx.budget)
+    plan = {"epochs": stage.epochs, **({"train_limit": stage.train_limit} if stage.train_limit is not None else {})}
+    finetune = stage.finetune
     variants = list(VARIANTS)
-    for b in MORE_BUDGETS.get(task, ()) if ctx.budget != "tiny" else ():
+    for b in task_plan.more_budgets if ctx.budget != "tiny" else ():
         variants.append((f"saccadic-{b}", "saccadic", {"budget": b, "budget_warmup": 500}, FINETUNE))
     for variant, model, model_kw, overrides in variants:
         settings = {"optimizer": "adam", "lr": 2e-3, **plan, **overrides}
         twin = settings.pop("init_from", None)
         if twin is not None:
             settings.update(epochs=finetune, init_from=str(ctx.run_dir("saccade", task, seed, twin).resolve()))
-        if model in ("saccadic", "blockcnn") and task in BLOCK_SIZE:
-            model_kw = {**model_kw, "block_size": BLOCK_SIZE[task]}
+        if model in ("saccadic", "blockcnn") and task_plan.block_size is not None:
+            model_kw = {**model_kw, "block_size": task_plan.block_size}
         if model == "saccadic":
-            model_kw = {"budget": BUDGET.get(task, 0.25), **model_kw}
-            if task in KERNEL_SIZES:
-                model_kw["kernel_sizes"] = KERNEL_SIZES[task]
+            model_kw = {"budget": task_plan.budget, **model_kw}
+            if task_plan.kernel_sizes is not None:
+                model_kw["kernel_sizes"] = list(task_plan.kernel_sizes)
         cfg = TrainConfig(task=task, model=model, model_kw=model_kw, seed=seed, device=str(ctx.device),
                           data_dir=ctx.data_dir, **settings)
-        teacher = TEACHER.get(task) if model == "saccadic" and twin else None
+        teacher = task_plan.teacher if model == "saccadic" and twin else None
         hooks = [TwinTeacher(settings["init_from"], teacher)] if teacher else []
         row = train_and_measure(ctx, cfg, ctx.run_dir("saccade", task, seed, variant), hooks=hooks,
                                 extra=lambda m, d, v=variant: attention_stats(m, d, ctx, v, seed))

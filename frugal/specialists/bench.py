@@ -37,9 +37,10 @@ from frugal.specialists.spatial import SpatialSpecialist, choose_features
 from frugal.specialists.tree import TreeConfig
 from frugal.train import TrainConfig, load_run, normalize, train
 
-TREES = dict(tiny=dict(k=2, epochs=1, min_cluster=30, widths=(8, 16)),
-             quick=dict(k=4, epochs=2, min_cluster=500, widths=(16, 32)),
-             full=dict(k=4, epochs=6, min_cluster=500, widths=(16, 32)))
+# The trees per budget (depth and seed are set per variant and seed)
+TREES: dict[str, TreeConfig] = {"tiny": TreeConfig(k=2, epochs=1, min_cluster=30, widths=(8, 16)),
+                                "quick": TreeConfig(k=4, epochs=2, min_cluster=500, widths=(16, 32)),
+                                "full": TreeConfig(k=4, epochs=6, min_cluster=500, widths=(16, 32))}
 TASKS = ("mnist", "fashion-mnist", "digits")
 
 
@@ -77,16 +78,16 @@ def _base_config(ctx: BenchContext, task: str, seed: int) -> TrainConfig:
 MAX_ENSEMBLE = 8  # members of the equal-parameter ensemble at most (a tree on a small base may have 50x its parameters)
 
 
-def _tree_settings(budget: str, task: str, train_examples: int, base: nn.Module, data) -> dict[str, Any]:
+def _tree_settings(budget: str, task: str, train_examples: int, base: nn.Module, data) -> TreeConfig:
     """The budget's tree settings. On a task without a plan (a user's data set and net) a cluster
     needs a quarter of its even share of the training set, at most the plan's minimum, and the
     specialists' stages are half as wide as the base's first two taps (at least 4 channels)."""
-    t = dict(TREES[budget])
+    t = TREES[budget]
     if task not in TASKS:
-        t["min_cluster"] = min(t["min_cluster"], max(10, train_examples // (4 * t["k"])))
         taps, _, _ = probe(Tapped(copy.deepcopy(base)), torch.zeros(2, data.in_channels, *data.image_size,
                                                                device=next(base.parameters()).device))
-        t["widths"] = tuple(max(4, c // 2) for c in taps[:2])
+        t = dataclasses.replace(t, min_cluster=min(t.min_cluster, max(10, train_examples // (4 * t.k))),
+                                widths=tuple(max(4, c // 2) for c in taps[:2]))
     return t
 
 
@@ -157,7 +158,7 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
     for depth in (1, 2):
         if not (ctx.wants(f"tree d{depth}") or (depth == 1 and controls)):
             continue
-        cfg = TreeConfig(depth=depth, seed=seed, **tcfg)
+        cfg = dataclasses.replace(tcfg, depth=depth, seed=seed)
         out = ctx.run_dir("specialists", task, seed, f"tree-d{depth}")
         tree, record = build_tree(base_dir, None, out, cfg, backend=backend, workers=2, data_dir=ctx.data_dir,
                                   log=lambda s: None)
@@ -219,8 +220,8 @@ def _wants_control(ctx: BenchContext, name: str) -> bool:
     return ctx.wants(name) or any(p.startswith(name) for p in ctx.variants)
 
 
-def _spatial(ctx: BenchContext, base: nn.Module, base_cfg: TrainConfig, data, task: str, seed: int, tcfg: dict,
-             speed: bool) -> dict[str, Any]:
+def _spatial(ctx: BenchContext, base: nn.Module, base_cfg: TrainConfig, data, task: str, seed: int,
+             tcfg: TreeConfig, speed: bool) -> dict[str, Any]:
     """Features computed only where the base's strongest last-stage features fire."""
     parent = Tapped(base)
     xs = normalize(data.train.x[:512].to(ctx.device), data.mean, data.std)
@@ -230,7 +231,7 @@ def _spatial(ctx: BenchContext, base: nn.Module, base_cfg: TrainConfig, data, ta
     spatial = SpatialSpecialist(parent, data.in_channels, data.image_size, data.num_classes, len(parent.taps) - 1,
                                 channels, thr, pen, width=16, block=block).to(ctx.device)
     sp_dir = ctx.run_dir("specialists", task, seed, "spatial")
-    sp_cfg = dataclasses.replace(base_cfg, model="spatial-specialist", epochs=tcfg["epochs"], warmup_epochs=0.0,
+    sp_cfg = dataclasses.replace(base_cfg, model="spatial-specialist", epochs=tcfg.epochs, warmup_epochs=0.0,
                                  optimizer="adam", lr=1e-3, weight_decay=0.0)
     res = train(sp_cfg, sp_dir, resume=(sp_dir / "checkpoint.pt").exists(), model=spatial, data=data,
                 quiet=ctx.quiet, progress=False)
@@ -242,8 +243,8 @@ def _spatial(ctx: BenchContext, base: nn.Module, base_cfg: TrainConfig, data, ta
     return row
 
 
-def _unsupervised(ctx: BenchContext, base_cfg: TrainConfig, data, task: str, seed: int, tcfg: dict, backend: str,
-                  speed: bool) -> list[dict[str, Any]]:
+def _unsupervised(ctx: BenchContext, base_cfg: TrainConfig, data, task: str, seed: int, tcfg: TreeConfig,
+                  backend: str, speed: bool) -> list[dict[str, Any]]:
     """An autoencoder base trained without labels (its row: a linear probe on its code), and a
     depth-1 tree on clusters of that code."""
     rows = []
@@ -255,8 +256,8 @@ def _unsupervised(ctx: BenchContext, base_cfg: TrainConfig, data, task: str, see
         rows.append(ae_row)
     if ctx.wants("unsupervised tree"):
         out = ctx.run_dir("specialists", task, seed, "unsupervised-tree")
-        utree, _ = build_tree(ae_dir, None, out, TreeConfig(depth=1, seed=seed, **tcfg), backend=backend, workers=2,
-                              data_dir=ctx.data_dir, log=lambda s: None)
+        utree, _ = build_tree(ae_dir, None, out, dataclasses.replace(tcfg, depth=1, seed=seed), backend=backend,
+                              workers=2, data_dir=ctx.data_dir, log=lambda s: None)
         rows.append({**measure(utree.to(ctx.device), data, ctx.device, data_dir=ctx.data_dir, speed=speed),
                      "variant": "unsupervised tree", "run_dir": str(out.relative_to(ctx.out_dir))})
     return rows
