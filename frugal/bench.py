@@ -28,7 +28,7 @@ import torch
 from .data import KNOWN, load_task, task_slug
 from .data.sources import FOLDER_PREFIX
 from .measure import measure
-from .plugins import load_ideas
+from .methods import Method, get_method, list_methods, register_method  # noqa: F401  (ideas import them from here)
 from .train import CHECKPOINT, TrainConfig, train
 from .report import check_rows
 from .utils import LockHeld, atomic_write_json, file_lock, read_json, remove_stale_temp_files, resolve_device, versions
@@ -68,56 +68,6 @@ class BenchContext:
     def run_dir(self, method: str, task: str, seed: int, variant: str = "") -> Path:
         name = f"{variant}-seed{seed}" if variant else f"seed{seed}"
         return self.out_dir / "runs" / method / task_slug(task) / name
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    run: Callable[[BenchContext, str, int], list[dict[str, Any]]]
-    tasks: tuple[str, ...]  # tasks the method knows how to run
-    default_tasks: tuple[str, ...]  # tasks run when --tasks is not given
-    description: str = ""
-    fields: tuple[tuple[str, str, str], ...] = ()  # the method's own row fields: (key, header, format)
-    references: dict[str, list[tuple[str, float, float]]] | None = None  # task -> published (label, acc, bytes)
-    plots: tuple[tuple[str, str], ...] = ()  # own fields to plot accuracy against: (key, axis label)
-    selectable: bool = False  # honours --variants: trains only the variants `ctx.wants`
-
-    def knows(self, task: str) -> bool:
-        """Whether the method has a plan for the task ("*" in its tasks: a plan for any task)."""
-        return task in self.tasks or "*" in self.tasks
-
-
-_METHODS: dict[str, Method] = {}
-def register_method(name: str, *, tasks: tuple[str, ...], default_tasks: tuple[str, ...] | None = None,
-                    description: str = "", fields: tuple[tuple[str, str, str], ...] = (),
-                    references: dict[str, list[tuple[str, float, float]]] | None = None,
-                    plots: tuple[tuple[str, str], ...] = (), selectable: bool = False) -> Callable:
-    """`fields` names the numeric fields a method adds to its rows, as (key, table header, format),
-    e.g. ("attended_fraction", "blocks attended", "{:.1%}"); the report tabulates their means.
-    `references` are published points per task, (label, accuracy, bytes), drawn on the
-    accuracy-vs-bytes plot. A row with `file_bytes` (a real compressed file) is plotted at that size.
-    `plots` names own fields, as (key, axis label), to plot test accuracy against, per task (log x),
-    e.g. ("conv_free_params", "conv free parameters"). `selectable` says the method asks
-    `ctx.wants(variant)` before it trains a variant, so that `--variants` can pick a part of its plan."""
-    def deco(fn: Callable[[BenchContext, str, int], list[dict[str, Any]]]):
-        if name in _METHODS:
-            raise ValueError(f"bench method {name!r} is registered twice")
-        _METHODS[name] = Method(name, fn, tuple(tasks), tuple(default_tasks or tasks), description, tuple(fields),
-                                references, tuple(plots), selectable)
-        return fn
-    return deco
-
-
-def list_methods() -> dict[str, Method]:
-    load_ideas()
-    return dict(sorted(_METHODS.items()))
-
-
-def get_method(name: str) -> Method:
-    methods = list_methods()
-    if name not in methods:
-        raise ValueError(f"unknown bench method {name!r}; known: {', '.join(methods)}")
-    return methods[name]
 
 
 # ---------------------------------------------------------------------------------------------------

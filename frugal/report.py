@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .methods import list_methods  # the registry (importing it loads no idea; listing does)
 from .utils import atomic_write_text, read_json, save_figure
 
 # (field, header, format) of the main table; accuracy columns are mean ± std over seeds
@@ -38,8 +39,6 @@ NUMERIC = {"val_acc", "latency_ms", "corrupted_mean_acc", "file_bytes", *(k for 
 def check_rows(rows: list[Any], path: Path) -> None:
     """Every row of a results file has the fields the report reads, of the right types: a ValueError
     naming the row and the field otherwise, never a KeyError from deep inside a table."""
-    from frugal.bench import list_methods
-
     numeric = set(NUMERIC)
     for m in list_methods().values():
         numeric |= {k for k, _, _ in m.fields} | {k for k, _ in m.plots}
@@ -166,8 +165,6 @@ def method_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from frugal.bench import list_methods
-
     written = []
     for name, m in list_methods().items():
         for key, label in m.plots:
@@ -212,8 +209,6 @@ def table_rows(agg: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 def method_tables(rows: list[dict[str, Any]]) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
     """Per registered method that declares its own fields: a table of their means (± std where a
     field has more than one seed)."""
-    from frugal.bench import list_methods  # the registry, with the ideas loaded
-
     out = []
     for name, m in list_methods().items():
         groups = _variant_groups(rows, name, [k for k, _, _ in m.fields])
@@ -237,8 +232,6 @@ def plot_tradeoffs(agg: list[dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .bench import list_methods
 
     methods = list_methods()
     refs: dict[str, list] = defaultdict(list)  # task -> published points of the methods in this report

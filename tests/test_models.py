@@ -129,3 +129,17 @@ def test_no_idea_imports_another_and_the_spine_imports_none():
         own = rel[0] if rel[0] in ideas else None
         for m in pattern.finditer(path.read_text()):
             assert m.group(1) == own, f"{path.relative_to(root)} imports frugal.{m.group(1)}"
+
+
+def test_the_report_reads_the_method_registry_without_importing_the_bench():
+    """report <-> bench: the bench checks rows with the report's check_rows, the report lists the
+    methods; the registry lives apart (frugal.methods), so neither module needs the other first."""
+    import subprocess
+    import sys
+
+    code = "import sys, frugal.report; assert 'frugal.bench' not in sys.modules, 'frugal.report imported the bench'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from frugal.bench import register_method as via_bench
+    from frugal.methods import register_method
+
+    assert via_bench is register_method  # ideas register through either name

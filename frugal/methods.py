@@ -1,0 +1,67 @@
+"""The registry of bench methods: what a method is, and where ideas register theirs.
+
+Kept apart from `frugal.bench` (which runs them) so that the report can read the registry without
+importing the bench: `frugal.bench` re-exports every name here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from .plugins import load_ideas
+
+if TYPE_CHECKING:
+    from .bench import BenchContext
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    run: Callable[["BenchContext", str, int], list[dict[str, Any]]]
+    tasks: tuple[str, ...]  # tasks the method knows how to run
+    default_tasks: tuple[str, ...]  # tasks run when --tasks is not given
+    description: str = ""
+    fields: tuple[tuple[str, str, str], ...] = ()  # the method's own row fields: (key, header, format)
+    references: dict[str, list[tuple[str, float, float]]] | None = None  # task -> published (label, acc, bytes)
+    plots: tuple[tuple[str, str], ...] = ()  # own fields to plot accuracy against: (key, axis label)
+    selectable: bool = False  # honours --variants: trains only the variants `ctx.wants`
+
+    def knows(self, task: str) -> bool:
+        """Whether the method has a plan for the task ("*" in its tasks: a plan for any task)."""
+        return task in self.tasks or "*" in self.tasks
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, *, tasks: tuple[str, ...], default_tasks: tuple[str, ...] | None = None,
+                    description: str = "", fields: tuple[tuple[str, str, str], ...] = (),
+                    references: dict[str, list[tuple[str, float, float]]] | None = None,
+                    plots: tuple[tuple[str, str], ...] = (), selectable: bool = False) -> Callable:
+    """`fields` names the numeric fields a method adds to its rows, as (key, table header, format),
+    e.g. ("attended_fraction", "blocks attended", "{:.1%}"); the report tabulates their means.
+    `references` are published points per task, (label, accuracy, bytes), drawn on the
+    accuracy-vs-bytes plot. A row with `file_bytes` (a real compressed file) is plotted at that size.
+    `plots` names own fields, as (key, axis label), to plot test accuracy against, per task (log x),
+    e.g. ("conv_free_params", "conv free parameters"). `selectable` says the method asks
+    `ctx.wants(variant)` before it trains a variant, so that `--variants` can pick a part of its plan."""
+    def deco(fn: Callable[["BenchContext", str, int], list[dict[str, Any]]]):
+        if name in _METHODS:
+            raise ValueError(f"bench method {name!r} is registered twice")
+        _METHODS[name] = Method(name, fn, tuple(tasks), tuple(default_tasks or tasks), description, tuple(fields),
+                                references, tuple(plots), selectable)
+        return fn
+    return deco
+
+
+def list_methods() -> dict[str, Method]:
+    load_ideas()
+    return dict(sorted(_METHODS.items()))
+
+
+def get_method(name: str) -> Method:
+    methods = list_methods()
+    if name not in methods:
+        raise ValueError(f"unknown bench method {name!r}; known: {', '.join(methods)}")
+    return methods[name]
