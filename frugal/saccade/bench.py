@@ -119,7 +119,7 @@ class SparsifyPlan:
     finetune: tuple[tuple[str, int], ...] = (("tiny", 1), ("quick", 1), ("full", 3))
     lr_factor: float = 0.5  # the fine-tuning rate, as a share of the recipe's
     warmup: float = 0.3  # the budget's warm-up, as a share of the fine-tuning run
-    fractions: tuple[float, ...] = (0.25,)
+    fractions: tuple[float, ...] = (0.5,)  # the last budget's model attending more: a point further up its curve
     grid: int = 6
 
 
