@@ -28,8 +28,8 @@ import torch
 from .data import KNOWN, load_task, task_slug
 from .data.sources import FOLDER_PREFIX
 from .measure import measure
-from .methods import Method, get_method, list_methods, register_method  # noqa: F401  (ideas import them from here)
-from .train import CHECKPOINT, TrainConfig, train
+from .methods import Method, Summary, get_method, list_methods, register_method  # noqa: F401  (ideas import them here)
+from .train import CHECKPOINT, WEIGHTS, TrainConfig, copy_run, train
 from .report import check_rows
 from .utils import LockHeld, atomic_write_json, file_lock, read_json, remove_stale_temp_files, resolve_device, versions
 
@@ -48,6 +48,7 @@ class BenchContext:
     variants: tuple[str, ...] = ()  # glob patterns on variant labels; empty: every variant of the plan
     model: str | None = None  # the user's model (a registered name or an import path) for the methods that take one
     note: Callable[[str], None] = lambda s: None  # a line for the user: why a method skips a part of its plan
+    headline: bool = False  # the front door: each method runs its headline comparison only, with its control
 
     def base_config(self, task: str, seed: int) -> TrainConfig:
         """The task's baseline training config with the user's --model: where every idea's plan for a
@@ -162,11 +163,30 @@ def plan_fields(cfg: TrainConfig, data) -> dict[str, Any]:
     return {"epochs": cfg.epochs, "train_examples": n}
 
 
+def reuse_baseline(ctx: BenchContext, cfg: TrainConfig, run_dir: Path) -> bool:
+    """Copy the baseline's finished run of the same task and seed into `run_dir` when it was trained
+    with exactly `cfg`; False (nothing copied) otherwise."""
+    src = ctx.run_dir("baseline", cfg.task, cfg.seed)
+    if run_dir.exists() or src.resolve() == run_dir.resolve() or not (src / WEIGHTS).exists():
+        return False
+    try:
+        if TrainConfig.from_dict(read_json(src / "config.json", "")["config"]) != cfg:
+            return False
+    except (ValueError, KeyError, TypeError):  # not a run this bench wrote: train as usual
+        return False
+    copy_run(src, run_dir)
+    return True
+
+
 def train_and_measure(ctx: BenchContext, cfg: TrainConfig, run_dir: Path,
                       extra: Callable[[torch.nn.Module, Any], dict[str, Any]] | None = None,
                       **train_kw) -> dict[str, Any]:
     """Train (resuming a run a killed bench left behind) and measure: the row fields of one model.
-    `extra(model, data)` may add a method's own measured fields (and write figures)."""
+    `extra(model, data)` may add a method's own measured fields (and write figures). A run that is
+    exactly the baseline's (same config and seed, no hooks or model of its own) starts from a copy
+    of the baseline's finished run instead of training again."""
+    if not train_kw:
+        reuse_baseline(ctx, cfg, run_dir)
     resume = (run_dir / CHECKPOINT).exists()
     data = load_task(cfg.task, data_dir=ctx.data_dir, val_size=cfg.val_size)
     res = train(cfg, run_dir, resume=resume, data=data, quiet=ctx.quiet, progress=False, **train_kw)
@@ -180,7 +200,7 @@ def train_and_measure(ctx: BenchContext, cfg: TrainConfig, run_dir: Path,
     return row
 
 
-@register_method("baseline", tasks=(*BASELINE_RECIPES, "*"),
+@register_method("baseline", tasks=(*BASELINE_RECIPES, "*"), headline_tasks=("mnist",),
                  default_tasks=("mnist", "fashion-mnist", "cluttered-mnist-60"),
                  description="a standard CNN per task (or the user's --model), trained plainly: the control for "
                              "every idea")
@@ -208,6 +228,7 @@ class BenchConfig:
     verbose: bool = False  # per-epoch lines on stderr
     variants: tuple[str, ...] = ()  # glob patterns on variant labels, e.g. ("plain", "snap *"); empty: all
     model: str | None = None  # the user's model (registered name or import path 'pkg.mod:fn') for the baseline
+    headline: bool = False  # every method's headline comparison on its headline task (`frugal bench --quick`)
 
 
 def _key(row: dict[str, Any]) -> tuple:
@@ -281,10 +302,10 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
             if m.name != "baseline":
                 log(f"note: --model {cfg.model} is used by {m.name!r} on tasks without a plan of its own "
                     f"(its plans for {', '.join(t for t in m.tasks if t != '*') or 'no task'} keep their models)")
-    selection = ",".join(cfg.variants)
+    selection = ",".join(cfg.variants) or ("headline" if cfg.headline else "")  # rows of a part of the plan
     plan: list[tuple[Method, str, int]] = []
     for m in methods:
-        tasks = cfg.tasks or m.default_tasks
+        tasks = cfg.tasks or (m.headline_tasks if cfg.headline else m.default_tasks)
         for t in tasks:
             if not m.knows(t):
                 if cfg.tasks:  # asked for explicitly: say so; otherwise this method just has no plan for it
@@ -301,7 +322,7 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     results_path = out / "results.json"
     ctx = BenchContext(out, cfg.budget, resolve_device(cfg.device), cfg.data_dir, cfg.corrupted,
                        process_id=uuid.uuid4().hex[:12], quiet=not cfg.verbose, variants=tuple(cfg.variants),
-                       model=cfg.model, note=lambda s: log(f"    note: {s}"))
+                       model=cfg.model, note=lambda s: log(f"    note: {s}"), headline=cfg.headline)
     meta = {"config": dataclasses.asdict(cfg), "versions": versions(), "argv": sys.argv,
             "device": str(ctx.device)}
     with _locked(results_path):

@@ -16,6 +16,30 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Summary:
+    """What a method's line of the report's summary table compares, on the rows of one task.
+
+    - `idea`: globs (separated by "|") on variant labels. The row shown is, with pick="best", the
+      one with the highest `metric`; with pick="cheapest", the one with the lowest `cost` whose
+      metric is within TOLERANCE of the reference's (else the highest metric).
+    - `reference`: the variant of the same net trained plainly.
+    - `control`: globs for the fair control (the one whose cost is nearest the idea row's); None:
+      the reference is the control.
+    - `cost`: the field the idea saves (macs, file_bytes, conv_free_params, train_seconds).
+    - `published`: the `results/` folder of the idea's full-budget bench; the report reads its line
+      from that folder's results.json, so the figure is never copied by hand."""
+
+    claim: str
+    idea: str
+    reference: str
+    control: str | None = None
+    metric: str = "test_acc"
+    cost: str = "macs"
+    pick: str = "best"
+    published: str | None = None
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     run: Callable[["BenchContext", str, int], list[dict[str, Any]]]
@@ -26,6 +50,8 @@ class Method:
     references: dict[str, list[tuple[str, float, float]]] | None = None  # task -> published (label, acc, bytes)
     plots: tuple[tuple[str, str], ...] = ()  # own fields to plot accuracy against: (key, axis label)
     selectable: bool = False  # honours --variants: trains only the variants `ctx.wants`
+    headline_tasks: tuple[str, ...] = ()  # where `frugal bench --quick` runs its headline comparison
+    summary: Summary | None = None  # its line in the report's summary table
 
     def knows(self, task: str) -> bool:
         """Whether the method has a plan for the task ("*" in its tasks: a plan for any task)."""
@@ -38,19 +64,23 @@ _METHODS: dict[str, Method] = {}
 def register_method(name: str, *, tasks: tuple[str, ...], default_tasks: tuple[str, ...] | None = None,
                     description: str = "", fields: tuple[tuple[str, str, str], ...] = (),
                     references: dict[str, list[tuple[str, float, float]]] | None = None,
-                    plots: tuple[tuple[str, str], ...] = (), selectable: bool = False) -> Callable:
+                    plots: tuple[tuple[str, str], ...] = (), selectable: bool = False,
+                    headline_tasks: tuple[str, ...] = (), summary: Summary | None = None) -> Callable:
     """`fields` names the numeric fields a method adds to its rows, as (key, table header, format),
     e.g. ("attended_fraction", "blocks attended", "{:.1%}"); the report tabulates their means.
     `references` are published points per task, (label, accuracy, bytes), drawn on the
     accuracy-vs-bytes plot. A row with `file_bytes` (a real compressed file) is plotted at that size.
     `plots` names own fields, as (key, axis label), to plot test accuracy against, per task (log x),
     e.g. ("conv_free_params", "conv free parameters"). `selectable` says the method asks
-    `ctx.wants(variant)` before it trains a variant, so that `--variants` can pick a part of its plan."""
+    `ctx.wants(variant)` before it trains a variant, so that `--variants` can pick a part of its plan.
+    `headline_tasks`: where the front-door bench (`frugal bench --quick`) runs the method with
+    `ctx.headline` set, which asks for its headline comparison only; `summary` gives its line in the
+    report's summary table."""
     def deco(fn: Callable[["BenchContext", str, int], list[dict[str, Any]]]):
         if name in _METHODS:
             raise ValueError(f"bench method {name!r} is registered twice")
         _METHODS[name] = Method(name, fn, tuple(tasks), tuple(default_tasks or tasks), description, tuple(fields),
-                                references, tuple(plots), selectable)
+                                references, tuple(plots), selectable, tuple(headline_tasks), summary)
         return fn
     return deco
 

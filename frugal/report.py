@@ -117,6 +117,121 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+TOLERANCE = 0.005  # accuracy within half a point of the reference counts as kept (pick="cheapest")
+COST_NAMES = {"macs": "MACs/image", "file_bytes": "file bytes", "conv_free_params": "conv free params",
+              "train_seconds": "train s", "params": "params"}
+METRIC_NAMES = {"test_acc": "test acc", "corrupted_mean_acc": "corrupted acc"}
+
+
+def _variant_stats(rows: list[dict[str, Any]], metric: str, cost: str) -> dict[str, dict[str, Any]]:
+    """Per variant: metric mean and std over seeds, mean cost, mean latency, seeds."""
+    by: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by[r.get("variant", r["method"])].append(r)
+    out = {}
+    for v, rs in by.items():
+        vals = [r[metric] for r in rs if isinstance(r.get(metric), (int, float))]
+        if not vals:
+            continue
+        m, sd = _mean_std(vals)
+        costs = [r[cost] for r in rs if isinstance(r.get(cost), (int, float))]
+        lat = [r["latency_ms"] for r in rs if isinstance(r.get("latency_ms"), (int, float))]
+        thr = [r["throughput"] for r in rs if isinstance(r.get("throughput"), (int, float))]
+        out[v] = {"variant": v, "mean": m, "std": sd, "n": len(vals), "cost": float(np.mean(costs)) if costs else None,
+                  "latency": float(np.mean(lat)) if lat else None, "throughput": float(np.mean(thr)) if thr else None}
+    return out
+
+
+def _matching(stats: dict[str, dict], globs: str) -> list[dict]:
+    import fnmatch
+
+    pats = [g.strip() for g in globs.split("|")]
+    return [e for v, e in stats.items() if any(fnmatch.fnmatchcase(v, p) for p in pats)]
+
+
+def summary_lines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per (method with a Summary, task): its best idea row against the reference and the
+    fair control, and a verdict on the metric (beats / matches / loses the control: apart by more
+    than the larger std over seeds, or 0.1 point)."""
+    out = []
+    for name, m in list_methods().items():
+        sm = m.summary
+        if sm is None:
+            continue
+        for task in sorted({r["task"] for r in rows if r["method"] == name}):
+            stats = _variant_stats([r for r in rows if r["method"] == name and r["task"] == task], sm.metric, sm.cost)
+            refs = _matching(stats, sm.reference)
+            ref = refs[0] if refs else None
+            ideas = _matching(stats, sm.idea)
+            if ref is None or not ideas:
+                continue
+            if sm.pick == "cheapest":
+                kept = [e for e in ideas if e["cost"] is not None and e["mean"] >= ref["mean"] - TOLERANCE]
+                idea = min(kept, key=lambda e: e["cost"]) if kept else max(ideas, key=lambda e: e["mean"])
+            else:
+                idea = max(ideas, key=lambda e: e["mean"])
+            control = ref
+            if sm.control:
+                ctrls = _matching(stats, sm.control)
+                if ctrls:
+                    control = min(ctrls, key=lambda e: abs((e["cost"] or 0) - (idea["cost"] or 0)))
+            diff = idea["mean"] - control["mean"]
+            tol = max(idea["std"], control["std"], 0.001)
+            verdict = "beats" if diff > tol else "loses to" if diff < -tol else "matches"
+            out.append({"method": name, "task": task, "claim": sm.claim, "metric": sm.metric, "cost": sm.cost,
+                        "idea": idea, "reference": ref, "control": control, "verdict": verdict,
+                        "control_is_reference": control is ref, "published": sm.published})
+    return out
+
+
+def _point(e: dict, metric: str, cost: str) -> str:
+    acc = f"{100 * e['mean']:.2f}" + (f" ± {100 * e['std']:.2f}" if e["n"] > 1 else "")
+    acc += f"% {METRIC_NAMES.get(metric, metric)}"
+    c = f", {e['cost']:,.0f} {COST_NAMES.get(cost, cost)}" if e["cost"] is not None else ""
+    return f"{e['variant']}: {acc}{c}"
+
+
+def published_line(method: str, folder: str) -> str:
+    """The idea's line computed from its full-budget `results/` folder (in a source checkout), or the
+    folder's name where it is not at hand."""
+    res_path = Path(__file__).resolve().parent.parent / folder / "results.json"
+    if not res_path.exists():
+        return folder
+    res = read_json(res_path, "rebuild it with the command in its README")
+    if not isinstance(res, dict) or "meta" not in res or not res.get("rows"):  # a benchmark script's: the folder says
+        return folder
+    rows = res["rows"]
+    lines = [ln for ln in summary_lines(rows) if ln["method"] == method]
+    text = "; ".join(f"{ln['task']}: {_point(ln['idea'], ln['metric'], ln['cost'])} "
+                     f"({ln['verdict']} {'the plain net' if ln['control_is_reference'] else ln['control']['variant']})"
+                     for ln in lines)
+    return f"{text} ({folder})" if text else folder
+
+
+def summary_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
+    """The report's first table: one line per idea and task (see summary_lines)."""
+    lines = summary_lines(rows)
+    if not lines:
+        return None
+
+    point = _point
+    header = ["idea", "claim", "task", "best point", "plain net", "fair control",
+              "measured speed-up vs plain (batch 256 / batch 1)",
+              "verdict (against the control)", "full budget (results/)"]
+    body = []
+    for ln in lines:
+        i, r, c = ln["idea"], ln["reference"], ln["control"]
+        big = f"{i['throughput'] / r['throughput']:.2f}x" if i["throughput"] and r["throughput"] else "–"
+        one = f"{r['latency'] / i['latency']:.2f}x" if i["latency"] and r["latency"] else "–"
+        speed = f"{big} / {one}"
+        pub = ln["published"]
+        body.append([ln["method"], ln["claim"], ln["task"], point(i, ln["metric"], ln["cost"]),
+                     point(r, ln["metric"], ln["cost"]),
+                     "(the plain net)" if ln["control_is_reference"] else point(c, ln["metric"], ln["cost"]),
+                     speed, ln["verdict"], published_line(ln["method"], pub) if pub else "–"])
+    return header, body
+
+
 def plan_of(row: dict[str, Any]) -> str:
     """A row's training plan as the report prints it: epochs x training examples."""
     ep, n = row.get("epochs"), row.get("train_examples")
@@ -383,7 +498,11 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
              "latency is a median at batch 1 on this machine, comparable only as a ratio within one process.")
 
     # sections: (title, table or None, images)
-    sections: list[tuple[str, tuple | None, list[str]]] = [("", table_rows(agg), []), ("Trade-offs", None, plots)]
+    sections: list[tuple[str, tuple | None, list[str]]] = []
+    summary = summary_table(rows)
+    if summary:
+        sections.append(("Summary: each idea's best point against the plain net and its fair control", summary, []))
+    sections += [("Every row", table_rows(agg), []), ("Trade-offs", None, plots)]
     sections += [(title, table, []) for title, table in method_tables(rows)]
     corr = corrupted_table(rows)
     if corr:
@@ -397,18 +516,17 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
 
     notes = plan_notes(rows)
     md = ["# frugal bench report", "", intro]
-    if notes:
-        md += ["", "The plan column gives each row's epochs and training examples. These models were trained on "
-               "more than one plan; compare their rows with that in mind:", ""] + [f"- {n}" for n in notes]
     h = ["<!doctype html><meta charset='utf-8'><title>frugal bench report</title>",
          "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
          "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:nth-child(-n+3){text-align:left}"
          "img{max-width:100%}</style>",
          "<h1>frugal bench report</h1>", f"<p>{html.escape(intro)}</p>"]
-    if notes:
-        h += ["<p>These models were trained on more than one plan; compare their rows with that in mind:</p><ul>"]
-        h += [f"<li>{html.escape(n)}</li>" for n in notes] + ["</ul>"]
     for title, table, images in sections:
+        if title == "Every row" and notes:  # after the summary: which rows were trained on other plans
+            lead = ("The plan column gives each row's epochs and training examples. These models were trained on "
+                    "more than one plan; compare their rows with that in mind:")
+            md += ["", lead, ""] + [f"- {n}" for n in notes]
+            h += [f"<p>{html.escape(lead)}</p><ul>"] + [f"<li>{html.escape(n)}</li>" for n in notes] + ["</ul>"]
         if title:
             md += ["", f"## {title}"]
             h.append(f"<h2>{html.escape(title)}</h2>")

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -235,3 +236,24 @@ def test_report_rebuilds_a_benchmark_script_s_results(tmp_path):
     assert "| ModelFileError | 2 |" in text
     assert "| flip | 2 | – |" in text and "| splice | – | 1 |" in text
     assert "<td>ModelFileError</td>" in html.read_text()
+
+
+def test_a_method_that_trains_the_baseline_s_exact_run_reuses_it(tmp_path):
+    """The same config and seed give the same run: a copy of the baseline's, not a second training."""
+    from frugal.bench import baseline_config, train_and_measure
+
+    name = "same-as-baseline-test-method"
+    if name not in list_methods():
+        @register_method(name, tasks=("digits",))
+        def run(ctx, task, seed):
+            cfg = baseline_config(task, ctx.budget, seed, device=str(ctx.device))
+            other = dataclasses.replace(cfg, lr=cfg.lr / 2)
+            return [{**train_and_measure(ctx, cfg, ctx.run_dir(name, task, seed, "same")), "variant": "same"},
+                    {**train_and_measure(ctx, other, ctx.run_dir(name, task, seed, "other")), "variant": "other"}]
+    bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("baseline", name), tasks=("digits",), seeds=1,
+                      device="cpu"), log=lambda s: None)
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    base = rows["convnet"]
+    assert rows["same"]["test_acc"] == base["test_acc"] and rows["same"]["train_seconds"] == base["train_seconds"]
+    same_log = (tmp_path / rows["same"]["run_dir"] / "log.txt").read_text()
+    assert "resumed from epoch 1" in same_log and "resumed" not in (tmp_path / rows["other"]["run_dir"] / "log.txt").read_text()

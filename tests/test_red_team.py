@@ -1,6 +1,6 @@
 """Hostile and broken inputs to run folders, bench folders and the command line, each built here.
 
-What frugal promises about files a user is handed (README, "What frugal promises about files"): no
+What frugal promises about files a user is handed (docs/files.md): no
 code in them runs (a marker file a payload would write stays absent), no crafted file exhausts the
 machine (under 2 s and 200 MB), and every fault ends with exit status 2 and a message that names the
 input. Model files have their own red-team tests (test_red_team_model_file.py), data folders theirs

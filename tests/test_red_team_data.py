@@ -1,6 +1,6 @@
 """Hostile and broken data folders, array files and output folders, each built here.
 
-What frugal promises about data it is handed (README, "What frugal promises about files"): no code in
+What frugal promises about data it is handed (docs/files.md): no code in
 it runs, no crafted file exhausts the machine (a refusal within 2 s, without allocating what a header
 claims), nothing is deleted that frugal did not write, and every fault is a DataError (exit status 2
 from the CLI) whose message names the file, the key or index, and the fix.

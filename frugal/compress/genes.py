@@ -15,8 +15,7 @@ offset), and each output unit mixes them with its own r weights,
     w = u[o] . V relu(B f_in[i] + K f_pos[dy, dx] + b) * gain / sqrt(fan_in * r)
 
 a rank-r weight whose input factors come from the shared rule: cheaper to evaluate, (I*kh*kw, r),
-and it learns faster (on mnist, after 3 epochs: 93.5% validation accuracy at rank 32 and hidden 64,
-77.2% with the additive form at hidden 16).
+and it learns faster than the additive form.
 In the spirit of HyperNetworks (Ha et al. 2017), whose MNIST CNN reached 99.24% with 4,240
 generator parameters for 12,544 kernel weights; the size that counts is the generator's file.
 """

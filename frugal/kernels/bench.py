@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from frugal.bench import BenchContext, baseline_config, plan_fields, register_method, train_and_measure
+from frugal.bench import BenchContext, Summary, baseline_config, plan_fields, register_method, train_and_measure
 from frugal.data import load_task, task_slug
 from frugal.kernels.constrained import conv_free_parameters
 from frugal.kernels.penalty import KernelPenalty, PenaltyConfig, SharedValues, kernel_bytes
@@ -64,6 +64,13 @@ PLANS: dict[str, KernelsPlan] = {
 ANY_TASK = KernelsPlan(kinds=("d4",), penalties=(("entropy", 0.01),), thresholds=(0.2, 0.5))
 
 
+def headline_plan(plan: KernelsPlan) -> KernelsPlan:
+    """The front door: one constrained kind with few free values (a 6-term DCT basis where the plan
+    has it) and snapping up to 0.35, against plain and the plan's narrower plain nets."""
+    kind = "dct6" if "dct6" in plan.kinds else plan.kinds[0]
+    return dataclasses.replace(plan, kinds=(kind,), penalties=(), thresholds=tuple(t for t in plan.thresholds if t <= 0.35))
+
+
 def _kernel_fields(model: torch.nn.Module, result=None) -> dict[str, Any]:
     if result is None:
         return {"conv_free_params": conv_free_parameters(model), "kernel_bytes": kernel_bytes(model),
@@ -81,9 +88,15 @@ def _kernel_fields(model: torch.nn.Module, result=None) -> dict[str, Any]:
                          ("acc_after_sharing", "acc right after weight sharing", "{:.2%}")),
                  plots=(("conv_free_params", "conv free parameters"),
                         ("kernel_bytes", "conv kernel bytes (range-coded)")),
-                 selectable=True)
+                 selectable=True, headline_tasks=("mnist",),
+                 summary=Summary(claim="kernels with fewer free values: constrained, or snapped after training",
+                                 idea="constrained *|snap *|penalty *", reference="plain", control="plain width *",
+                                 cost="conv_free_params", pick="cheapest",
+                                 published="results/kernels-fashion"))
 def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     plan = PLANS.get(task, ANY_TASK)
+    if ctx.headline:
+        plan = headline_plan(plan)
     if task == "digits":
         base = dataclasses.replace(baseline_config("mnist", ctx.budget, seed, device=str(ctx.device),
                                                    data_dir=ctx.data_dir), task="digits", model="convnet")

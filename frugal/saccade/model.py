@@ -55,8 +55,8 @@ class SaccadicCNN(BudgetSchedule, nn.Module):
         self.grid = (math.ceil(h / s), math.ceil(w / s))
         self.block_size, self.estimator, self.tau, self.dense = s, estimator, tau, dense
         # "target": the cost term pulls the expected compute to the budget from both sides; "cap": only
-        # compute above it costs. With a cap, the straight-through gradient drifts below the budget
-        # (on cluttered-mnist-60 to 16% of the blocks and 80% accuracy at epoch 4 of 12)
+        # compute above it costs. With a cap, the straight-through gradient drifts below the budget,
+        # and accuracy with it
         self.budget_mode = budget_mode
         self.cost_weight = cost_weight  # weight of the compute above budget in the loss
         self.consistency_weight = consistency_weight  # weight of clean-vs-noisy agreement

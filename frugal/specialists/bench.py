@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from frugal.bench import BenchContext, baseline_config, plan_fields, register_method, train_and_measure
+from frugal.bench import BenchContext, Summary, baseline_config, plan_fields, register_method, train_and_measure
 from frugal.data import load_task, task_slug
 from frugal.measure import count_macs, measure
 from frugal.models import create_model
@@ -137,7 +137,10 @@ def _cluster_figure(confs: dict[int, dict[str, np.ndarray]], data, path: Path) -
                  fields=(("train_seconds_serial", "tree train s (serial)", "{:,.0f}"),
                          ("train_seconds_parallel", "tree train s (2 workers)", "{:,.0f}"),
                          ("computed_fraction", "blocks computed", "{:.1%}")),
-                 selectable=True)
+                 selectable=True, headline_tasks=("mnist",),
+                 summary=Summary(claim="a specialist per cluster of the base's features, each input routed to one",
+                                 idea="tree d*|spatial*", reference="base", control="equal-MACs CNN*",
+                                 published="results/specialists"))
 def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     base_cfg = _base_config(ctx, task, seed)
     data = load_task(task, data_dir=ctx.data_dir, val_size=base_cfg.val_size)
@@ -151,12 +154,14 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
     base = load_run(base_dir, device=ctx.device)[0].eval()
     tcfg = _tree_settings(ctx.budget, task, plan_fields(base_cfg, data)["train_examples"], base, data)
     # the controls are sized by the depth-1 tree (its MACs and parameters), so they need it built
-    want_wide, want_ensemble = _wants_control(ctx, "equal-MACs CNN"), _wants_control(ctx, "ensemble")
+    # the front door (ctx.headline): base, the depth-1 tree and the equal-MACs control only
+    want_wide = _wants_control(ctx, "equal-MACs CNN")
+    want_ensemble = _wants_control(ctx, "ensemble") and not ctx.headline
     controls = want_wide or want_ensemble
 
     trees, tree_rows = {}, {}
     for depth in (1, 2):
-        if not (ctx.wants(f"tree d{depth}") or (depth == 1 and controls)):
+        if not (ctx.wants(f"tree d{depth}") or (depth == 1 and controls)) or (ctx.headline and depth > 1):
             continue
         cfg = dataclasses.replace(tcfg, depth=depth, seed=seed)
         out = ctx.run_dir("specialists", task, seed, f"tree-d{depth}")
@@ -166,7 +171,7 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
         row.update(train_seconds_parallel=sum(lv["seconds"] for lv in record["levels"]),
                    nodes=len(tree.nodes()), model=base_cfg.model, run_dir=str(out.relative_to(ctx.out_dir)),
                    epochs=cfg.epochs, train_examples=len(data.train))  # each node: its cluster of the whole split
-        if depth == 1 and seed == 0 and ctx.wants("tree d1"):
+        if depth == 1 and seed == 0 and ctx.wants("tree d1") and not ctx.headline:
             # the same nodes trained one after another (bit for bit, which the tests check): only its time
             # is new, so it is measured on the first seed only
             serial_out = ctx.run_dir("specialists", task, seed, "tree-d1-serial")
@@ -182,13 +187,14 @@ def run_specialists(ctx: BenchContext, task: str, seed: int) -> list[dict[str, A
         _cluster_figure(confs, data, ctx.figures / f"specialists-{task_slug(task)}-clusters.png")
         draw_cluster_confusions(confs, task, data.num_classes, ctx.figures / f"specialists-{task_slug(task)}-confusion.png")
 
-    if task not in TASKS and (ctx.wants("spatial") or ctx.wants("unsupervised tree")):
+    if task not in TASKS and not ctx.headline and (ctx.wants("spatial") or ctx.wants("unsupervised tree")):
         ctx.note(f"specialists on {task}: the spatial specialist and the unsupervised tree are planned for frugal's "
                  f"own tasks ({', '.join(TASKS)}) and nets only; trained here: base, trees, and the controls")
-    elif ctx.wants("spatial"):
-        rows.append(_spatial(ctx, base, base_cfg, data, task, seed, tcfg, speed))
-    if task in TASKS and (ctx.wants("autoencoder (probe)") or ctx.wants("unsupervised tree")):
-        rows += _unsupervised(ctx, base_cfg, data, task, seed, tcfg, backend, speed)
+    elif task in TASKS and not ctx.headline:
+        if ctx.wants("spatial"):
+            rows.append(_spatial(ctx, base, base_cfg, data, task, seed, tcfg, speed))
+        if ctx.wants("autoencoder (probe)") or ctx.wants("unsupervised tree"):
+            rows += _unsupervised(ctx, base_cfg, data, task, seed, tcfg, backend, speed)
 
     if controls:  # the same executed MACs in one plain CNN; the same parameters in an ensemble
         family, kw = _width_for_macs(base_cfg.model, data, tree_rows[1]["macs"])
