@@ -22,3 +22,25 @@ def where(a: argparse.Namespace) -> torch.device:
     if a.threads:
         torch.set_num_threads(a.threads)
     return resolve_device(a.device)
+
+
+def add_out_arg(p: argparse.ArgumentParser) -> None:
+    """--out: also write the JSON to a file (say results/NAME/results.json, which `frugal report`
+    renders)."""
+    p.add_argument("--out", default=None, help="also write the JSON here, e.g. results/NAME/results.json")
+
+
+def publish(result: dict, script: str, argv: list[str] | None, out: str | None) -> dict:
+    """Print a benchmark's result as JSON, with the command that made it, and write it to `out`."""
+    import json
+    import sys
+
+    from frugal.utils import atomic_write_json
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    result = {"benchmark": result.get("benchmark", script.rsplit(".", 1)[-1]),
+              "command": " ".join(["python -m", script, *args]), **result}
+    print(json.dumps(result, indent=2))
+    if out:
+        atomic_write_json(out, result)
+    return result

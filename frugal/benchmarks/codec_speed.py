@@ -11,12 +11,12 @@ the others stay raw; encode = `encode_model` (codes, range coder, header, checks
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
+from frugal.benchmarks import add_out_arg, publish
 from frugal.coding.codecs import codec_from_spec
 from frugal.compress.container import decode_model, encode_model
 from frugal.measure import weight_tensors
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    add_out_arg(p)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "total_s": statistics.median(enc) + statistics.median(dec)})
     out = {"benchmark": "codec_speed", "model": "resnet", "width": a.width, "params": params,
            "threads": torch.get_num_threads(), "rows": rows, "versions": versions()}
-    print(json.dumps(out, indent=2))
-    return out
+    return publish(out, "frugal.benchmarks.codec_speed", argv, a.out)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from frugal.benchmarks import add_where_args, where
+from frugal.benchmarks import add_out_arg, add_where_args, publish, where
 from frugal.data import load_task
 from frugal.dream.generator import DreamConfig
 from frugal.dream.rounds import dream_split
@@ -52,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--onednn", choices=("on", "off"), default="on",
                    help="off: PyTorch's own CPU convolutions in place of oneDNN's, for both costs")
     add_where_args(p)
+    add_out_arg(p)
     a = p.parse_args(argv)
     device = where(a)
     data = load_task(a.task, data_dir=a.data_dir)
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                           "batch": a.batch, "onednn": a.onednn},
            "train_epoch_seconds": t_train, "dream_seconds": t_dream, "dream_over_epoch": t_dream / t_train,
            "dream_ms_per_image": 1e3 * t_dream / len(split), "versions": versions()}
-    print(json.dumps(out, indent=2))
-    return out
+    return publish(out, "frugal.benchmarks.dream_speed", argv, a.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ printed as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import tempfile
@@ -21,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from frugal.benchmarks import add_out_arg, publish
 from frugal.data import load_task
 from frugal.train import (TrainConfig, build_model, epoch_generator, evaluate, lr_factor, make_optimizer, model_spec,
                           normalize, train)
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="auto")
+    add_out_arg(p)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         "same_test_accuracy": accs["bare"] == accs["frugal"], "test_acc": accs,
         "threads": torch.get_num_threads(), "versions": versions(),
     }
-    print(json.dumps(out, indent=2))
-    return out
+    return publish(out, "frugal.benchmarks.loop_overhead", argv, a.out)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 
 import torch
 
-from frugal.benchmarks import add_where_args, where
+from frugal.benchmarks import add_out_arg, add_where_args, publish, where
 from frugal.measure import count_macs
 from frugal.train import evaluate, load_run, normalize
 from frugal.data import load_task
@@ -66,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_where_args(p, data_dir=False)
     p.add_argument("--fractions", type=float, nargs="*", default=[],
                    help="also time the saccadic model attending this share of each image's blocks (inference_fraction)")
+    add_out_arg(p)
     a = p.parse_args(argv)
     device = where(a)
     (sparse, s_cfg, _), (dense, d_cfg, _) = load_run(a.sparse, device), load_run(a.dense, device)
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     out["speedup"] = t["dense"] / t["saccadic"]
     out["macs_ratio"] = out["models"]["saccadic"]["macs"] / out["models"]["dense"]["macs"]
     out["versions"] = versions()
-    print(json.dumps(out, indent=2))
-    return out
+    return publish(out, "frugal.benchmarks.saccade_model", argv, a.out)
 
 
 if __name__ == "__main__":

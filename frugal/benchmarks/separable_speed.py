@@ -8,11 +8,11 @@ at their real input sizes, both timed alternately under no_grad, medians compare
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.nn as nn
 
+from frugal.benchmarks import add_out_arg, publish
 from frugal.benchmarks.saccade_model import alternate_timing
 from frugal.kernels import conv_free_parameters, constrain_conv
 from frugal.measure import count_macs
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--models", nargs="+", default=["lenet5", "resnet"])
+    add_out_arg(p)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -59,8 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "speedup": t["full"] / t["separable"]})
     out = {"benchmark": "separable_speed", "batch": a.batch, "threads": torch.get_num_threads(), "rows": rows,
            "versions": versions()}
-    print(json.dumps(out, indent=2))
-    return out
+    return publish(out, "frugal.benchmarks.separable_speed", argv, a.out)
 
 
 if __name__ == "__main__":

@@ -22,17 +22,15 @@ cost. The setting is recorded in the output.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from frugal.benchmarks import add_where_args, where
+from frugal.benchmarks import add_out_arg, add_where_args, publish, where
 from frugal.benchmarks.saccade_model import alternate_timing
 from frugal.saccade import BlockSet, BlockSparseConv2d
-from frugal.utils import atomic_write_json, versions
+from frugal.utils import versions
 
 
 def random_levels(b: int, gh: int, gw: int, density: float, gen: torch.Generator) -> torch.Tensor:
@@ -97,9 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--density", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
     p.add_argument("--repeats", type=int, default=10)
     add_where_args(p, data_dir=False)
-    p.add_argument("--out", default=None, help="also write the JSON here (say results/sparse-conv/results.json)")
     p.add_argument("--nchw", action="store_true",
                    help="feed NCHW input; default channels-last, the layout a stack of sparse layers passes on")
+    add_out_arg(p)
     a = p.parse_args(argv)
     for b in a.block:
         if b < 1:
@@ -135,16 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append({"form": form, "block": block, "density": real_d, "dense_ms": 1e3 * t_dense,
                              "sparse_ms": 1e3 * t_sparse, "speedup": speedup, "ideal": 1 / real_d,
                              "efficiency": speedup * real_d})
-    out = {"benchmark": "sparse_conv",
-           "command": " ".join(["python -m frugal.benchmarks.sparse_conv", *(sys.argv[1:] if argv is None else argv)]),
-           "channels": a.channels, "size": a.size, "batch": a.batch,
+    out = {"benchmark": "sparse_conv", "channels": a.channels, "size": a.size, "batch": a.batch,
            "kernel": a.kernel, "layout": "NCHW" if a.nchw else "channels_last", "device": str(device),
            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "threads": torch.get_num_threads(), "rows": rows,
            "versions": versions()}
-    print(json.dumps(out, indent=2))
-    if a.out:
-        atomic_write_json(a.out, out)
-    return out
+    return publish(out, "frugal.benchmarks.sparse_conv", argv, a.out)
 
 
 if __name__ == "__main__":

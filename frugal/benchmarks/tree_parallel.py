@@ -13,12 +13,12 @@ the gain of running nodes side by side; it needs as many idle cores as workers. 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
 
 import torch
+from frugal.benchmarks import add_out_arg, publish
 from frugal.specialists.build import build_tree, same_nodes
 from frugal.specialists.tree import TreeConfig
 from frugal.utils import versions
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--data-dir", default=None)
+    add_out_arg(p)
     a = p.parse_args(argv)
     base = Path(a.base)
     if not (base / "config.json").exists():
@@ -61,8 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
            "serial_seconds": seconds["serial"], "process_seconds": seconds["process"],
            "speedup": t_serial / t_pool, "identical_nodes": all(same), "cpus": torch.multiprocessing.cpu_count(),
            "versions": versions()}
-    print(json.dumps(out, indent=2))
-    return out
+    return publish(out, "frugal.benchmarks.tree_parallel", argv, a.out)
 
 
 if __name__ == "__main__":
