@@ -373,3 +373,17 @@ def test_a_round_leaves_batchnorm_statistics_that_fit_the_coded_weights(tmp_path
     recalibrate_batchnorm(res.model, data, 300, "cpu")  # again, on the final weights: nothing changes
     for m, v in zip(bns, kept):
         torch.testing.assert_close(m.running_var, v)
+
+
+def test_variants_pick_a_part_of_the_compress_plan_and_train_what_it_needs(tmp_path, monkeypatch):
+    from frugal.bench import BenchConfig, bench
+    from frugal.compress import bench as cb
+
+    monkeypatch.setattr(cb, "LAMBDAS", (0.03, 0.3))
+    bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("compress",), tasks=("digits",), seeds=1,
+                      device="cpu", variants=("lenet300 torch-prune λ=0.3",)), log=lambda s: None)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["lenet300 torch-prune λ=0.3"]
+    runs = sorted(p.name for p in (tmp_path / "runs" / "compress" / "digits").iterdir() if p.is_dir())
+    # the control's prerequisites: the dense net it prunes, the loop run whose sparsity it matches
+    assert runs == ["lenet300-dense-seed0", "lenet300-loop-0.3-seed0", "lenet300-torch-prune-0.3-seed0"]

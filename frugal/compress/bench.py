@@ -130,7 +130,7 @@ HEADLINE_LAMBDA = 0.03  # the front door's one lambda, on lenet5 alone
 @register_method("compress", tasks=(*PLANS, "*"), default_tasks=("mnist", "fashion-mnist"),
                  description="compression in the training loop vs plain training and torch pruning, in real file bytes",
                  fields=(("file_bytes", "file bytes", "{:,.0f}"), ("zero_fraction", "zero weights", "{:.1%}")),
-                 references=PUBLISHED, headline_tasks=("mnist",),
+                 references=PUBLISHED, headline_tasks=("mnist",), selectable=True,
                  summary=Summary(claim="the weights' code length as a training objective: fewer bytes of a real file",
                                  idea="* loop *", reference="* dense", control="* torch-prune *", cost="file_bytes",
                                  pick="cheapest"))
@@ -153,13 +153,21 @@ def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]
         data = load_task(task, data_dir=ctx.data_dir, val_size=base.val_size)
         spec = model_spec(base, data)
 
-        dense_dir = ctx.run_dir("compress", task, seed, f"{model_name}-dense")
-        row = train_and_measure(ctx, base, dense_dir, extra=lambda m, d: file_row(
-            m, spec, {}, dense_dir / "model.frugal"))
-        rows.append({**row, "variant": f"{model_name} dense"})
-
         genes = model_name.startswith("genes")
-        for lam in lambdas[1:2] if genes else lambdas:  # genes: one lambda (each of its epochs costs two of lenet5's)
+        lams = lambdas[1:2] if genes else lambdas  # genes: one lambda (each of its epochs costs two of lenet5's)
+        # --variants: a control needs the dense net and its lambda's loop run, so those train with it
+        want_ctrl = {lam: not genes and ctx.wants(f"{model_name} torch-prune λ={lam:g}") for lam in lams}
+        want_loop = {lam: ctx.wants(f"{model_name} loop λ={lam:g}") for lam in lams}
+        dense_dir = ctx.run_dir("compress", task, seed, f"{model_name}-dense")
+        if ctx.wants(f"{model_name} dense") or any(want_ctrl.values()):
+            row = train_and_measure(ctx, base, dense_dir, extra=lambda m, d: file_row(
+                m, spec, {}, dense_dir / "model.frugal"))
+            if ctx.wants(f"{model_name} dense"):
+                rows.append({**row, "variant": f"{model_name} dense"})
+
+        for lam in lams:
+            if not (want_loop[lam] or want_ctrl[lam]):
+                continue
             run_dir = ctx.run_dir("compress", task, seed, f"{model_name}-loop-{lam:g}")
             hook = CompressInTheLoop(LoopConfig(every=every, lam=lam))
 
@@ -173,9 +181,10 @@ def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]
                 return out
 
             row = train_and_measure(ctx, base, run_dir, extra=chosen_file, hooks=[hook])
-            rows.append({**row, "variant": f"{model_name} loop λ={lam:g}", "lam": lam})
-            if genes:
-                continue  # pruning the generators' parameters is not the control for genes: lenet5 is
+            if want_loop[lam]:
+                rows.append({**row, "variant": f"{model_name} loop λ={lam:g}", "lam": lam})
+            if not want_ctrl[lam]:
+                continue  # (pruning the generators' parameters is not the control for genes: lenet5 is)
             sparsity = row["zero_fraction"]
             ctrl_dir = ctx.run_dir("compress", task, seed, f"{model_name}-torch-prune-{lam:g}")
             ctrl = torch_prune_control(ctx, base, dense_dir, sparsity, every, ctrl_dir)
