@@ -6,6 +6,7 @@ by the bench into DIR/samples/ and reused here.
 
 from __future__ import annotations
 
+import fnmatch
 import html
 import math
 import re
@@ -143,8 +144,6 @@ def _variant_stats(rows: list[dict[str, Any]], metric: str, cost: str) -> dict[s
 
 
 def _matching(stats: dict[str, dict], globs: str) -> list[dict]:
-    import fnmatch
-
     pats = [g.strip() for g in globs.split("|")]
     return [e for v, e in stats.items() if any(fnmatch.fnmatchcase(v, p) for p in pats)]
 
@@ -214,7 +213,6 @@ def summary_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     if not lines:
         return None
 
-    point = _point
     header = ["idea", "claim", "task", "best point", "plain net", "fair control",
               "measured speed-up vs plain (batch 256 / batch 1)",
               "verdict (against the control)", "full budget (results/)"]
@@ -225,9 +223,9 @@ def summary_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
         one = f"{r['latency'] / i['latency']:.2f}x" if i["latency"] and r["latency"] else "–"
         speed = f"{big} / {one}"
         pub = ln["published"]
-        body.append([ln["method"], ln["claim"], ln["task"], point(i, ln["metric"], ln["cost"]),
-                     point(r, ln["metric"], ln["cost"]),
-                     "(the plain net)" if ln["control_is_reference"] else point(c, ln["metric"], ln["cost"]),
+        body.append([ln["method"], ln["claim"], ln["task"], _point(i, ln["metric"], ln["cost"]),
+                     _point(r, ln["metric"], ln["cost"]),
+                     "(the plain net)" if ln["control_is_reference"] else _point(c, ln["metric"], ln["cost"]),
                      speed, ln["verdict"], published_line(ln["method"], pub) if pub else "–"])
     return header, body
 

@@ -133,7 +133,7 @@ HEADLINE_LAMBDA = 0.03  # the front door's one lambda, on lenet5 alone
                  references=PUBLISHED, headline_tasks=("mnist",), selectable=True,
                  summary=Summary(claim="the weights' code length as a training objective: fewer bytes of a real file",
                                  idea="* loop *", reference="* dense", control="* torch-prune *", cost="file_bytes",
-                                 pick="cheapest"))
+                                 pick="cheapest", published="results/compress-mnist-lenet5"))
 def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     rows = []
     plans = PLANS.get(task) or any_task_plan(ctx, task)
