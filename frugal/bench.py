@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import fnmatch
+import functools
 import math
 import sys
 import time
@@ -143,11 +144,17 @@ def sized(recipe: Recipe, train_examples: int) -> Recipe:
     return dataclasses.replace(recipe, quick=stage("quick"), full=stage("full"))
 
 
+@functools.lru_cache(maxsize=64)
+def _train_size(task: str, data_dir: str | None) -> int:
+    """The training split's size (read once per process: every method's plan asks for it)."""
+    return len(load_task(task, data_dir=data_dir).train)
+
+
 def recipe_for(task: str, data_dir: str | None = None) -> Recipe:
     """The task's recipe; a task without one gets DEFAULT_RECIPE sized to its training split."""
     if task in BASELINE_RECIPES:
         return BASELINE_RECIPES[task]
-    return sized(DEFAULT_RECIPE, len(load_task(task, data_dir=data_dir).train))
+    return sized(DEFAULT_RECIPE, _train_size(task, data_dir))
 
 
 def baseline_config(task: str, budget: str, seed: int, device: str = "auto",
