@@ -51,11 +51,11 @@ class BenchContext:
     note: Callable[[str], None] = lambda s: None  # a line for the user: why a method skips a part of its plan
     headline: bool = False  # the front door: each method runs its headline comparison only, with its control
 
-    def base_config(self, task: str, seed: int) -> TrainConfig:
-        """The task's baseline training config with the user's --model: where every idea's plan for a
-        task without its own starts."""
-        return baseline_config(task, self.budget, seed, device=str(self.device), data_dir=self.data_dir,
-                               model=self.model)
+    def base_config(self, task: str, seed: int, planned: tuple[str, ...] = ()) -> TrainConfig:
+        """Where an idea's plan for a task starts (see idea_base_config); `planned`: the tasks the
+        idea has plans of its own for."""
+        return idea_base_config(task, self.budget, seed, planned, device=str(self.device), data_dir=self.data_dir,
+                                model=self.model)
 
     def wants(self, variant: str) -> bool:
         """Whether the bench was asked for this variant (a method that registers `selectable=True`
@@ -162,6 +162,18 @@ def baseline_config(task: str, budget: str, seed: int, device: str = "auto",
     """The baseline's training config: the task's recipe (DEFAULT_RECIPE sized to the data for a
     task without one), with `model` (the user's --model) in place of the recipe's model when given."""
     return recipe_for(task, data_dir).config(task, budget, seed, device=device, data_dir=data_dir, model=model)
+
+
+def idea_base_config(task: str, budget: str, seed: int, planned: tuple[str, ...] = (), *, device: str = "auto",
+                     data_dir: str | None = None, model: str | None = None) -> TrainConfig:
+    """The baseline's config on a task an idea plans for (`planned`; digits, for the tests, is the
+    mnist recipe with the plain convnet), and on any other task the baseline's recipe with the
+    user's `model`."""
+    if task == "digits":
+        return dataclasses.replace(baseline_config("mnist", budget, seed, device=device, data_dir=data_dir),
+                                   task="digits", model="convnet")
+    return baseline_config(task, budget, seed, device=device, data_dir=data_dir,
+                           model=None if task in planned else model)
 
 
 def plan_fields(cfg: TrainConfig, data) -> dict[str, Any]:

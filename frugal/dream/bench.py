@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from frugal.bench import BenchContext, Summary, baseline_config, plan_fields, register_method
+from frugal.bench import BenchContext, Summary, idea_base_config, plan_fields, register_method
 from frugal.data import KNOWN, Split, load_task, task_slug
 from frugal.data.sources import FOLDER_PREFIX
 from frugal.dream.evaluate import AdversarialTraining, cue_conflict, generalisation, other_net_dreams
@@ -65,12 +65,7 @@ def dream_plan(task: str, budget: str, seed: int, device: str = "auto", data_dir
                model: str | None = None):
     """The training config every row of the task shares, the rounds' config, and the test images per
     corrupted split (None: all). `model`: the user's, for a task without a plan."""
-    if task == "digits":  # tiny tests
-        base = dataclasses.replace(baseline_config("mnist", budget, seed, device=device, data_dir=data_dir),
-                                   task="digits", model="convnet")
-    else:
-        base = baseline_config(task, budget, seed, device=device, data_dir=data_dir,
-                               model=None if task in TASKS else model)
+    base = idea_base_config(task, budget, seed, TASKS, device=device, data_dir=data_dir, model=model)
     plan = PLANS.get((task, budget), DreamPlan(rounds=ROUNDS[budget]))
     if plan.epochs is not None:
         base = dataclasses.replace(base, epochs=plan.epochs)

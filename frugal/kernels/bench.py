@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from frugal.bench import BenchContext, Summary, baseline_config, plan_fields, register_method, train_and_measure
+from frugal.bench import BenchContext, Summary, plan_fields, register_method, train_and_measure
 from frugal.data import load_task, task_slug
 from frugal.kernels.constrained import conv_free_parameters
 from frugal.kernels.penalty import KernelPenalty, PenaltyConfig, SharedValues, kernel_bytes
@@ -68,7 +68,8 @@ def headline_plan(plan: KernelsPlan) -> KernelsPlan:
     """The front door: one constrained kind with few free values (a 6-term DCT basis where the plan
     has it) and snapping up to 0.35, against plain and the plan's narrower plain nets."""
     kind = "dct6" if "dct6" in plan.kinds else plan.kinds[0]
-    return dataclasses.replace(plan, kinds=(kind,), penalties=(), thresholds=tuple(t for t in plan.thresholds if t <= 0.35))
+    return dataclasses.replace(plan, kinds=(kind,), penalties=(),
+                               thresholds=tuple(t for t in plan.thresholds if t <= 0.35))
 
 
 def _kernel_fields(model: torch.nn.Module, result=None) -> dict[str, Any]:
@@ -97,13 +98,7 @@ def run_kernels(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
     plan = PLANS.get(task, ANY_TASK)
     if ctx.headline:
         plan = headline_plan(plan)
-    if task == "digits":
-        base = dataclasses.replace(baseline_config("mnist", ctx.budget, seed, device=str(ctx.device),
-                                                   data_dir=ctx.data_dir), task="digits", model="convnet")
-    elif task in PLANS:
-        base = baseline_config(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir)
-    else:
-        base = ctx.base_config(task, seed)
+    base = ctx.base_config(task, seed, planned=tuple(PLANS))
     rows = []
 
     plain_dir = ctx.run_dir("kernels", task, seed, "plain")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from frugal.bench import BenchContext, Summary, baseline_config, plan_fields, register_method, train_and_measure
+from frugal.bench import BenchContext, Summary, plan_fields, register_method, train_and_measure
 from frugal.data import load_task, task_slug
 from frugal.measure import count_macs, measure
 from frugal.models import create_model
@@ -67,12 +67,7 @@ class Ensemble(nn.Module):
 
 
 def _base_config(ctx: BenchContext, task: str, seed: int) -> TrainConfig:
-    if task == "digits":  # tiny tests: the mnist plan on the 8x8 digits with the plain convnet
-        return dataclasses.replace(baseline_config("mnist", ctx.budget, seed, device=str(ctx.device),
-                                                   data_dir=ctx.data_dir), task="digits", model="convnet")
-    if task in TASKS:
-        return baseline_config(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir)
-    return ctx.base_config(task, seed)  # any other task: the baseline's recipe, on the user's --model
+    return ctx.base_config(task, seed, planned=TASKS)
 
 
 MAX_ENSEMBLE = 8  # members of the equal-parameter ensemble at most (a tree on a small base may have 50x its parameters)
