@@ -171,7 +171,8 @@ def run_any_task(ctx: BenchContext, task: str, seed: int, plan: SparsifyPlan = A
     # a recipe sized up for a small data set (many epochs of few steps) fine-tunes for a quarter of them
     epochs = max(dict(plan.finetune)[ctx.budget], math.ceil(base.epochs / 4) if ctx.budget != "tiny" else 1)
     tune = dataclasses.replace(base, epochs=epochs, lr=base.lr * plan.lr_factor, warmup_epochs=0.0)
-    for budget in plan.budgets:
+    for budget in [b for b in plan.budgets if ctx.wants(f"sparsify {b:g}")
+                   or any(ctx.wants(f"sparsify {b:g} top {f:.0%}") for f in plan.fractions)]:
         model = load_run(dense_dir, device=ctx.device)[0]
         sparsify(model, block_size=block, budget=budget, budget_warmup=plan.warmup)
         run_dir = ctx.run_dir("saccade", task, seed, f"sparsify-{budget:g}")
@@ -179,6 +180,8 @@ def run_any_task(ctx: BenchContext, task: str, seed: int, plan: SparsifyPlan = A
         row.update(variant=f"sparsify {budget:g}", block_size=block,
                    train_seconds_total=row["train_seconds"] + dense["train_seconds"])
         rows.append(row)
+    if rows[-1] is dense or rows[-1]["variant"] != f"sparsify {plan.budgets[-1]:g}":
+        return rows  # the points further up the curve belong to the last budget's model
     trained = load_run(ctx.out_dir / rows[-1]["run_dir"], device=ctx.device)[0]
     for f in plan.fractions:
         gate_of(trained).inference_fraction = f
@@ -196,7 +199,7 @@ def run_any_task(ctx: BenchContext, task: str, seed: int, plan: SparsifyPlan = A
                  description="saccadic CNN and glimpse model against the dense twin of the same backbone",
                  fields=(("attended_fraction", "blocks attended (test)", "{:.1%}"),
                          ("train_seconds_total", "train s incl. dense twin", "{:,.0f}")),
-                 headline_tasks=("cluttered-mnist-60",),
+                 headline_tasks=("cluttered-mnist-60",), selectable=True,
                  summary=Summary(claim="a cheap policy picks the blocks worth computing; convs run on those only",
                                  idea="saccadic*|sparsify*", reference="blockcnn|dense", cost="macs", pick="cheapest",
                                  published="results/sparse-conv"))
@@ -218,7 +221,12 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
     if ctx.budget == "quick":  # a quick fine-tuning is a few hundred steps: the warm-up must end inside it
         variants = [(v, m, {**kw, "budget_warmup": QUICK_WARMUP} if "budget_warmup" in kw else kw, o)
                     for v, m, kw, o in variants]
-    for variant, model, model_kw, overrides in variants:
+    # --variants: the wanted variants, and the twin whenever one of them is fine-tuned from it (its
+    # row comes along: it is the reference of theirs)
+    wanted = [v for v in variants if ctx.wants(v[0]) or (v[0] == "saccadic" and ctx.wants("saccadic top *"))]
+    if any(v[3].get("init_from") == TWIN for v in wanted):
+        wanted = [v for v in variants if v[0] == TWIN or v in wanted]
+    for variant, model, model_kw, overrides in wanted:
         settings = {"optimizer": "adam", "lr": 2e-3, **plan, **overrides}
         twin = settings.pop("init_from", None)
         if twin is not None:
