@@ -21,7 +21,8 @@ def _add_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", required=True, help="the .frugal file to write")
     p.add_argument("--codec", default=None,
                    help='codec for every weight of 2 or more dimensions, as JSON, e.g. \'{"codec": "dct", '
-                        '"step": 0.01, "cutoff": 4}\'; default: the choice in RUN/compression.json, else raw')
+                        '"step": 0.01, "cutoff": 4}\'; default: the run\'s learned code, or the choice in '
+                        'RUN/compression.json, else raw')
     p.add_argument("--other-codec", default=None, help="codec for biases and other 1-D tensors (default raw)")
     p.add_argument("--device", default="auto")
 
@@ -64,6 +65,7 @@ def _check_writable(out: Path) -> None:
 
 def _run_compress(a: argparse.Namespace) -> int:
     from frugal.compress.container import MAX_PARAMS, decode_model, encode_model
+    from frugal.compress.rate import baked, code_of, plain_spec
     from frugal.data import load_task
     from frugal.measure import weight_tensors
     from frugal.train import evaluate, load_run
@@ -81,9 +83,16 @@ def _run_compress(a: argparse.Namespace) -> int:
     model, cfg, metrics = load_run(a.run, device=device)
     meta_path = Path(a.run) / "config.json"
     spec = json.loads(meta_path.read_text())["model_spec"]
+    learned = {}
+    if code_of(model) is not None:  # trained against its code length: the plain net and its learned codes
+        model, learned = baked(model)
+        spec = plain_spec(spec)
     tensors = weight_tensors(model)
     chosen = Path(a.run) / CHOSEN
-    if a.codec is None and chosen.exists():
+    if a.codec is None and learned:
+        specs = {k: c.spec() for k, c in learned.items()}
+        source = {k: f"the learned code of {a.run}" for k in specs}
+    elif a.codec is None and chosen.exists():
         held = read_json(chosen, "the run folder is damaged; pass --codec instead")
         specs = held.get("codecs") if isinstance(held, dict) else None
         if not isinstance(specs, dict) or not all(isinstance(v, dict) or v is None for v in specs.values()):
