@@ -119,8 +119,9 @@ def test_compress_bench_method_writes_real_files_that_reproduce_each_row(tmp_pat
                       device="cpu"), log=lambda s: None)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     variants = [r["variant"] for r in rows]
-    assert variants[0] == "lenet300 dense" and len(rows) == 7
+    assert variants[0] == "lenet300 dense" and len(rows) == 10
     assert sum("loop" in v for v in variants) == 3 and sum("torch-prune" in v for v in variants) == 3
+    assert sum(" code λ=" in v for v in variants) == 3
     data = load_task("digits")
     for r in rows:
         f = tmp_path / r["run_dir"] / "model.frugal"
@@ -138,14 +139,16 @@ def test_compress_bench_trains_each_model_with_its_own_settings(tmp_path, monkey
     from frugal.compress import bench as cb
 
     monkeypatch.setattr(cb, "LAMBDAS", (0.03,))
+    monkeypatch.setattr(cb, "CODE_LAMBDAS", (0.01,))
     monkeypatch.setattr(cb, "PLANS", {**cb.PLANS, "digits": [cb.CompressPlan("lenet300", quick=10, full=30, lr=4e-3)]})
     bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("compress",), tasks=("digits",), seeds=1,
                       device="cpu"), log=lambda s: None)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     lrs = {r["variant"]: json.loads((tmp_path / r["run_dir"] / "config.json").read_text())["config"]["lr"]
            for r in rows}
-    # the dense and loop runs train at the model's rate; the control fine-tunes at a tenth of it
-    assert lrs == {"lenet300 dense": 4e-3, "lenet300 loop λ=0.03": 4e-3, "lenet300 torch-prune λ=0.03": 4e-4}
+    # the dense, loop and code runs train at the model's rate; the control fine-tunes at a tenth of it
+    assert lrs == {"lenet300 dense": 4e-3, "lenet300 loop λ=0.03": 4e-3, "lenet300 torch-prune λ=0.03": 4e-4,
+                   "lenet300 code λ=0.01": 4e-3}
 
 
 def test_pareto_front_keeps_exactly_the_undominated_codes():

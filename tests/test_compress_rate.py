@@ -250,3 +250,28 @@ def test_bad_settings_are_named():
         learn_code(net)
     assert KB_BITS == 8192
     assert group_index((3, 2, 5, 5), "dct", "frequency").max() == 8
+
+
+def test_a_fitted_density_codes_about_as_well_as_the_tensors_own_histogram():
+    from frugal.coding.codecs import Uniform
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.distributions.Laplace(0.0, 0.02).sample((300, 80))
+    w[torch.rand(w.shape, generator=g) < 0.7] = 0
+    for step in (0.005, 0.02):
+        fitted = Learned.fitted(w, step)
+        assert torch.equal(decode_tensor("learned", fitted.encode(w), tuple(w.shape)), Uniform(step).roundtrip(w)[0])
+        assert len(fitted.encode(w)) <= 1.03 * len(Uniform(step).encode(w))
+
+
+def test_the_discrete_loop_can_choose_learned_codes(tmp_path):
+    from frugal.compress.loop import CompressInTheLoop, LoopConfig
+
+    hook = CompressInTheLoop(LoopConfig(every=1, lam=0.05, codecs=("learned",), steps=(0.1, 0.3)))
+    res = train(TrainConfig(task="digits", model="lenet300", epochs=2, seed=0, device="cpu", optimizer="adam",
+                            lr=1e-3), tmp_path / "run", hooks=[hook], quiet=True, progress=False)
+    state = res.model.state_dict()
+    kinds = {name: spec["codec"] for name, spec in hook.chosen.items() if state[name].dim() >= 2}
+    assert kinds and set(kinds.values()) == {"learned"}
+    for name, spec in hook.chosen.items():
+        assert torch.equal(codec_from_spec(spec).roundtrip(state[name])[0], state[name]), name

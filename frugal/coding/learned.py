@@ -114,6 +114,35 @@ def table_bits(counts: np.ndarray, symbols: np.ndarray) -> float:
     return float(-np.log2(p[symbols]).sum())
 
 
+def fit_density(q: torch.Tensor, groups: torch.Tensor, steps: int = 150, lr: float = 0.1) -> torch.Tensor:
+    """(G, 4) density parameters fitted by maximum likelihood (Adam) to integers `q` (n, h, w) whose
+    positions fall in `groups` (h, w); each group is fitted on its histogram, so the cost grows with
+    the distinct values, not with the tensor."""
+    g_count = int(groups.max()) + 1
+    values, counts, owners = [], [], []
+    for g in range(g_count):
+        v, c = torch.unique(q[:, groups == g], return_counts=True)
+        values.append(v.double())
+        counts.append(c.double())
+        owners.append(torch.full_like(v, g))
+    v, c, o = torch.cat(values), torch.cat(counts), torch.cat(owners).long()
+    params = init_density(g_count).double()
+    for g in range(g_count):  # start each group at its own centre and spread
+        mask = o == g
+        mean = float((v[mask] * c[mask]).sum() / c[mask].sum())
+        spread = float(((v[mask] - mean).pow(2) * c[mask]).sum() / c[mask].sum()) ** 0.5
+        params[g] = torch.tensor([mean, 0.0, math.log(max(spread / 4, 0.1)), math.log(max(spread, 0.5))])
+    params.requires_grad_(True)
+    opt = torch.optim.Adam([params], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            nll = -(log_prob(v, params[o]) * c).sum() / c.sum()
+            nll.backward()
+            opt.step()
+    return params.detach().float()
+
+
 @dataclass(frozen=True)
 class Learned(Codec):
     """The learned code: `step` (weight units), `density` ((G, 4) parameters, float16-exact), the
@@ -138,6 +167,15 @@ class Learned(Codec):
         # what the bytes hold: float16 values, and a float32 step
         object.__setattr__(self, "density", tuple(tuple(float(v) for v in row) for row in d.astype(np.float16)))
         object.__setattr__(self, "step", float(np.float32(self.step)))
+
+    @classmethod
+    def fitted(cls, w: torch.Tensor, step: float, transform: str = "none", grouping: str = "tensor") -> "Learned":
+        """The code at `step` whose densities are fitted to the integers of `w` (what the discrete
+        loop tries alongside its fixed-histogram codes)."""
+        probe = cls(step, init_density(n_groups(tuple(w.shape), transform, grouping)).tolist(), transform, grouping)
+        q = probe.integers(w)
+        return cls(probe.step, fit_density(q, group_index(tuple(w.shape), transform, grouping)).tolist(),
+                   transform, grouping)
 
     def integers(self, w: torch.Tensor) -> torch.Tensor:
         """(n, h, w) long: round(coefficients / step)."""

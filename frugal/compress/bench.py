@@ -7,6 +7,9 @@ Per (task, model, seed):
   codes the last round chose, and decodes to exactly the trained weights.
 - `genes_lenet5` (mnist): LeNet-5 whose conv2 and fc1 are written by generators, trained plainly
   and in the loop: its file holds the generators, to set against lenet5's weights at equal accuracy.
+- `code λ=...`: the same training against the code length itself (`frugal.compress.rate`): every
+  tensor is integers x a learned step (each kernel's DCT), and the loss adds lam x the bits those
+  integers cost under the learned densities; the file is them range-coded under exactly those.
 - `torch-prune λ=...`: the control at matched sparsity. The dense net is pruned with
   `torch.nn.utils.prune.global_unstructured` (L1) to the share of zero weights the loop model of
   that lambda ended with, fine-tuned with the mask for the same epochs as one loop round, then
@@ -65,6 +68,7 @@ def any_task_plan(ctx: BenchContext, task: str) -> list[CompressPlan]:
 
 TINY = dict(epochs=2, train_limit=256)
 LAMBDAS = (0.003, 0.03, 0.3)  # loss increase (nats per example) worth one kilobyte of code
+CODE_LAMBDAS = (0.003, 0.01, 0.03)  # the same, for training against the learned code's length
 CONTROL_STEP = 0.05  # the control's quantisation step, in units of each tensor's std
 
 # Published points (accuracy, bytes) drawn on the report's accuracy-vs-bytes plots: Deep Compression
@@ -132,7 +136,7 @@ HEADLINE_LAMBDA = 0.03  # the front door's one lambda, on lenet5 alone
                  fields=(("file_bytes", "file bytes", "{:,.0f}"), ("zero_fraction", "zero weights", "{:.1%}")),
                  references=PUBLISHED, headline_tasks=("mnist",), selectable=True,
                  summary=Summary(claim="the weights' code length as a training objective: fewer bytes of a real file",
-                                 idea="* loop *", reference="* dense", control="* torch-prune *", cost="file_bytes",
+                                 idea="* loop *|* code *", reference="* dense", control="* torch-prune *", cost="file_bytes",
                                  pick="cheapest", published="results/compress-mnist-lenet5"))
 def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     rows = []
@@ -189,4 +193,31 @@ def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]
             ctrl_dir = ctx.run_dir("compress", task, seed, f"{model_name}-torch-prune-{lam:g}")
             ctrl = torch_prune_control(ctx, base, dense_dir, sparsity, every, ctrl_dir)
             rows.append({**ctrl, "variant": f"{model_name} torch-prune λ={lam:g}", "lam": lam})
+        for lam in CODE_LAMBDAS if not (genes or ctx.headline) else ():
+            if ctx.wants(f"{model_name} code λ={lam:g}"):
+                run_dir = ctx.run_dir("compress", task, seed, f"{model_name}-code-{lam:g}")
+                rows.append({**learned_code_run(ctx, base, spec, lam, run_dir),
+                             "variant": f"{model_name} code λ={lam:g}", "lam": lam})
     return rows
+
+
+def learned_code_run(ctx: BenchContext, base: TrainConfig, spec: dict, lam: float, run_dir: Path) -> dict[str, Any]:
+    """Train `base` against its learned code's length at `lam`; measure the plain net the file decodes to."""
+    from frugal.compress.rate import baked, code_of, learn_code, plain_spec
+    from frugal.train import build_model
+    from frugal.utils import seed_everything
+
+    data = load_task(base.task, data_dir=ctx.data_dir, val_size=base.val_size)
+    seed_everything(base.seed)  # the net's first weights, as a run built from its config gets them
+    model = build_model(spec)
+    learn_code(model, lam=lam)
+    res = train(base, run_dir, resume=(run_dir / "checkpoint.pt").exists(), model=model, data=data,
+                quiet=ctx.quiet, progress=False)
+    plain, codecs = baked(res.model)
+    row = measure(plain, data, ctx.device, data_dir=ctx.data_dir, speed=ctx.budget != "tiny")
+    row.update(file_row(plain, plain_spec(spec), codecs, run_dir / "model.frugal"), val_acc=res.val_acc,
+               train_seconds=res.train_seconds, **plan_fields(base, data), model=base.model,
+               run_dir=str(run_dir.relative_to(ctx.out_dir)),
+               code=json.dumps({k: {f: round(v, 4) if isinstance(v, float) else v for f, v in t.items()}
+                                for k, t in code_of(res.model).summary().items()}))
+    return row

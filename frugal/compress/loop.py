@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from frugal.coding.codecs import (DCT, Codec, KMeans, Prune, Structured, Uniform, Units, codec_from_spec, dct2,
                                    from_blocks, idct2, to_blocks, unit_masks)
+from frugal.coding.learned import Learned
 from frugal.coding.tied import tied
 from frugal.data import TaskData
 from frugal.measure import weight_tensors
@@ -32,7 +33,7 @@ from frugal.train import Hook, TrainState, normalize
 from frugal.utils import atomic_write_json
 
 CHOSEN = "compression.json"  # written into the run folder after every round
-FAMILIES = ("uniform", "prune", "structured", "kmeans", "dct")
+FAMILIES = ("uniform", "prune", "structured", "kmeans", "dct", "learned")
 MASKS = ("fixed", "reopen")
 FINALS = ("requantise", "search")
 
@@ -41,7 +42,8 @@ FINALS = ("requantise", "search")
 class LoopConfig:
     every: int = 2  # epochs between rounds; the last epoch always ends with one
     lam: float = 0.01  # score = loss increase (nats per example) + lam x kilobytes of the tensor's code
-    codecs: tuple[str, ...] = ("uniform", "prune", "structured", "kmeans", "dct")  # families tried per weight tensor
+    # families tried per weight tensor ("learned": the integers of each step under densities fitted to them)
+    codecs: tuple[str, ...] = ("uniform", "prune", "structured", "kmeans", "dct")
     steps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)  # quantisation steps, in units of the tensor's std
     prune_fractions: tuple[float, ...] = (0.5, 0.75, 0.9, 0.97, 0.99)  # for `prune`, each at every step
     structured_fractions: tuple[tuple[float, float], ...] = (
@@ -120,6 +122,9 @@ def candidates(w: torch.Tensor, cfg: LoopConfig) -> list[Codec]:
                 out.append(Structured(*dead, step))
         if "dct" in cfg.codecs:
             out += [DCT(step, c) for c in cfg.dct_cutoffs]
+        if "learned" in cfg.codecs:  # the step's integers under densities fitted to them (in the DCT for kernels)
+            kind = "dct" if w.dim() >= 3 else "none"
+            out.append(Learned.fitted(w, step, kind, "frequency" if kind == "dct" else "tensor"))
     if "kmeans" in cfg.codecs:
         out += [KMeans(k) for k in cfg.kmeans_k]
     return out
