@@ -143,6 +143,18 @@ def fit_density(q: torch.Tensor, groups: torch.Tensor, steps: int = 150, lr: flo
     return params.detach().float()
 
 
+def rdoq(coef: torch.Tensor, step: float, density: torch.Tensor, groups: torch.Tensor, lam: float) -> torch.Tensor:
+    """Rate-distortion optimised quantisation: for each coefficient (n, h, w) the integer among
+    round(c / step), one step nearer zero, and zero that minimises (c - q step)^2 + lam x its bits
+    under the densities (G, 4) of its group; lam is in squared weight units per bit."""
+    c = coef.double()
+    r = torch.round(c / step)
+    options = torch.stack([r, r - torch.sign(r), torch.zeros_like(r)])  # (3, n, h, w)
+    params = density.double()[groups]  # (h, w, 4)
+    cost = (c - options * step).pow(2) - lam * log_prob(options, params) / math.log(2)
+    return options.gather(0, cost.argmin(0, keepdim=True))[0].long()
+
+
 @dataclass(frozen=True)
 class Learned(Codec):
     """The learned code: `step` (weight units), `density` ((G, 4) parameters, float16-exact), the
@@ -176,6 +188,25 @@ class Learned(Codec):
         q = probe.integers(w)
         return cls(probe.step, fit_density(q, group_index(tuple(w.shape), transform, grouping)).tolist(),
                    transform, grouping)
+
+    @classmethod
+    def rd_coded(cls, w: torch.Tensor, step: float, alpha: float, transform: str = "none", grouping: str = "tensor",
+                 rounds: int = 2) -> tuple["Learned", torch.Tensor]:
+        """(code, weights it codes exactly): the integers of `w` at `step` chosen by `rdoq` at lam =
+        alpha x step^2, alternating with fitting the densities to them `rounds` times (alpha 0:
+        plain rounding). Post-hoc coding of trained weights, as a standard coder's RDOQ does."""
+        shape = tuple(w.shape)
+        groups = group_index(shape, transform, grouping)
+        code = cls.fitted(w, step, transform, grouping)
+        if alpha <= 0:
+            return code, code.roundtrip(w)[0]
+        coef = coefficients(w.detach().double().cpu(), transform)
+        for _ in range(rounds):
+            q = rdoq(coef, code.step, torch.tensor(code.density), groups, alpha * code.step ** 2)
+            code = cls(code.step, fit_density(q, groups).tolist(), transform, grouping)
+        q = rdoq(coef, code.step, torch.tensor(code.density), groups, alpha * code.step ** 2)
+        decoded = weights(q.double() * code.step, shape, transform).float()
+        return code, code.roundtrip(decoded)[0]  # the float32 weights the file decodes to
 
     def integers(self, w: torch.Tensor) -> torch.Tensor:
         """(n, h, w) long: round(coefficients / step)."""

@@ -1,0 +1,75 @@
+"""frugal's post-hoc coder against NNCodec (ISO/IEC 15938-17) on the same trained weights.
+
+For each run folder (a plainly trained net, a loop run, or a run trained against its learned code,
+which is first baked into its plain net), both tools code every tensor at a sweep of their step
+(frugal: one step for all weights, with RDOQ at a few strengths; NNCodec: its qp), each point is
+decoded and its test accuracy measured. Printed: both fronts, and each tool's smallest file within
+0.1 and within 0.5 points of the run's own accuracy. frugal's bytes are a whole `.frugal` file
+(header, architecture, checksum); NNCodec's are its bitstream.
+
+    python -m frugal.benchmarks.nncodec_compare --run RUN [RUN ...] [--transform none conv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from frugal.benchmarks import add_out_arg, add_where_args, publish, where
+from frugal.compress.peers import (ALPHAS, NNCODEC_INSTALL, QPS, STEPS, frugal_front, nncodec_front, nncodec_status,
+                                   smallest_within)
+from frugal.utils import versions
+
+MARGINS = (0.1, 0.5)  # percentage points of accuracy a file may lose
+
+
+def compare(run: str, device, steps, alphas, qps, transforms, data_dir=None) -> dict:
+    from frugal.compress.rate import baked, code_of, plain_spec
+    from frugal.data import load_task
+    from frugal.train import evaluate, load_run
+
+    model, cfg, _ = load_run(run, device=device)
+    spec = json.loads((Path(run) / "config.json").read_text())["model_spec"]
+    if code_of(model) is not None:
+        model, _ = baked(model)
+        spec = plain_spec(spec)
+    data = load_task(cfg.task, data_dir=data_dir or cfg.data_dir, val_size=cfg.val_size)
+    acc = evaluate(model, data.test, data.mean, data.std, device)[0]
+    fronts = {"nncodec": nncodec_front(model, data, device, qps)}
+    for t in transforms:
+        fronts[f"frugal {t}"] = frugal_front(model, spec, data, device, steps, alphas, transform=t)
+    within = {}
+    for margin in MARGINS:
+        best = {tool: smallest_within(points, acc, margin) for tool, points in fronts.items()}
+        within[f"{margin:g}"] = {tool: None if p is None else {"bytes": p["bytes"], "test_acc": p["test_acc"]}
+                                 for tool, p in best.items()}
+    return {"run": run, "task": cfg.task, "model": cfg.model, "test_acc": acc, "within": within, "fronts": fronts}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", nargs="+", required=True, help="finished run folders")
+    p.add_argument("--transform", nargs="+", default=["none"], choices=["none", "conv"],
+                   help="frugal's transforms to sweep: none, or conv (kernels in their DCT)")
+    p.add_argument("--steps", type=float, nargs="+", default=list(STEPS), help="frugal's steps (weight units)")
+    p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="frugal's RDOQ strengths")
+    p.add_argument("--qps", type=int, nargs="+", default=list(QPS), help="NNCodec's quantisation parameters")
+    add_where_args(p)
+    add_out_arg(p)
+    a = p.parse_args(argv)
+    missing = nncodec_status()
+    if missing is not None:
+        raise SystemExit(f"nncodec_compare needs NNCodec: {missing}")
+    device = where(a)
+    runs = [compare(r, device, a.steps, a.alphas, a.qps, a.transform, a.data_dir) for r in a.run]
+    for r in runs:
+        for margin, best in r["within"].items():
+            line = ", ".join(f"{tool} {'-' if b is None else format(b['bytes'], ',') + ' B'}" for tool, b in best.items())
+            print(f"{r['run']}: smallest file within {margin} points of {r['test_acc']:.4f}: {line}")
+    return publish({"runs": runs, "install": NNCODEC_INSTALL, "versions": versions()},
+                   "frugal.benchmarks.nncodec_compare", argv, a.out)
+
+
+if __name__ == "__main__":
+    main()
