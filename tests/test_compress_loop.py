@@ -119,6 +119,14 @@ def test_compress_bench_method_writes_real_files_that_reproduce_each_row(tmp_pat
                       device="cpu"), log=lambda s: None)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     variants = [r["variant"] for r in rows]
+    from frugal.compress.bench import NNCODEC_QPS
+    from frugal.compress.peers import nncodec_status
+
+    nnc = [r for r in rows if " nncodec " in r["variant"]]
+    assert len(nnc) == (len(NNCODEC_QPS) if nncodec_status() is None else 0)
+    assert [r["file_bytes"] for r in nnc] == sorted((r["file_bytes"] for r in nnc), reverse=True)  # coarser, smaller
+    rows = [r for r in rows if r not in nnc]
+    variants = [r["variant"] for r in rows]
     assert variants[0] == "lenet300 dense" and len(rows) == 10
     assert sum("loop" in v for v in variants) == 3 and sum("torch-prune" in v for v in variants) == 3
     assert sum(" code λ=" in v for v in variants) == 3
@@ -140,6 +148,7 @@ def test_compress_bench_trains_each_model_with_its_own_settings(tmp_path, monkey
 
     monkeypatch.setattr(cb, "LAMBDAS", (0.03,))
     monkeypatch.setattr(cb, "CODE_LAMBDAS", (0.01,))
+    monkeypatch.setattr(cb, "NNCODEC_QPS", ())
     monkeypatch.setattr(cb, "PLANS", {**cb.PLANS, "digits": [cb.CompressPlan("lenet300", quick=10, full=30, lr=4e-3)]})
     bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("compress",), tasks=("digits",), seeds=1,
                       device="cpu"), log=lambda s: None)

@@ -10,6 +10,8 @@ Per (task, model, seed):
 - `code λ=...`: the same training against the code length itself (`frugal.compress.rate`): every
   tensor is integers x a learned step (each kernel's DCT), and the loss adds lam x the bits those
   integers cost under the learned densities; the file is them range-coded under exactly those.
+- `nncodec qp=...`: the standard's coder (NNCodec, ISO/IEC 15938-17) on the plainly trained net, at a
+  few quantisation parameters, where it is installed (`.ci/install-nncodec`); its bitstream's bytes.
 - `torch-prune λ=...`: the control at matched sparsity. The dense net is pruned with
   `torch.nn.utils.prune.global_unstructured` (L1) to the share of zero weights the loop model of
   that lambda ended with, fine-tuned with the mask for the same epochs as one loop round, then
@@ -69,6 +71,7 @@ def any_task_plan(ctx: BenchContext, task: str) -> list[CompressPlan]:
 TINY = dict(epochs=2, train_limit=256)
 LAMBDAS = (0.003, 0.03, 0.3)  # loss increase (nats per example) worth one kilobyte of code
 CODE_LAMBDAS = (0.003, 0.01, 0.03)  # the same, for training against the learned code's length
+NNCODEC_QPS = (-44, -38, -32, -26)  # NNCodec's quantisation parameters on the dense net (its step 2^(qp/4))
 CONTROL_STEP = 0.05  # the control's quantisation step, in units of each tensor's std
 
 # Published points (accuracy, bytes) drawn on the report's accuracy-vs-bytes plots: Deep Compression
@@ -136,7 +139,8 @@ HEADLINE_LAMBDA = 0.03  # the front door's one lambda, on lenet5 alone
                  fields=(("file_bytes", "file bytes", "{:,.0f}"), ("zero_fraction", "zero weights", "{:.1%}")),
                  references=PUBLISHED, headline_tasks=("mnist",), selectable=True,
                  summary=Summary(claim="the weights' code length as a training objective: fewer bytes of a real file",
-                                 idea="* loop *|* code *", reference="* dense", control="* torch-prune *", cost="file_bytes",
+                                 idea="* loop *|* code *", reference="* dense",
+                                 control="* torch-prune *|* nncodec *", cost="file_bytes",
                                  pick="cheapest", published="results/compress-mnist-lenet5"))
 def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     rows = []
@@ -163,12 +167,15 @@ def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]
         want_ctrl = {lam: not genes and ctx.wants(f"{model_name} torch-prune λ={lam:g}") for lam in lams}
         want_loop = {lam: ctx.wants(f"{model_name} loop λ={lam:g}") for lam in lams}
         dense_dir = ctx.run_dir("compress", task, seed, f"{model_name}-dense")
-        if ctx.wants(f"{model_name} dense") or any(want_ctrl.values()):
+        want_nnc = not (genes or ctx.headline) and any(ctx.wants(f"{model_name} nncodec qp={qp}") for qp in NNCODEC_QPS)
+        if ctx.wants(f"{model_name} dense") or any(want_ctrl.values()) or want_nnc:
             row = train_and_measure(ctx, base, dense_dir, extra=lambda m, d: file_row(
                 m, spec, {}, dense_dir / "model.frugal"))
             if ctx.wants(f"{model_name} dense"):
                 rows.append({**row, "variant": f"{model_name} dense"})
 
+        if want_nnc:
+            rows += nncodec_rows(ctx, base, dense_dir, model_name)
         for lam in lams:
             if not (want_loop[lam] or want_ctrl[lam]):
                 continue
@@ -198,6 +205,34 @@ def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]
                 run_dir = ctx.run_dir("compress", task, seed, f"{model_name}-code-{lam:g}")
                 rows.append({**learned_code_run(ctx, base, spec, lam, run_dir),
                              "variant": f"{model_name} code λ={lam:g}", "lam": lam})
+    return rows
+
+
+def nncodec_rows(ctx: BenchContext, base: TrainConfig, dense_dir: Path, model_name: str) -> list[dict[str, Any]]:
+    """The standard's coder on the plainly trained net: NNCodec at each of NNCODEC_QPS, its bitstream's
+    bytes and the decoded net's accuracy. Skipped, with a note, where NNCodec is not installed."""
+    from frugal.compress.peers import nncodec_decode, nncodec_encode, nncodec_status
+    from frugal.train import load_run
+
+    missing = nncodec_status()
+    if missing is not None:
+        ctx.note(f"compress: the NNCodec control rows are skipped: {missing}")
+        return []
+    data = load_task(base.task, data_dir=ctx.data_dir, val_size=base.val_size)
+    model, cfg, _ = load_run(dense_dir, device=ctx.device)
+    tensors = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    rows = []
+    for qp in NNCODEC_QPS:
+        variant = f"{model_name} nncodec qp={qp}"
+        if not ctx.wants(variant):
+            continue
+        bs = nncodec_encode(tensors, qp)
+        coded, _, _ = load_run(dense_dir, device=ctx.device)
+        coded.load_state_dict({**coded.state_dict(), **{k: v.to(ctx.device) for k, v in nncodec_decode(bs).items()}})
+        row = measure(coded, data, ctx.device, data_dir=ctx.data_dir, speed=False)
+        row.update(file_bytes=len(bs), zero_fraction=zero_fraction(coded), qp=qp, variant=variant,
+                   **plan_fields(cfg, data), model=base.model, run_dir=str(dense_dir.relative_to(ctx.out_dir)))
+        rows.append(row)
     return rows
 
 
