@@ -136,6 +136,16 @@ def test_compress_bench_method_writes_real_files_that_reproduce_each_row(tmp_pat
         assert f.stat().st_size == r["file_bytes"]
         model, _ = read_model_file(f)
         assert evaluate(model, data.test, data.mean, data.std, torch.device("cpu"))[0] == r["test_acc"], r["variant"]
+    # small coded files are kept beside results.json, the same bytes
+    from frugal.compress.bench import KEEP_BYTES
+
+    kept = [r for r in rows if "file" in r]
+    assert kept and all(r["file_bytes"] <= KEEP_BYTES and (" loop " in r["variant"] or " code " in r["variant"])
+                        for r in kept)
+    assert {r["variant"] for r in rows if r["file_bytes"] <= KEEP_BYTES and " loop " in r["variant"]} <= {
+        r["variant"] for r in kept}
+    for r in kept:
+        assert (tmp_path / r["file"]).read_bytes() == (tmp_path / r["run_dir"] / "model.frugal").read_bytes()
     dense = rows[0]
     assert dense["file_bytes"] > 4 * dense["params"]  # raw float32 plus the header
     md = (tmp_path / "report.md").read_text()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from frugal.bench import BenchContext, Summary, plan_fields, register_method, tr
 from frugal.coding.codecs import Uniform
 from frugal.compress.container import encode_model
 from frugal.compress.loop import CompressInTheLoop, LoopConfig
-from frugal.data import load_task
+from frugal.data import load_task, task_slug
 from frugal.measure import measure
 from frugal.train import TrainConfig, model_spec, train
 from frugal.utils import atomic_write_bytes
@@ -205,7 +206,27 @@ def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]
                 run_dir = ctx.run_dir("compress", task, seed, f"{model_name}-code-{lam:g}")
                 rows.append({**learned_code_run(ctx, base, spec, lam, run_dir),
                              "variant": f"{model_name} code λ={lam:g}", "lam": lam})
+    for r in rows:
+        keep_file(ctx, r, task, seed)
     return rows
+
+
+KEEP_BYTES = 32 * 1024  # model files up to this size are kept beside results.json (out/files/)
+
+
+def keep_file(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -> None:
+    """A loop's or code's model file of at most KEEP_BYTES is copied to out/files/, named by task,
+    variant and seed, so a published row's file is kept with it (`frugal eval FILE` reproduces the
+    row's accuracy); `row["file"]` is its path within out/."""
+    coded = " loop " in row["variant"] or " code " in row["variant"]
+    if not coded or row.get("file_bytes", KEEP_BYTES + 1) > KEEP_BYTES:
+        return
+    src = ctx.out_dir / row["run_dir"] / "model.frugal"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{task_slug(task)}-{row['variant'].replace('λ=', 'lam')}-seed{seed}")
+    dst = ctx.out_dir / "files" / f"{name}.frugal"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dst, src.read_bytes())
+    row["file"] = str(dst.relative_to(ctx.out_dir))
 
 
 def nncodec_rows(ctx: BenchContext, base: TrainConfig, dense_dir: Path, model_name: str) -> list[dict[str, Any]]:
