@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from frugal.coding.codecs import Codec, Uniform
 from frugal.coding.learned import (GROUPINGS, MAX_LOG_SCALE, MIN_LOG_SCALE, Learned, bits, coefficients,
                                    group_index, init_density, weights)
 
@@ -90,7 +91,7 @@ class QuantisedCode(nn.Module):
         return bits(y, self.params().to(y.dtype))
 
     def codec(self) -> Learned:
-        return Learned(float(self.step()), self.density_params().detach().cpu().tolist(), self.transform,
+        return Learned(float(self.step().detach()), self.density_params().detach().cpu().tolist(), self.transform,
                        self.grouping)
 
     @torch.no_grad()
@@ -251,10 +252,29 @@ def code_of(model: nn.Module) -> RateCode | None:
 
 
 @torch.no_grad()
-def baked(model: nn.Module) -> tuple[nn.Module, dict[str, Learned]]:
+def cheapest_exact(w: torch.Tensor, codec: Learned) -> Codec:
+    """The shortest code that decodes to exactly what `codec` decodes `w` to: `codec` itself, the
+    same integers under densities fitted to them (per band, or one per tensor: fewer parameters to
+    store), or, for weights coded as they are, a histogram code (`uniform`, best for a small or
+    all-zero bias). Only the coding of the integers changes, never the weights."""
+    target, size = codec.roundtrip(w)
+    best, best_size = codec, size
+    options: list[Codec] = [Learned.fitted(target, codec.step, codec.transform, g) for g in GROUPINGS]
+    if codec.transform == "none":
+        options.append(Uniform(codec.step))
+    for option in options:
+        decoded, n = option.roundtrip(target)
+        if n < best_size and torch.equal(decoded, target):
+            best, best_size = option, n
+    return best
+
+
+@torch.no_grad()
+def baked(model: nn.Module, cheapest: bool = True) -> tuple[nn.Module, dict[str, Codec]]:
     """(a plain copy of a coded model, the codec of each of its coded tensors): the copy's weights
     are exactly what those codecs decode to, and it has no parametrizations, no `frugal_code` and no
-    learn_code transform in its record."""
+    learn_code transform in its record. With `cheapest`, each tensor's integers are coded by
+    `cheapest_exact` (False: under the densities the run trained, as its loss counted them)."""
     rate = code_of(model)
     if rate is None:
         raise ValueError(f"{type(model).__name__} has no learned code (see learn_code)")
@@ -276,6 +296,8 @@ def baked(model: nn.Module) -> tuple[nn.Module, dict[str, Learned]]:
     for name, codec in codecs.items():
         p = params[name]
         p.copy_(codec.roundtrip(p.detach())[0])
+        if cheapest:
+            codecs[name] = cheapest_exact(p.detach(), codec)
     plain.frugal_transforms = [t for t in getattr(plain, "frugal_transforms", []) if t["name"] != "learn_code"]
     spec = getattr(plain, "frugal_spec", None)
     if isinstance(spec, dict):
