@@ -69,7 +69,7 @@ def test_codec_speed_benchmark_writes_and_reads_whole_files(capsys):
 
     out = codec_speed.main(["--width", "4", "--repeats", "1"])
     assert json.loads(capsys.readouterr().out)["params"] == out["params"]
-    assert {r["codec"]["codec"] for r in out["rows"]} == {"uniform", "prune", "kmeans", "dct"}
+    assert {r["codec"]["codec"] for r in out["rows"]} == {"uniform", "prune", "kmeans", "dct", "learned"}
     for r in out["rows"]:
         assert r["bytes"] > 0 and r["encode_s"] > 0 and r["decode_s"] > 0
 

