@@ -1,7 +1,8 @@
 """frugal's post-hoc coder against NNCodec (ISO/IEC 15938-17) on the same trained weights.
 
 For each run folder (a plainly trained net, a loop run, or a run trained against its learned code,
-which is first baked into its plain net), both tools code every tensor at a sweep of their step
+which is first baked into its plain net), the run's own file where it has one ("frugal run"), and
+both tools code every tensor at a sweep of their step
 (frugal: one step for all weights, with RDOQ at a few strengths; NNCodec: its qp), each point is
 decoded and its test accuracy measured. Printed: both fronts, and each tool's smallest file within
 0.1 and within 0.5 points of the run's own accuracy. frugal's bytes are a whole `.frugal` file
@@ -25,18 +26,26 @@ MARGINS = (0.1, 0.5)  # percentage points of accuracy a file may lose
 
 
 def compare(run: str, device, steps, alphas, qps, transforms, data_dir=None) -> dict:
+    from frugal.coding.codecs import codec_from_spec
+    from frugal.compress.container import encode_model
+    from frugal.compress.loop import CHOSEN
     from frugal.compress.rate import baked, code_of, plain_spec
     from frugal.data import load_task
     from frugal.train import evaluate, load_run
 
     model, cfg, _ = load_run(run, device=device)
     spec = json.loads((Path(run) / "config.json").read_text())["model_spec"]
+    own = None  # the run's own codes: its learned code, or the codes the discrete loop chose
     if code_of(model) is not None:
-        model, _ = baked(model)
+        model, own = baked(model)
         spec = plain_spec(spec)
+    elif (Path(run) / CHOSEN).exists():
+        own = {k: codec_from_spec(v) for k, v in json.loads((Path(run) / CHOSEN).read_text())["codecs"].items()}
     data = load_task(cfg.task, data_dir=data_dir or cfg.data_dir, val_size=cfg.val_size)
     acc = evaluate(model, data.test, data.mean, data.std, device)[0]
     fronts = {"nncodec": nncodec_front(model, data, device, qps)}
+    if own is not None:  # the file the run itself writes: the weights as they are, so at the run's accuracy
+        fronts["frugal run"] = [{"tool": "frugal run", "bytes": len(encode_model(model, spec, own)), "test_acc": acc}]
     for t in transforms:
         fronts[f"frugal {t}"] = frugal_front(model, spec, data, device, steps, alphas, transform=t)
     within = {}

@@ -38,7 +38,7 @@ NNCODEC_INSTALL = ("pip install pybind11 && pip install --no-deps --no-build-iso
                    "(it builds a C++ extension: needs g++); the repository's .ci/install-nncodec does this")
 STEPS = tuple(2.0 ** (-k / 2) for k in range(6, 19))  # 0.125 .. 0.002: one step for every weight tensor
 ALPHAS = (0.0, 0.25, 1.0)  # RDOQ strengths: lam = alpha x step^2 per bit
-QPS = tuple(range(-56, -19, 2))  # NNCodec's quantisation parameter (step 2^(qp / 4) at qp_density 2)
+QPS = tuple(range(-56, -3, 2))  # NNCodec's quantisation parameter (step 2^(qp / 4) at qp_density 2), to coarse ones
 BIAS_STEP_FACTOR = 1 / 16
 
 
