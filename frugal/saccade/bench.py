@@ -262,8 +262,8 @@ def at_fractions(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -
         model.inference_fraction = f
         variant = f"saccadic top {f:.0%}"
         r = measure(model, data, ctx.device, data_dir=ctx.data_dir, speed=ctx.budget != "tiny")
-        r.update({k: row[k] for k in ("val_acc", "train_seconds", "train_seconds_total", "epochs", "model", "run_dir",
-                                      "teacher_weight")},
+        r.update({k: row[k] for k in ("val_acc", "train_seconds", "train_seconds_total", "epochs", "train_examples",
+                                      "model", "run_dir", "teacher_weight") if k in row},
                  variant=variant, inference_fraction=f,
                  **attention_stats(model, data, ctx, variant, seed, draw=False))
         out[variant] = r
