@@ -103,3 +103,25 @@ def test_a_missing_nncodec_is_named_with_its_install_command(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_nncodec)
     msg = nncodec_status()
     assert msg is not None and "pip install" in msg and "--no-deps" in msg
+
+
+@pytest.mark.skipif(NO_NNCODEC is not None, reason=f"NNCodec missing: {NO_NNCODEC}")
+def test_nncodec_compare_prints_both_fronts_as_rows_a_report_renders(tmp_path, capsys):
+    import json
+
+    from frugal.benchmarks import nncodec_compare
+    from frugal.report import write_report
+
+    cfg = TrainConfig(task="digits", model="lenet300", epochs=2, seed=0, device="cpu", optimizer="adam", lr=1e-3)
+    train(cfg, tmp_path / "run", quiet=True, progress=False)
+    out = tmp_path / "cmp" / "results.json"
+    res = nncodec_compare.main(["--run", str(tmp_path / "run"), "--steps", "0.02", "0.08", "--alphas", "0",
+                                "--qps", "-38", "-26", "--out", str(out)])
+    capsys.readouterr()
+    assert {p["tool"] for p in res["points"]} == {"nncodec", "frugal none"} and len(res["points"]) == 4
+    assert {(w["margin_points"], w["tool"]) for w in res["within"]} == {
+        (m, t) for m in (0.1, 0.5) for t in ("nncodec", "frugal none")}
+    assert json.loads(out.read_text())["command"].startswith("python -m frugal.benchmarks.nncodec_compare")
+    write_report(out.parent)
+    md = (out.parent / "report.md").read_text()
+    assert "## within" in md and "## points" in md and "nncodec" in md

@@ -76,7 +76,13 @@ def main(argv: list[str] | None = None) -> dict:
         for margin, best in r["within"].items():
             line = ", ".join(f"{tool} {'-' if b is None else format(b['bytes'], ',') + ' B'}" for tool, b in best.items())
             print(f"{r['run']}: smallest file within {margin} points of {r['test_acc']:.4f}: {line}")
-    return publish({"runs": runs, "install": NNCODEC_INSTALL, "versions": versions()},
+    # flat rows, which `frugal report` renders as tables: the smallest files, then every point
+    within = [{"run": r["run"], "test_acc": r["test_acc"], "margin_points": float(m), "tool": tool,
+               "bytes": None if b is None else b["bytes"], "coded_test_acc": None if b is None else b["test_acc"]}
+              for r in runs for m, best in r["within"].items() for tool, b in best.items()]
+    points = [{"run": r["run"], "tool": tool, **{k: p.get(k) for k in ("qp", "step", "alpha", "bytes", "test_acc")}}
+              for r in runs for tool, pts in r["fronts"].items() for p in pts]
+    return publish({"install": NNCODEC_INSTALL, "within": within, "points": points, "versions": versions()},
                    "frugal.benchmarks.nncodec_compare", argv, a.out)
 
 
