@@ -91,10 +91,11 @@ def nncodec_decode(bitstream: bytes) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in out.items()}
 
 
-def _accuracy(model: nn.Module, state: dict[str, torch.Tensor], data: TaskData, device) -> float:
+def _loaded(model: nn.Module, state: dict[str, torch.Tensor], device) -> nn.Module:
+    """A copy of the model holding `state` (coded tensors) in place of its own."""
     m = copy.deepcopy(model)
     m.load_state_dict({**m.state_dict(), **{k: v.to(device) for k, v in state.items()}})
-    return evaluate(m, data.test, data.mean, data.std, device)[0]
+    return m
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -117,8 +118,7 @@ def frugal_front(model: nn.Module, spec: dict[str, Any], data: TaskData, device,
                 codec, decoded = Learned.rd_coded(p, s, alpha if p.dim() >= 2 else 0.0, kind,
                                                   "frequency" if kind == "dct" else "tensor")
                 codecs[name], state[name] = codec, decoded
-            m = copy.deepcopy(model)
-            m.load_state_dict({**m.state_dict(), **{k: v.to(device) for k, v in state.items()}})
+            m = _loaded(model, state, device)
             points.append({"tool": "frugal", "step": step, "alpha": alpha, "transform": transform,
                            "bytes": len(encode_model(m, spec, codecs)),
                            "test_acc": evaluate(m, data.test, data.mean, data.std, device)[0]})
@@ -135,7 +135,8 @@ def nncodec_front(model: nn.Module, data: TaskData, device, qps=QPS) -> list[dic
         if set(decoded) != set(tensors):
             raise RuntimeError(f"NNCodec gave back tensors {sorted(decoded)} for {sorted(tensors)}")
         points.append({"tool": "nncodec", "qp": qp, "bytes": len(bs),
-                       "test_acc": _accuracy(model, decoded, data, device)})
+                       "test_acc": evaluate(_loaded(model, decoded, device), data.test, data.mean, data.std,
+                                            device)[0]})
     return points
 
 
