@@ -194,7 +194,7 @@ def test_units_refuses_damaged_data_and_bad_settings():
         Units.decode(bytes(flipped), (20, 10))
     with pytest.raises(CodecError, match="2 or more"):
         Units.decode(data, (200,))
-    with pytest.raises(ValueError, match="wraps a uniform, prune or kmeans"):
+    with pytest.raises(ValueError, match="wraps a uniform, prune, kmeans or learned"):
         Units(DCT(0.1))
     with pytest.raises(ValueError, match="2 or more"):
         Units(Uniform(0.1)).encode(torch.ones(5))

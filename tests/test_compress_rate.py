@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from scipy import fft, stats
 
 from frugal.coding.codecs import codec_from_spec, decode_tensor, from_blocks
@@ -282,3 +283,99 @@ def test_the_discrete_loop_can_choose_learned_codes(tmp_path):
     assert kinds and set(kinds.values()) == {"learned"}
     for name, spec in hook.chosen.items():
         assert torch.equal(codec_from_spec(spec).roundtrip(state[name])[0], state[name]), name
+
+
+def test_folded_batch_norms_compute_what_the_net_computed_and_store_their_statistics_in_bytes():
+    import copy
+
+    from frugal.compress.rate import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 36, 5), nn.BatchNorm1d(5), nn.BatchNorm1d(5, affine=False))
+    net.train()
+    for _ in range(4):  # statistics far from 0 and 1
+        net(torch.randn(16, 1, 6, 6) * 3 + 1)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            nn.init.uniform_(m.weight, 0.5, 2.0)
+            nn.init.normal_(m.bias)
+    net.eval()
+    x = torch.randn(8, 1, 6, 6) * 3 + 1
+    folded = copy.deepcopy(net)
+    codecs = fold_batchnorm(folded)
+    assert set(codecs) == {"1.running_mean", "1.running_var", "5.running_mean", "5.running_var"}
+    torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)  # the reference: the net unfolded
+    torch.testing.assert_close(folded[6].running_var, net[6].running_var)  # no affine: left as it was
+    sizes = {k: len(c.encode(dict(folded.named_buffers())[k])) for k, c in codecs.items()}
+    assert max(sizes.values()) <= 16  # against 4 bytes a channel raw
+    for k, c in codecs.items():
+        t = dict(folded.named_buffers())[k]
+        assert torch.equal(c.decode(c.encode(t), tuple(t.shape)), t)
+
+
+def test_a_coded_net_with_batch_norms_is_folded_into_a_file_that_decodes_to_it():
+    from frugal.compress.rate import folded
+
+    data = load_task("digits")
+    x = (data.train.x.float() / 255 - data.mean) / data.std
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 64, 10))
+    rate = learn_code(net, lam=0.1, warmup=0.0)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for i in range(0, 1024, 64):  # batch statistics far from 0 and 1
+        loss = torch.nn.functional.cross_entropy(net(x[i:i + 64]), data.train.y[i:i + 64])
+        loss = loss + rate.extra_loss(None, None, None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    plain, codecs = baked(net)
+    unfolded = plain(x[:256]).detach()
+    codecs = folded(plain, codecs)
+    assert {"1.running_mean", "1.running_var", "1.weight", "1.bias"} <= set(codecs)
+    spec = {"name": "x"}
+    blob = encode_model(plain, spec, codecs)
+    raw = encode_model(plain, spec, {k: c for k, c in codecs.items() if "running" not in k})
+    assert len(raw) > len(blob)  # 16 statistics no longer raw
+    back = copy_of(plain)
+    decode_model(blob, model=back)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k  # the file is exactly the folded net
+    with torch.no_grad():  # which computes what the trained net computed, to the folded code's precision
+        out = plain(x[:256])
+        assert (out - unfolded).abs().max() < 0.05 * unfolded.abs().max()
+        assert (out.argmax(1) == unfolded.argmax(1)).float().mean() > 0.98
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("transform,grouping", [("none", "tensor"), ("dct", "frequency")])
+def test_a_learned_code_with_dead_units_cut_out_decodes_to_the_same_weights_in_fewer_bytes(transform, grouping):
+    from frugal.coding.codecs import Units
+    from frugal.compress.rate import cheapest_exact
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.zeros(60, 30, 3, 3)
+    w[::7, ::4] = torch.randn(9, 8, 3, 3, generator=g) * 0.1  # 9 live output units, 8 live inputs
+    code = Learned.fitted(w, 0.01, transform, grouping)
+    target = code.roundtrip(w)[0]
+    units = Units(code)
+    data = units.encode(target)
+    back = decode_tensor("units", data, tuple(w.shape))
+    assert torch.equal(back, target)  # the reference: the learned code alone
+    assert torch.equal(decode_tensor("units", units.encode(back), tuple(w.shape)), back)
+    assert len(data) < 0.8 * len(code.encode(target))
+    assert codec_from_spec(json.loads(json.dumps(units.spec()))) == units
+    assert isinstance(cheapest_exact(target, code), Units)
+    zero = torch.zeros(4, 3, 3, 3)  # nothing live: no block to code
+    assert torch.equal(decode_tensor("units", Units(code).encode(zero), (4, 3, 3, 3)), zero)
+    damaged = bytearray(Units(code).encode(zero))
+    damaged[0] = 2  # claims a learned block where every unit is dead
+    with pytest.raises(CodecError):
+        decode_tensor("units", bytes(damaged), (4, 3, 3, 3))

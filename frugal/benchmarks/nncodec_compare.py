@@ -2,9 +2,11 @@
 
 For each run folder (a plainly trained net, a loop run, or a run trained against its learned code,
 which is first baked into its plain net), the run's own file where it has one ("frugal run"), and
-both tools code every tensor at a sweep of their step
-(frugal: one step for all weights, with RDOQ at a few strengths; NNCodec: its qp), each point is
-decoded and its test accuracy measured. Printed: both fronts, and each tool's smallest file within
+both tools code every tensor at a sweep of their step (NNCodec: its qp; frugal: one step for all
+weights with RDOQ at a few strengths, and "allocated": each tensor's step and RDOQ strength chosen
+by its bytes against its Fisher-weighted error, the run's own code among the choices). Each point
+is decoded and its test accuracy measured. Batch norms are folded first (`fold_batchnorm`), for
+both tools. Printed: both fronts, and each tool's smallest file within
 0.1 and within 0.5 points of the run's own accuracy. frugal's bytes are a whole `.frugal` file
 (header, architecture, checksum); NNCodec's are its bitstream.
 
@@ -18,8 +20,8 @@ import json
 from pathlib import Path
 
 from frugal.benchmarks import add_out_arg, add_where_args, publish, where
-from frugal.compress.peers import (ALPHAS, NNCODEC_INSTALL, QPS, STEPS, frugal_front, nncodec_front, nncodec_status,
-                                   smallest_within)
+from frugal.compress.peers import (ALPHAS, NNCODEC_INSTALL, QPS, STEPS, allocated_front, frugal_front, model_options,
+                                   nncodec_front, nncodec_status, smallest_within)
 from frugal.utils import versions
 
 MARGINS = (0.1, 0.5)  # percentage points of accuracy a file may lose
@@ -29,7 +31,7 @@ def compare(run: str, device, steps, alphas, qps, transforms, data_dir=None) -> 
     from frugal.coding.codecs import codec_from_spec
     from frugal.compress.container import encode_model
     from frugal.compress.loop import CHOSEN
-    from frugal.compress.rate import baked, code_of, plain_spec
+    from frugal.compress.rate import baked, code_of, fold_batchnorm, plain_spec
     from frugal.data import load_task
     from frugal.train import evaluate, load_run
 
@@ -43,11 +45,16 @@ def compare(run: str, device, steps, alphas, qps, transforms, data_dir=None) -> 
         own = {k: codec_from_spec(v) for k, v in json.loads((Path(run) / CHOSEN).read_text())["codecs"].items()}
     data = load_task(cfg.task, data_dir=data_dir or cfg.data_dir, val_size=cfg.val_size)
     acc = evaluate(model, data.test, data.mean, data.std, device)[0]
-    fronts = {"nncodec": nncodec_front(model, data, device, qps)}
+    fronts = {}
     if own is not None:  # the file the run itself writes: the weights as they are, so at the run's accuracy
         fronts["frugal run"] = [{"tool": "frugal run", "bytes": len(encode_model(model, spec, own)), "test_acc": acc}]
+    folded = fold_batchnorm(model)  # both tools code the same folded tensors: no batch-norm statistics to spend on
+    fronts["nncodec"] = nncodec_front(model, data, device, qps)
     for t in transforms:
-        fronts[f"frugal {t}"] = frugal_front(model, spec, data, device, steps, alphas, transform=t)
+        fronts[f"frugal {t}"] = frugal_front(model, spec, data, device, steps, alphas, transform=t, extra=folded)
+        options = model_options(model, data, device, steps, alphas, transform=t, own=own)
+        fronts[f"frugal allocated {t}"] = allocated_front(model, spec, data, device, options, extra=folded,
+                                                          label=f"frugal allocated {t}")
     within = {}
     for margin in MARGINS:
         best = {tool: smallest_within(points, acc, margin) for tool, points in fronts.items()}

@@ -364,20 +364,20 @@ def unit_masks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass(frozen=True)
 class Units(Codec):
-    """`inner` (uniform, prune or kmeans), then the output and input units its code left all zero
-    cut out: two bit masks say which units remain, and only their block is range-coded, by the
-    same quantiser. Where whole units are dead (as group lasso makes them), their positions cost a
+    """`inner` (uniform, prune, kmeans or learned), then the output and input units its code left
+    all zero cut out: two bit masks say which units remain, and only their block is range-coded, by
+    the same quantiser (a learned code: the same step and transform, densities fitted to the block). Where whole units are dead (as group lasso makes them), their positions cost a
     bit per unit instead of a symbol per weight; elsewhere the masks cost (rows + inputs) / 8 bytes
     more than `inner` alone. decode(encode(w)) equals inner's decode(encode(w)) exactly."""
 
     inner: Codec
 
     name = "units"
-    KINDS = ("uniform", "kmeans")  # the block's code, the first byte of the data
+    KINDS = ("uniform", "kmeans", "learned")  # the block's code, the first byte of the data
 
     def __post_init__(self):
-        if not isinstance(self.inner, (Uniform, Prune, KMeans)):
-            raise ValueError(f"units wraps a uniform, prune or kmeans code, got {self.inner!r}")
+        if not (isinstance(self.inner, (Uniform, Prune, KMeans)) or getattr(self.inner, "name", None) == "learned"):
+            raise ValueError(f"units wraps a uniform, prune, kmeans or learned code, got {self.inner!r}")
 
     def spec(self) -> dict:
         return {"codec": self.name, "inner": self.inner.spec()}
@@ -392,7 +392,11 @@ class Units(Codec):
         d = decoded.detach().float().cpu()
         rows, inputs = unit_masks(d)
         block = d.reshape(d.shape[0], d.shape[1], -1)[rows][:, inputs]  # (o', i', k)
-        if isinstance(self.inner, KMeans):
+        if self.inner.name == "learned" and block.numel():
+            block = block.reshape(block.shape[0], block.shape[1], *d.shape[2:])  # kernels stay kernels (DCT)
+            inner = type(self.inner)
+            kind, data = 2, inner.fitted(block, self.inner.step, self.inner.transform, self.inner.grouping).encode(block)
+        elif isinstance(self.inner, KMeans):
             kind, data = 1, KMeans(self.inner.k).encode(block)  # <= k values: kept exactly
         else:
             kind, data = 0, Uniform(self.inner.step).encode(block)  # multiples of the step: kept exactly
@@ -405,7 +409,13 @@ class Units(Codec):
             raise CodecError(f"{cls.name} data names block code {kind} (known: 0..{len(cls.KINDS) - 1}): damaged")
         rows, inputs, pos = _read_units(data, pos, shape, cls.name)
         block_shape = (int(rows.sum()), int(inputs.sum()), math.prod(shape[2:]))
-        return _scatter_units(CODECS[cls.KINDS[kind]].decode(data[pos:], block_shape), rows, inputs, shape)
+        if cls.KINDS[kind] == "learned":
+            if not all(block_shape):
+                raise CodecError(f"{cls.name} data has a learned code for an empty block: damaged")
+            block = CODECS["learned"].decode(data[pos:], (*block_shape[:2], *shape[2:])).reshape(block_shape)
+        else:
+            block = CODECS[cls.KINDS[kind]].decode(data[pos:], block_shape)
+        return _scatter_units(block, rows, inputs, shape)
 
 
 CODECS = {c.name: c for c in (Raw, Uniform, Prune, Structured, KMeans, DCT, Units)}

@@ -10,6 +10,8 @@ Per (task, model, seed):
 - `code λ=...`: the same training against the code length itself (`frugal.compress.rate`): every
   tensor is integers x a learned step (each kernel's DCT), and the loss adds lam x the bits those
   integers cost under the learned densities; the file is them range-coded under exactly those.
+  Batch norms are folded after training (`folded`): their statistics cost a few bytes, and their
+  folded weights and biases are re-coded finely; the row measures the folded net.
 - `nncodec qp=...`: the standard's coder (NNCodec, ISO/IEC 15938-17) on the plainly trained net, at a
   few quantisation parameters, where it is installed (`.ci/install-nncodec`); its bitstream's bytes.
 - `torch-prune λ=...`: the control at matched sparsity. The dense net is pruned with
@@ -259,7 +261,7 @@ def nncodec_rows(ctx: BenchContext, base: TrainConfig, dense_dir: Path, model_na
 
 def learned_code_run(ctx: BenchContext, base: TrainConfig, spec: dict, lam: float, run_dir: Path) -> dict[str, Any]:
     """Train `base` against its learned code's length at `lam`; measure the plain net the file decodes to."""
-    from frugal.compress.rate import baked, code_of, learn_code, plain_spec
+    from frugal.compress.rate import baked, code_of, folded, learn_code, plain_spec
     from frugal.train import build_model
     from frugal.utils import seed_everything
 
@@ -270,6 +272,7 @@ def learned_code_run(ctx: BenchContext, base: TrainConfig, spec: dict, lam: floa
     res = train(base, run_dir, resume=(run_dir / "checkpoint.pt").exists(), model=model, data=data,
                 quiet=ctx.quiet, progress=False)
     plain, codecs = baked(res.model)
+    codecs = folded(plain, codecs)  # batch-norm statistics folded into the file's weights, not stored raw
     row = measure(plain, data, ctx.device, data_dir=ctx.data_dir, speed=ctx.budget != "tiny")
     row.update(file_row(plain, plain_spec(spec), codecs, run_dir / "model.frugal"), val_acc=res.val_acc,
                train_seconds=res.train_seconds, **plan_fields(base, data), model=base.model,

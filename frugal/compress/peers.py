@@ -18,9 +18,11 @@ out while that module loads and taken out of `sys.modules` again after.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import tempfile
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ STEPS = tuple(2.0 ** (-k / 2) for k in range(6, 19))  # 0.125 .. 0.002: one step
 ALPHAS = (0.0, 0.25, 1.0)  # RDOQ strengths: lam = alpha x step^2 per bit
 QPS = tuple(range(-56, -3, 2))  # NNCodec's quantisation parameter (step 2^(qp / 4) at qp_density 2), to coarse ones
 BIAS_STEP_FACTOR = 1 / 16
+OWN_GRID_ALPHAS = (4.0, 16.0)  # stronger RDOQ around a tensor's own grid: pruning further what a loop pruned
 
 
 def _nncodec():
@@ -104,14 +107,15 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def frugal_front(model: nn.Module, spec: dict[str, Any], data: TaskData, device, steps=STEPS, alphas=ALPHAS,
-                 transform: str = "none") -> list[dict[str, Any]]:
+                 transform: str = "none", extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """(bytes, test accuracy) of the model's `.frugal` file at each (step, RDOQ strength); `transform`:
-    "none", or "conv" to code kernels in their DCT."""
+    "none", or "conv" to code kernels in their DCT; `extra` codecs for tensors that are not
+    parameters (folded batch-norm statistics)."""
     params = dict(model.named_parameters())
     points = []
     for step in steps:
         for alpha in alphas:
-            codecs, state = {}, {}
+            codecs, state = dict(extra or {}), {}
             for name, p in params.items():
                 kind = "dct" if transform == "conv" and p.dim() >= 3 else "none"
                 s = step if p.dim() >= 2 else step * BIAS_STEP_FACTOR
@@ -123,6 +127,133 @@ def frugal_front(model: nn.Module, spec: dict[str, Any], data: TaskData, device,
                            "bytes": len(encode_model(m, spec, codecs)),
                            "test_acc": evaluate(m, data.test, data.mean, data.std, device)[0]})
     return points
+
+
+def fisher(model: nn.Module, split, mean: float, std: float, device, examples: int = 2048,
+           batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Each parameter's mean squared gradient of the cross-entropy over batches of `batch_size`
+    from the first `examples` of `split`, in eval mode: how much an error in each weight costs
+    (the empirical Fisher's diagonal, up to a scale)."""
+    from frugal.train import normalize
+
+    m = copy.deepcopy(model).eval()
+    params = dict(m.named_parameters())
+    acc = {k: torch.zeros_like(p) for k, p in params.items()}
+    dtype = next(m.parameters()).dtype
+    n = min(examples, len(split))
+    batches = 0
+    with torch.enable_grad():
+        for i in range(0, n, batch_size):
+            x = normalize(split.x[i:min(i + batch_size, n)].to(device), mean, std, dtype)
+            loss = torch.nn.functional.cross_entropy(m(x).float(), split.y[i:min(i + batch_size, n)].to(device))
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for k, g in zip(params, grads):
+                if g is not None:
+                    acc[k] += g.detach().pow(2)
+            batches += 1
+    return {k: (v / max(batches, 1)).detach() for k, v in acc.items()}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to code one tensor: its codec, the weights it decodes to, its bytes, and its
+    distortion (Fisher-weighted squared error)."""
+
+    codec: Any
+    decoded: torch.Tensor
+    bytes: int
+    distortion: float
+
+
+def tensor_options(w: torch.Tensor, weight: torch.Tensor, steps, alphas, transform: str = "none",
+                   own=None) -> list[Option]:
+    """Every (step, RDOQ strength) of the learned code for tensor `w` (and its own code, `own`,
+    when it has one: a tensor already on a grid keeps it at no distortion), as `Option`s."""
+    kind = "dct" if transform == "conv" and w.dim() >= 3 else "none"
+    grouping = "frequency" if kind == "dct" else "tensor"
+    ref = w.detach().double().cpu()
+    fw = weight.detach().double().cpu()
+    out = []
+    for step in steps:
+        for alpha in alphas if w.dim() >= 2 else (0.0,):
+            codec, decoded = Learned.rd_coded(w, step, alpha, kind, grouping)
+            out.append(Option(codec, decoded, len(codec.encode(decoded)),
+                              float((fw * (decoded.double().cpu() - ref).pow(2)).sum())))
+    if own is not None:
+        decoded, size = own.roundtrip(w)
+        out.append(Option(own, decoded, size, float((fw * (decoded.double().cpu() - ref).pow(2)).sum())))
+        nonzero = decoded.detach().abs()[decoded != 0]
+        if nonzero.numel():  # steps around the tensor's own grid (its smallest non-zero magnitude)
+            base = float(nonzero.min())
+            for k in range(-2, 7):
+                for alpha in (*alphas, *OWN_GRID_ALPHAS) if w.dim() >= 2 else (0.0,):
+                    codec, dec = Learned.rd_coded(w, base * 2 ** (k / 2), alpha, kind, grouping)
+                    out.append(Option(codec, dec, len(codec.encode(dec)),
+                                      float((fw * (dec.double().cpu() - ref).pow(2)).sum())))
+    return out
+
+
+def allocations(options: dict[str, list[Option]], points: int = 40) -> list[dict[str, Option]]:
+    """Per-tensor choices along the greedy rate-distortion path: from every tensor's largest
+    undominated option, repeatedly move the one tensor whose next smaller option costs the least
+    added distortion per byte saved, until every tensor has its smallest. Each tensor walks its
+    whole Pareto front (not only its convex hull, which on real weights skips large stretches).
+    Of the path's allocations, about `points`: half spread log-evenly over their total bytes, half
+    over their total distortion (where accuracy changes), most bytes first."""
+    fronts = {}
+    for k, opts in options.items():
+        front = []
+        for o in sorted(opts, key=lambda o: (o.bytes, o.distortion)):
+            if not front or o.distortion < front[-1].distortion:
+                front.append(o)  # fewer bytes first; each kept option lowers the distortion
+        fronts[k] = front[::-1]  # most bytes first
+    at = {k: 0 for k in fronts}
+    path = [{k: f[0] for k, f in fronts.items()}]
+    while True:
+        moves = [((f[at[k] + 1].distortion - f[at[k]].distortion) / max(f[at[k]].bytes - f[at[k] + 1].bytes, 1e-9), k)
+                 for k, f in fronts.items() if at[k] + 1 < len(f)]
+        if not moves:
+            break
+        k = min(moves)[1]
+        at[k] += 1
+        path.append({t: f[at[t]] for t, f in fronts.items()})
+    if len(path) <= points:
+        return path
+    keep = set()
+    for measure in (lambda c: sum(o.bytes for o in c.values()), lambda c: sum(o.distortion for o in c.values())):
+        v = [math.log(max(measure(c), 1e-300)) for c in path]
+        n = points - points // 2 if not keep else points // 2
+        targets = [v[0] + (v[-1] - v[0]) * i / max(n - 1, 1) for i in range(n)]
+        keep |= {min(range(len(v)), key=lambda j: abs(v[j] - t)) for t in targets}
+    return [path[j] for j in sorted(keep)]
+
+
+def model_options(model: nn.Module, data: TaskData, device, steps=STEPS, alphas=ALPHAS, transform: str = "none",
+                  own: dict[str, Any] | None = None) -> dict[str, list[Option]]:
+    """`tensor_options` of every parameter, its distortion weighted by the `fisher` of the training
+    split: the learned code at `steps` x `alphas` (biases at a sixteenth of the step), or the
+    tensor's own code in `own`."""
+    weight = fisher(model, data.train, data.mean, data.std, device)
+    return {name: tensor_options(p, weight[name], [s if p.dim() >= 2 else s * BIAS_STEP_FACTOR for s in steps],
+                                 alphas, transform, (own or {}).get(name))
+            for name, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def allocated_front(model: nn.Module, spec: dict[str, Any], data: TaskData, device,
+                    options: dict[str, list[Option]], points: int = 40, extra: dict[str, Any] | None = None,
+                    label: str = "frugal allocated") -> list[dict[str, Any]]:
+    """(bytes, test accuracy) of the model's `.frugal` file at each of `allocations(options)`: each
+    tensor's step chosen by rate and distortion. `extra` codecs cover tensors that are not options
+    (folded batch-norm statistics)."""
+    front = []
+    for pick in allocations(options, points):
+        m = _loaded(model, {k: o.decoded for k, o in pick.items()}, device)
+        front.append({"tool": label, "bytes": len(encode_model(m, spec, {**(extra or {}),
+                                                                         **{k: o.codec for k, o in pick.items()}})),
+                      "distortion": sum(o.distortion for o in pick.values()),
+                      "test_acc": evaluate(m, data.test, data.mean, data.std, device)[0]})
+    return front
 
 
 def nncodec_front(model: nn.Module, data: TaskData, device, qps=QPS) -> list[dict[str, Any]]:
@@ -147,5 +278,6 @@ def smallest_within(points: list[dict[str, Any]], reference: float, points_lost:
     return min(ok, key=lambda p: p["bytes"]) if ok else None
 
 
-__all__ = ["ALPHAS", "NNCODEC_INSTALL", "QPS", "STEPS", "frugal_front", "nncodec_decode", "nncodec_encode",
-           "nncodec_front", "nncodec_status", "smallest_within"]
+__all__ = ["ALPHAS", "NNCODEC_INSTALL", "QPS", "STEPS", "Option", "allocated_front", "allocations", "fisher",
+           "frugal_front", "model_options", "nncodec_decode", "nncodec_encode",
+           "nncodec_front", "nncodec_status", "smallest_within", "tensor_options"]

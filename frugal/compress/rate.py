@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from frugal.coding.codecs import Codec, Uniform
+from frugal.coding.codecs import Codec, Uniform, Units
 from frugal.coding.learned import (GROUPINGS, MAX_LOG_SCALE, MIN_LOG_SCALE, Learned, bits, coefficients,
                                    group_index, init_density, weights)
 
@@ -256,12 +256,15 @@ def cheapest_exact(w: torch.Tensor, codec: Learned) -> Codec:
     """The shortest code that decodes to exactly what `codec` decodes `w` to: `codec` itself, the
     same integers under densities fitted to them (per band, or one per tensor: fewer parameters to
     store), or, for weights coded as they are, a histogram code (`uniform`, best for a small or
-    all-zero bias). Only the coding of the integers changes, never the weights."""
+    all-zero bias); and each of those after cutting out the units left all zero (`Units`: two bit
+    masks, then the block). Only the coding of the integers changes, never the weights."""
     target, size = codec.roundtrip(w)
     best, best_size = codec, size
     options: list[Codec] = [Learned.fitted(target, codec.step, codec.transform, g) for g in GROUPINGS]
     if codec.transform == "none":
         options.append(Uniform(codec.step))
+    if w.dim() >= 2:  # the same, with the all-zero output and input units cut out first
+        options += [Units(o) for o in (codec, *options)]
     for option in options:
         decoded, n = option.roundtrip(target)
         if n < best_size and torch.equal(decoded, target):
@@ -305,4 +308,61 @@ def baked(model: nn.Module, cheapest: bool = True) -> tuple[nn.Module, dict[str,
     return plain, codecs
 
 
-__all__ = ["CODE", "QuantisedCode", "RateCode", "baked", "code_of", "learn_code", "plain_spec"]
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> dict[str, Codec]:
+    """Fold, in place, every affine batch norm's running statistics into its weight and bias, and
+    return the codecs that store the statistics left behind (mean 0 and variance 1 in every channel:
+    a few bytes each).
+
+    In eval mode y = w (x - m) / sqrt(v + eps) + b; with m' = 0, v' = 1, w' = w sqrt(1 + eps) /
+    sqrt(v + eps) and b' = b - w m / sqrt(v + eps) the layer computes the same function, up to
+    float rounding, and a file need not spend 32 bits on each statistic. What is folded is the eval
+    function: training on from the folded net (batch statistics) is not the same training.
+    Norms without affine parameters or running statistics are left as they are."""
+    codecs = {}
+    for name, m in model.named_modules():
+        if not (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats
+                and m.running_mean is not None and m.running_var is not None):
+            continue
+        if parametrize.is_parametrized(m):
+            raise ValueError(f"{name}: fold_batchnorm needs a plain net (bake a coded one first)")
+        inv = torch.rsqrt(m.running_var.double() + m.eps)
+        w, b = m.weight.double(), m.bias.double()
+        m.bias.copy_((b - w * m.running_mean.double() * inv).to(m.bias.dtype))
+        m.weight.copy_((w * inv * math.sqrt(1 + m.eps)).to(m.weight.dtype))
+        m.running_mean.zero_()
+        m.running_var.fill_(1.0)
+        prefix = f"{name}." if name else ""
+        codecs[f"{prefix}running_mean"] = Uniform(1.0)
+        codecs[f"{prefix}running_var"] = Uniform(1.0)
+    return codecs
+
+
+FOLD_RELATIVE_STEP = 2.0 ** -8  # a folded batch norm's weight and bias: coded to 1/256 of their largest value
+
+
+@torch.no_grad()
+def folded(model: nn.Module, codecs: dict[str, Codec]) -> dict[str, Codec]:
+    """Fold the batch norms of a baked model (`fold_batchnorm`, in place) and return the codecs of
+    the whole file: the folded statistics' few bytes, and each folded weight and bias (which left
+    its trained grid) re-coded at FOLD_RELATIVE_STEP of its largest magnitude, its weights set to
+    what that code decodes to. A net without batch norms comes back unchanged."""
+    stats = fold_batchnorm(model)
+    if not stats:
+        return codecs
+    out = {**codecs, **stats}
+    params = dict(model.named_parameters())
+    for key in stats:
+        if not key.endswith("running_mean"):
+            continue
+        prefix = key[: -len("running_mean")]
+        for name in (f"{prefix}weight", f"{prefix}bias"):
+            p = params[name]
+            step = max(float(p.abs().max()), 1e-6) * FOLD_RELATIVE_STEP
+            code = Learned.fitted(p.detach(), step)
+            p.copy_(code.roundtrip(p.detach())[0])
+            out[name] = cheapest_exact(p.detach(), code)
+    return out
+
+
+__all__ = ["CODE", "QuantisedCode", "RateCode", "baked", "code_of", "fold_batchnorm", "folded", "learn_code", "plain_spec"]
