@@ -127,9 +127,13 @@ def test_compress_bench_method_writes_real_files_that_reproduce_each_row(tmp_pat
     assert [r["file_bytes"] for r in nnc] == sorted((r["file_bytes"] for r in nnc), reverse=True)  # coarser, smaller
     rows = [r for r in rows if r not in nnc]
     variants = [r["variant"] for r in rows]
-    assert variants[0] == "lenet300 dense" and len(rows) == 10
-    assert sum("loop" in v for v in variants) == 3 and sum("torch-prune" in v for v in variants) == 3
+    assert variants[0] == "lenet300 dense" and len(rows) == 13
+    assert sum("loop" in v for v in variants) == 3 and sum("torch-prune λ" in v for v in variants) == 3
     assert sum(" code λ=" in v for v in variants) == 3
+    # each code run's control is pruned to that run's share of zeros
+    zeros = {r["lam"]: r["zero_fraction"] for r in rows if " code λ=" in r["variant"]}
+    ctrls = [r for r in rows if "torch-prune (code's sparsity" in r["variant"]]
+    assert len(ctrls) == 3 and all(r["target_sparsity"] == zeros[r["lam"]] for r in ctrls)
     data = load_task("digits")
     for r in rows:
         f = tmp_path / r["run_dir"] / "model.frugal"
@@ -167,7 +171,7 @@ def test_compress_bench_trains_each_model_with_its_own_settings(tmp_path, monkey
            for r in rows}
     # the dense, loop and code runs train at the model's rate; the control fine-tunes at a tenth of it
     assert lrs == {"lenet300 dense": 4e-3, "lenet300 loop λ=0.03": 4e-3, "lenet300 torch-prune λ=0.03": 4e-4,
-                   "lenet300 code λ=0.01": 4e-3}
+                   "lenet300 code λ=0.01": 4e-3, "lenet300 torch-prune (code's sparsity, λ=0.01)": 4e-4}
 
 
 def test_pareto_front_keeps_exactly_the_undominated_codes():

@@ -95,7 +95,8 @@ def test_the_headline_bench_runs_each_idea_s_headline_comparison_with_its_contro
                       device="cpu", headline=True), log=lambda s: None)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     variants = {m: sorted(r["variant"] for r in rows if r["method"] == m) for m in ideas}
-    assert variants["compress"] == ["lenet300 dense", "lenet300 loop λ=0.03", "lenet300 torch-prune λ=0.03"]
+    assert variants["compress"] == ["lenet300 code λ=0.03", "lenet300 dense",
+                                    "lenet300 torch-prune (code's sparsity, λ=0.03)"]
     assert variants["dream"] == ["control augment", "round 0 (plain)", "round 1"]
     assert variants["saccade"] == ["blockcnn", "saccadic"]
     assert variants["specialists"][0] == "base" and variants["specialists"][1].startswith("equal-MACs CNN")

@@ -14,7 +14,8 @@ Per (task, model, seed):
   folded weights and biases are re-coded finely; the row measures the folded net.
 - `nncodec qp=...`: the standard's coder (NNCodec, ISO/IEC 15938-17) on the plainly trained net, at a
   few quantisation parameters, where it is installed (`.ci/install-nncodec`); its bitstream's bytes.
-- `torch-prune λ=...`: the control at matched sparsity. The dense net is pruned with
+- `torch-prune λ=...` and `torch-prune (code's sparsity, λ=...)`: the control at matched sparsity
+  (the loop's, or the code's). The dense net is pruned with
   `torch.nn.utils.prune.global_unstructured` (L1) to the share of zero weights the loop model of
   that lambda ended with, fine-tuned with the mask for the same epochs as one loop round, then
   uniform-quantised (step 0.05 x each tensor's std) and written with the same range coder.
@@ -137,6 +138,11 @@ def torch_prune_control(ctx: BenchContext, base: TrainConfig, dense_dir: Path, s
 HEADLINE_LAMBDA = 0.03  # the front door's one lambda, on lenet5 alone
 
 
+def code_control(model_name: str, lam: float) -> str:
+    """The control of `code λ=lam`: torch pruning to the share of zeros that run ended with."""
+    return f"{model_name} torch-prune (code's sparsity, λ={lam:g})"
+
+
 @register_method("compress", tasks=(*PLANS, "*"), default_tasks=("mnist", "fashion-mnist"),
                  description="compression in the training loop vs plain training and torch pruning, in real file bytes",
                  fields=(("file_bytes", "file bytes", "{:,.0f}"), ("zero_fraction", "zero weights", "{:.1%}")),
@@ -148,9 +154,9 @@ HEADLINE_LAMBDA = 0.03  # the front door's one lambda, on lenet5 alone
 def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     rows = []
     plans = PLANS.get(task) or any_task_plan(ctx, task)
-    lambdas = LAMBDAS
-    if ctx.headline:  # the front door: the first model, one lambda, and its control
-        plans, lambdas = plans[:1], (HEADLINE_LAMBDA,)
+    lambdas, code_lambdas = LAMBDAS, CODE_LAMBDAS
+    if ctx.headline:  # the front door: the first model, trained against its code at one lambda, and its control
+        plans, lambdas, code_lambdas = plans[:1], (), (HEADLINE_LAMBDA,)
     for plan in plans:
         model_name = plan.model
         if plan.own_recipe:
@@ -168,10 +174,12 @@ def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]
         lams = lambdas[1:2] if genes else lambdas  # genes: one lambda (each of its epochs costs two of lenet5's)
         # --variants: a control needs the dense net and its lambda's loop run, so those train with it
         want_ctrl = {lam: not genes and ctx.wants(f"{model_name} torch-prune λ={lam:g}") for lam in lams}
+        code_lams = () if genes else code_lambdas
+        want_code_ctrl = {lam: ctx.wants(code_control(model_name, lam)) for lam in code_lams}
         want_loop = {lam: ctx.wants(f"{model_name} loop λ={lam:g}") for lam in lams}
         dense_dir = ctx.run_dir("compress", task, seed, f"{model_name}-dense")
         want_nnc = not (genes or ctx.headline) and any(ctx.wants(f"{model_name} nncodec qp={qp}") for qp in NNCODEC_QPS)
-        if ctx.wants(f"{model_name} dense") or any(want_ctrl.values()) or want_nnc:
+        if ctx.wants(f"{model_name} dense") or any(want_ctrl.values()) or any(want_code_ctrl.values()) or want_nnc:
             row = train_and_measure(ctx, base, dense_dir, extra=lambda m, d: file_row(
                 m, spec, {}, dense_dir / "model.frugal"))
             if ctx.wants(f"{model_name} dense"):
@@ -203,11 +211,18 @@ def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]
             ctrl_dir = ctx.run_dir("compress", task, seed, f"{model_name}-torch-prune-{lam:g}")
             ctrl = torch_prune_control(ctx, base, dense_dir, sparsity, every, ctrl_dir)
             rows.append({**ctrl, "variant": f"{model_name} torch-prune λ={lam:g}", "lam": lam})
-        for lam in CODE_LAMBDAS if not (genes or ctx.headline) else ():
-            if ctx.wants(f"{model_name} code λ={lam:g}"):
-                run_dir = ctx.run_dir("compress", task, seed, f"{model_name}-code-{lam:g}")
-                rows.append({**learned_code_run(ctx, base, spec, lam, run_dir),
-                             "variant": f"{model_name} code λ={lam:g}", "lam": lam})
+        for lam in code_lams:
+            want = ctx.wants(f"{model_name} code λ={lam:g}")
+            if not (want or want_code_ctrl[lam]):
+                continue
+            run_dir = ctx.run_dir("compress", task, seed, f"{model_name}-code-{lam:g}")
+            row = learned_code_run(ctx, base, spec, lam, run_dir)
+            if want:
+                rows.append({**row, "variant": f"{model_name} code λ={lam:g}", "lam": lam})
+            if want_code_ctrl[lam]:  # pruning to the same share of zeros, tuned and coded as the loop's control is
+                ctrl_dir = ctx.run_dir("compress", task, seed, f"{model_name}-torch-prune-code-{lam:g}")
+                ctrl = torch_prune_control(ctx, base, dense_dir, row["zero_fraction"], every, ctrl_dir)
+                rows.append({**ctrl, "variant": code_control(model_name, lam), "lam": lam})
     for r in rows:
         keep_file(ctx, r, task, seed)
     return rows

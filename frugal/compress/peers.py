@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from frugal.coding.codecs import Units
 from frugal.coding.learned import Learned
 from frugal.compress.container import encode_model
 from frugal.data import TaskData
@@ -167,18 +168,29 @@ class Option:
 
 def tensor_options(w: torch.Tensor, weight: torch.Tensor, steps, alphas, transform: str = "none",
                    own=None) -> list[Option]:
-    """Every (step, RDOQ strength) of the learned code for tensor `w` (and its own code, `own`,
-    when it has one: a tensor already on a grid keeps it at no distortion), as `Option`s."""
+    """Every (step, RDOQ strength) of the learned code for tensor `w`, as `Option`s (each with the
+    all-zero units cut out where that is shorter); with `own`, the tensor's own code (a tensor
+    already on a grid keeps it at no distortion) and the learned code at steps around that grid,
+    with stronger RDOQ too."""
     kind = "dct" if transform == "conv" and w.dim() >= 3 else "none"
     grouping = "frequency" if kind == "dct" else "tensor"
     ref = w.detach().double().cpu()
     fw = weight.detach().double().cpu()
     out = []
+
+    def option(step, alpha):
+        codec, decoded = Learned.rd_coded(w, step, alpha, kind, grouping)
+        size = len(codec.encode(decoded))
+        if w.dim() >= 2:  # with the all-zero units cut out, where that is shorter
+            units = Units(codec)
+            units_size = len(units.encode(decoded))
+            if units_size < size:
+                codec, size = units, units_size
+        return Option(codec, decoded, size, float((fw * (decoded.double().cpu() - ref).pow(2)).sum()))
+
     for step in steps:
         for alpha in alphas if w.dim() >= 2 else (0.0,):
-            codec, decoded = Learned.rd_coded(w, step, alpha, kind, grouping)
-            out.append(Option(codec, decoded, len(codec.encode(decoded)),
-                              float((fw * (decoded.double().cpu() - ref).pow(2)).sum())))
+            out.append(option(step, alpha))
     if own is not None:
         decoded, size = own.roundtrip(w)
         out.append(Option(own, decoded, size, float((fw * (decoded.double().cpu() - ref).pow(2)).sum())))
@@ -187,9 +199,7 @@ def tensor_options(w: torch.Tensor, weight: torch.Tensor, steps, alphas, transfo
             base = float(nonzero.min())
             for k in range(-2, 7):
                 for alpha in (*alphas, *OWN_GRID_ALPHAS) if w.dim() >= 2 else (0.0,):
-                    codec, dec = Learned.rd_coded(w, base * 2 ** (k / 2), alpha, kind, grouping)
-                    out.append(Option(codec, dec, len(codec.encode(dec)),
-                                      float((fw * (dec.double().cpu() - ref).pow(2)).sum())))
+                    out.append(option(base * 2 ** (k / 2), alpha))
     return out
 
 
