@@ -8,7 +8,8 @@ from scipy import stats
 from frugal.coding.codecs import decode_tensor
 from frugal.coding.learned import Learned, group_index, rdoq
 from frugal.compress.peers import (Option, allocated_front, allocations, fisher, frugal_front, model_options,
-                                   nncodec_decode, nncodec_encode, nncodec_front, nncodec_status, smallest_within)
+                                   nncodec_decode, nncodec_encode, nncodec_front, nncodec_status, smallest_within,
+                                   tensor_options)
 from frugal.data import load_task
 from frugal.train import TrainConfig, train
 
@@ -208,3 +209,13 @@ def test_nncodec_compare_prints_both_fronts_as_rows_a_report_renders(tmp_path, c
     write_report(out.parent)
     md = (out.parent / "report.md").read_text()
     assert "## within" in md and "## points" in md and "nncodec" in md
+
+
+def test_options_leave_out_steps_too_fine_to_code_and_keep_the_own_grid():
+    from frugal.coding.codecs import KMeans
+
+    w = torch.zeros(20, 10)
+    w[0, :3] = torch.tensor([1e-30, 0.5, -0.25])  # a stray tiny value: its grid would be far too fine to code
+    opts = tensor_options(w, torch.ones_like(w), [0.01, 1e-9], (0.0, 1.0), own=KMeans(3))
+    assert opts and all(o.bytes == len(o.codec.encode(o.decoded)) for o in opts)
+    assert min(o.distortion for o in opts) < 1e-6  # the own code keeps its values

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from frugal.coding.codecs import Units
+from frugal.coding.entropy import MAX_ALPHABET
 from frugal.coding.learned import Learned
 from frugal.compress.container import encode_model
 from frugal.data import TaskData
@@ -179,7 +180,7 @@ def tensor_options(w: torch.Tensor, weight: torch.Tensor, steps, alphas, transfo
     out = []
 
     def option(step, alpha):
-        codec, decoded = Learned.rd_coded(w, step, alpha, kind, grouping)
+        codec, decoded = Learned.rd_coded(w, step, alpha, kind, grouping)  # (a step too fine is left out)
         size = len(codec.encode(decoded))
         if w.dim() >= 2:  # with the all-zero units cut out, where that is shorter
             units = Units(codec)
@@ -188,7 +189,15 @@ def tensor_options(w: torch.Tensor, weight: torch.Tensor, steps, alphas, transfo
                 codec, size = units, units_size
         return Option(codec, decoded, size, float((fw * (decoded.double().cpu() - ref).pow(2)).sum()))
 
-    for step in steps:
+    largest = float(ref.abs().max()) if ref.numel() else 0.0
+    # a kernel's DCT coefficients are at most sqrt(kernel size) x its largest weight: keep the integers' range codable
+    spread = math.sqrt(math.prod(w.shape[-2:])) if kind == "dct" else 1.0
+    finest = largest * spread * 2 / MAX_ALPHABET
+
+    def usable(step):
+        return step > finest
+
+    for step in filter(usable, steps):
         for alpha in alphas if w.dim() >= 2 else (0.0,):
             out.append(option(step, alpha))
     if own is not None:
@@ -197,9 +206,9 @@ def tensor_options(w: torch.Tensor, weight: torch.Tensor, steps, alphas, transfo
         nonzero = decoded.detach().abs()[decoded != 0]
         if nonzero.numel():  # steps around the tensor's own grid (its smallest non-zero magnitude)
             base = float(nonzero.min())
-            for k in range(-2, 7):
+            for step in filter(usable, (base * 2 ** (k / 2) for k in range(-2, 7))):
                 for alpha in (*alphas, *OWN_GRID_ALPHAS) if w.dim() >= 2 else (0.0,):
-                    out.append(option(base * 2 ** (k / 2), alpha))
+                    out.append(option(step, alpha))
     return out
 
 
