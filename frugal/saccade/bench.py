@@ -202,7 +202,7 @@ def run_any_task(ctx: BenchContext, task: str, seed: int, plan: SparsifyPlan = A
                  headline_tasks=("cluttered-mnist-60",), selectable=True,
                  summary=Summary(claim="a cheap policy picks the blocks worth computing; convs run on those only",
                                  idea="saccadic*|sparsify*", reference="blockcnn|dense", cost="macs", pick="cheapest",
-                                 published="results/sparse-conv"))
+                                 published="results/saccade-cluttered-mnist-60"))
 def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     if task not in TASKS:  # the user's task and net: saccades through sparsify
         return run_any_task(ctx, task, seed)
