@@ -179,15 +179,18 @@ def tensor_options(w: torch.Tensor, weight: torch.Tensor, steps, alphas, transfo
     fw = weight.detach().double().cpu()
     out = []
 
+    def error(decoded):
+        return float((fw * (decoded.double().cpu() - ref).pow(2)).sum())
+
     def option(step, alpha):
-        codec, decoded = Learned.rd_coded(w, step, alpha, kind, grouping)  # (a step too fine is left out)
+        codec, decoded = Learned.rd_coded(w, step, alpha, kind, grouping)
         size = len(codec.encode(decoded))
         if w.dim() >= 2:  # with the all-zero units cut out, where that is shorter
             units = Units(codec)
             units_size = len(units.encode(decoded))
             if units_size < size:
                 codec, size = units, units_size
-        return Option(codec, decoded, size, float((fw * (decoded.double().cpu() - ref).pow(2)).sum()))
+        return Option(codec, decoded, size, error(decoded))
 
     largest = float(ref.abs().max()) if ref.numel() else 0.0
     # a kernel's DCT coefficients are at most sqrt(kernel size) x its largest weight: keep the integers' range codable
@@ -202,7 +205,7 @@ def tensor_options(w: torch.Tensor, weight: torch.Tensor, steps, alphas, transfo
             out.append(option(step, alpha))
     if own is not None:
         decoded, size = own.roundtrip(w)
-        out.append(Option(own, decoded, size, float((fw * (decoded.double().cpu() - ref).pow(2)).sum())))
+        out.append(Option(own, decoded, size, error(decoded)))
         nonzero = decoded.detach().abs()[decoded != 0]
         if nonzero.numel():  # steps around the tensor's own grid (its smallest non-zero magnitude)
             base = float(nonzero.min())
