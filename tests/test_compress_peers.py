@@ -79,7 +79,8 @@ def test_fisher_is_the_mean_squared_batch_gradient_of_a_softmax_regression():
     from frugal.data import Split
 
     g = torch.Generator().manual_seed(1)
-    raw, y = torch.randint(0, 256, (40, 1, 2, 3), generator=g, dtype=torch.uint8), torch.randint(0, 4, (40,), generator=g)
+    raw = torch.randint(0, 256, (40, 1, 2, 3), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 4, (40,), generator=g)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 4))
     got = fisher(net, Split(raw, y), 0.5, 0.25, torch.device("cpu"), examples=40, batch_size=8)
     x = (raw.double() / 255 - 0.5) / 0.25  # the normalised images the net sees

@@ -366,7 +366,8 @@ def unit_masks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Units(Codec):
     """`inner` (uniform, prune, kmeans or learned), then the output and input units its code left
     all zero cut out: two bit masks say which units remain, and only their block is range-coded, by
-    the same quantiser (a learned code: the same step and transform, densities fitted to the block). Where whole units are dead (as group lasso makes them), their positions cost a
+    the same quantiser (a learned code: the same step and transform, densities fitted to the
+    block). Where whole units are dead (as group lasso makes them), their positions cost a
     bit per unit instead of a symbol per weight; elsewhere the masks cost (rows + inputs) / 8 bytes
     more than `inner` alone. decode(encode(w)) equals inner's decode(encode(w)) exactly."""
 
@@ -394,8 +395,8 @@ class Units(Codec):
         block = d.reshape(d.shape[0], d.shape[1], -1)[rows][:, inputs]  # (o', i', k)
         if self.inner.name == "learned" and block.numel():
             block = block.reshape(block.shape[0], block.shape[1], *d.shape[2:])  # kernels stay kernels (DCT)
-            inner = type(self.inner)
-            kind, data = 2, inner.fitted(block, self.inner.step, self.inner.transform, self.inner.grouping).encode(block)
+            code = type(self.inner).fitted(block, self.inner.step, self.inner.transform, self.inner.grouping)
+            kind, data = 2, code.encode(block)
         elif isinstance(self.inner, KMeans):
             kind, data = 1, KMeans(self.inner.k).encode(block)  # <= k values: kept exactly
         else:

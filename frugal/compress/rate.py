@@ -365,4 +365,5 @@ def folded(model: nn.Module, codecs: dict[str, Codec]) -> dict[str, Codec]:
     return out
 
 
-__all__ = ["CODE", "QuantisedCode", "RateCode", "baked", "code_of", "fold_batchnorm", "folded", "learn_code", "plain_spec"]
+__all__ = ["CODE", "QuantisedCode", "RateCode", "baked", "code_of", "fold_batchnorm", "folded", "learn_code",
+           "plain_spec"]
