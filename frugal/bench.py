@@ -29,7 +29,8 @@ import torch
 from .data import KNOWN, load_task, task_slug
 from .data.sources import FOLDER_PREFIX
 from .measure import measure
-from .methods import Method, Summary, get_method, list_methods, register_method  # noqa: F401  (ideas import them here)
+from .executors import Job
+from .methods import Method, Part, Summary, get_method, list_methods, register_method  # noqa: F401  (ideas import them here)
 from .train import CHECKPOINT, WEIGHTS, TrainConfig, copy_run, train
 from .report import check_rows
 from .utils import LockHeld, atomic_write_json, file_lock, read_json, remove_stale_temp_files, resolve_device, versions
@@ -50,6 +51,7 @@ class BenchContext:
     model: str | None = None  # the user's model (a registered name or an import path) for the methods that take one
     note: Callable[[str], None] = lambda s: None  # a line for the user: why a method skips a part of its plan
     headline: bool = False  # the front door: each method runs its headline comparison only, with its control
+    part: tuple[str, ...] = ()  # the job's part of the unit's plan (frugal.methods.Part): variants it trains
 
     def base_config(self, task: str, seed: int, planned: tuple[str, ...] = ()) -> TrainConfig:
         """Where an idea's plan for a task starts (see idea_base_config); `planned`: the tasks the
@@ -59,8 +61,9 @@ class BenchContext:
 
     def wants(self, variant: str) -> bool:
         """Whether the bench was asked for this variant (a method that registers `selectable=True`
-        asks before it trains one)."""
-        return not self.variants or any(fnmatch.fnmatchcase(variant, p) for p in self.variants)
+        asks before it trains one), and is the job's part of the unit (`part`)."""
+        return ((not self.variants or any(fnmatch.fnmatchcase(variant, p) for p in self.variants))
+                and (not self.part or any(fnmatch.fnmatchcase(variant, p) for p in self.part)))
 
     @property
     def figures(self) -> Path:
@@ -243,60 +246,177 @@ class BenchConfig:
     device: str = "auto"
     data_dir: str | None = None
     corrupted: bool = False  # measure accuracy on the corrupted suites (mnist, fashion-mnist)
-    threads: int | None = None  # torch intra-op threads; None = torch's default
+    threads: int | None = None  # torch intra-op threads; None = torch's default (one per job off the local executor)
     verbose: bool = False  # per-epoch lines on stderr
     variants: tuple[str, ...] = ()  # glob patterns on variant labels, e.g. ("plain", "snap *"); empty: all
     model: str | None = None  # the user's model (registered name or import path 'pkg.mod:fn') for the baseline
     headline: bool = False  # every method's headline comparison on its headline task (`frugal bench --quick`)
-
-
-def _key(row: dict[str, Any]) -> tuple:
-    """A (method, task, seed) run is done for a selection of variants if it was run with that
-    selection or with the whole plan ("")."""
-    return (row["method"], row["task"], row["seed"], row.get("selection", ""))
-
-
-@contextlib.contextmanager
-def _locked(results_path: Path):
-    """An exclusive lock beside results.json, so that several bench processes (say one per task,
-    each with --threads 1) can share one --out folder without losing each other's rows; each run
-    is claimed by one process while it trains."""
-    with file_lock(results_path.with_name(".results.lock")):
-        yield
+    executor: str = "local"  # local | process | ray (frugal.executors)
+    jobs: int = 1  # workers of the process executor (and CPUs of a private Ray instance)
+    address: str | None = None  # a Ray cluster's address ('auto', or HOST:PORT); None: a private one
+    retries: int = 1  # a failed job is started again this many times before it is reported
 
 
 class BenchIncomplete(RuntimeError):
     """The bench ended with runs of its plan missing from results.json (`frugal bench` exits 3)."""
 
 
+class BenchBusy(ValueError):
+    """Another bench drives the same --out (`frugal bench` exits 2, naming the folder)."""
+
+
 def _read_results(path: Path) -> dict[str, Any]:
     if not path.exists():
-        return {"meta": {}, "rows": []}
+        return {"meta": {}, "rows": [], "jobs": []}
     fix = "move it away or choose another --out"
     res = read_json(path, f"it is not a frugal results file; {fix}")
     if not isinstance(res, dict) or not isinstance(res.get("rows"), list) or not isinstance(res.get("meta", {}), dict):
         raise ValueError(f"{path} is not a frugal results file (no list of rows); {fix}")
+    if not isinstance(res.get("jobs", []), list) or not all(isinstance(j, dict) for j in res.get("jobs", [])):
+        raise ValueError(f"{path} is not a frugal results file (its jobs are not a list of records); {fix}")
     check_rows(res["rows"], path)
     res.setdefault("meta", {})
+    res.setdefault("jobs", [])
     return res
 
 
-def _append_rows(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """Re-read results.json under the lock, add the new rows, write it back atomically. A new row
-    replaces an older one of the same method, task, seed and variant (a selection run measured
-    before the whole plan, say)."""
+def _append_rows(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
+                 job: dict[str, Any] | None = None) -> None:
+    """Add the new rows (and the record of the job that measured them) to results.json, written
+    atomically. A new row replaces an older one of the same method, task, seed and variant (a
+    selection run measured before the whole plan, say). Only the bench's driver writes it."""
     new = {(r["method"], r["task"], r["seed"], r["variant"]) for r in rows}
-    with _locked(path):
-        res = _read_results(path)
-        res["rows"] = [r for r in res["rows"]
-                       if (r["method"], r["task"], r["seed"], r.get("variant", r["method"])) not in new] + rows
-        res["meta"] = {**meta, "updated": dt.datetime.now().isoformat(timespec="seconds")}
-        atomic_write_json(path, res)
+    res = _read_results(path)
+    res["rows"] = [r for r in res["rows"]
+                   if (r["method"], r["task"], r["seed"], r.get("variant", r["method"])) not in new] + rows
+    if job is not None:
+        res["jobs"] = [j for j in res["jobs"] if _job_key(j) != _job_key(job)] + [job]
+    res["meta"] = {**meta, "updated": dt.datetime.now().isoformat(timespec="seconds")}
+    atomic_write_json(path, res)
+
+
+def _job_key(j: dict[str, Any]) -> tuple:
+    return (j.get("method"), j.get("task"), j.get("seed"), j.get("part"), j.get("selection"))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job of the bench's graph, as a worker gets it: what it needs to build its BenchContext
+    and run one part of one (method, task, seed) unit. Picklable; paths are absolute."""
+
+    config: BenchConfig
+    out: str
+    driver_id: str
+    method: str
+    module: str  # where the method is registered (imported by a worker that does not know it yet)
+    task: str
+    seed: int
+    part: str  # "" for a unit of one job
+    patterns: tuple[str, ...]  # the part's variants; () for the whole unit
+    others: tuple[tuple[str, ...], ...]  # the unit's other parts' patterns (see run_job)
+    selection: str
+    trusted: tuple[str, ...]  # modules the user trusts for model code (--trust-model)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {self.task} seed {self.seed}" + (f" [{self.part}]" if self.part else "")
+
+
+def run_job(spec: JobSpec) -> dict[str, Any]:
+    """Run one job (in whichever process the executor chose): its rows, its notes for the user,
+    and where and how long it ran. Rows are kept when their variant is the part's, or is one no
+    other part of the unit trains under this selection (a reference that came along)."""
+    import os
+    import socket
+
+    from .models import trust_model_source
+
+    cfg = spec.config
+    for module in spec.trusted:
+        trust_model_source(module)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    method = _find_method(spec.method, spec.module)
+    notes: list[str] = []
+    ctx = BenchContext(Path(spec.out), cfg.budget, resolve_device(cfg.device), cfg.data_dir, cfg.corrupted,
+                       process_id=f"{spec.driver_id}-{os.getpid()}", quiet=not cfg.verbose, variants=cfg.variants,
+                       model=cfg.model, note=notes.append, headline=cfg.headline, part=spec.patterns)
+    t0 = time.perf_counter()
+    rows = method.run(ctx, spec.task, spec.seed)
+    user = dataclasses.replace(ctx, part=())
+
+    def kept(v: str) -> bool:
+        if not spec.patterns or _matches(v, spec.patterns):
+            return True
+        return not any(_matches(v, p) and user.wants(v) for p in spec.others)
+
+    rows = [r for r in rows if kept(r.get("variant", method.name))]
+    for r in rows:
+        r.update(method=method.name, task=spec.task, seed=spec.seed, process_id=ctx.process_id,
+                 selection=spec.selection)
+        r.setdefault("variant", method.name)
+    return {"rows": rows, "notes": notes, "seconds": time.perf_counter() - t0, "host": socket.gethostname(),
+            "pid": os.getpid(), "node": _ray_node()}
+
+
+def _ray_node() -> str | None:
+    """The Ray node a job ran on (None outside Ray): two nodes may share a host."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
+def _matches(variant: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(variant, p) for p in patterns)
+
+
+def _find_method(name: str, module: str) -> Method:
+    """The registered method; in a fresh worker, a method registered outside frugal's ideas is
+    found by importing the module that registered it."""
+    import importlib
+
+    from .methods import _METHODS
+
+    if name not in list_methods() and module:
+        importlib.import_module(module)
+    if name not in _METHODS:
+        raise RuntimeError(f"bench method {name!r} is not registered in this worker (it was registered by "
+                           f"{module or 'an unknown module'}, which did not register it on import)")
+    return _METHODS[name]
+
+
+def build_jobs(cfg: BenchConfig, plan: list[tuple[Method, str, int]], ctx: BenchContext, driver_id: str,
+               selection: str, trusted: tuple[str, ...]) -> list[Job]:
+    """The plan as a graph: one job per part of each (method, task, seed) unit, each waiting for
+    the parts of its unit it names and for the whole unit of the same task and seed of every
+    method it comes after."""
+    jobs: list[Job] = []
+    names: dict[tuple[str, str, int], list[str]] = {}
+    threads = cfg.threads or (None if cfg.executor == "local" else 1)
+    gpus = 1.0 if ctx.device.type == "cuda" and cfg.executor == "ray" else 0.0
+    for m, task, seed in plan:
+        parts = tuple(m.parts(ctx, task)) if m.parts is not None else ()
+        units = parts or (Part("", ()),)
+        job_cfg = dataclasses.replace(cfg, threads=threads)
+        key = (m.name, task, seed)
+        names[key] = []
+        for p in units:
+            spec = JobSpec(job_cfg, str(ctx.out_dir), driver_id, m.name, getattr(m.run, "__module__", ""), task,
+                           seed, p.name, tuple(p.variants), tuple(tuple(q.variants) for q in units if q is not p),
+                           selection, trusted)
+            before = [names[(o, task, seed)] for o in m.after if (o, task, seed) in names]
+            after = tuple(f"{m.name} {task} seed {seed} [{d}]" for d in p.after)
+            jobs.append(Job(spec.name, spec, after + tuple(n for ns in before for n in ns), threads or 1, gpus))
+            names[key].append(spec.name)
+    return jobs
 
 
 def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     """Run the bench; return the path of results.json. Writes the report beside it."""
-    from .report import write_report, write_task_samples
+    import os
+
+    from .executors import EXECUTORS
 
     if cfg.budget not in BUDGETS:
         raise ValueError(f"unknown budget {cfg.budget!r}; known: {', '.join(BUDGETS)}")
@@ -304,6 +424,10 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
         raise ValueError("--seeds must be >= 1")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"--threads must be >= 1 (or left out: torch's default), got {cfg.threads}")
+    if cfg.executor not in EXECUTORS:
+        raise ValueError(f"unknown --executor {cfg.executor!r}; known: {', '.join(EXECUTORS)}")
+    if cfg.jobs < 1 or cfg.retries < 0:
+        raise ValueError(f"--jobs must be >= 1 and --retries >= 0, got {cfg.jobs} and {cfg.retries}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     unknown = [t for t in cfg.tasks if t not in KNOWN and not t.startswith(FOLDER_PREFIX)]
@@ -334,73 +458,98 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     if not plan:
         raise ValueError("nothing to run: no method knows any of the tasks asked for")
 
-    out = Path(cfg.out)
+    out = Path(cfg.out).resolve()  # workers elsewhere (processes, Ray nodes) get absolute paths
     out.mkdir(parents=True, exist_ok=True)
+    # the data cache the driver uses, named for the workers (a Ray node does not inherit FRUGAL_DATA)
+    cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or os.environ.get("FRUGAL_DATA") or None)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(out / ".bench.lock", wait=False))
+        except LockHeld as e:
+            raise BenchBusy(f"another frugal bench is running on {out} ({e}); wait for it to end, or give this one "
+                            "another --out (to run jobs side by side, use one bench with --executor process "
+                            "--jobs N, or --executor ray)") from None
+        return _drive(cfg, plan, out, selection, log)
+
+
+def _drive(cfg: BenchConfig, plan: list[tuple[Method, str, int]], out: Path, selection: str,
+           log: Callable[[str], None]) -> Path:
+    """The driver, alone on `out`: the plan's jobs that have no record yet, run on the executor;
+    each job's rows and record are written to results.json as it ends."""
+    from .executors import Outcome, make_executor, run_graph
+    from .models import _trusted_modules
+    from .report import write_report, write_task_samples
+
     for folder in (out, out / "figures", out / "samples"):
         remove_stale_temp_files(folder)
     results_path = out / "results.json"
+    driver_id = uuid.uuid4().hex[:12]
     ctx = BenchContext(out, cfg.budget, resolve_device(cfg.device), cfg.data_dir, cfg.corrupted,
-                       process_id=uuid.uuid4().hex[:12], quiet=not cfg.verbose, variants=tuple(cfg.variants),
-                       model=cfg.model, note=lambda s: log(f"    note: {s}"), headline=cfg.headline)
+                       process_id=driver_id, quiet=not cfg.verbose, variants=tuple(cfg.variants),
+                       model=cfg.model, headline=cfg.headline)
     meta = {"config": dataclasses.asdict(cfg), "versions": versions(), "argv": sys.argv,
             "device": str(ctx.device)}
-    with _locked(results_path):
-        old_budget = _read_results(results_path)["meta"].get("config", {}).get("budget", cfg.budget)
+    old = _read_results(results_path)
+    old_budget = old["meta"].get("config", {}).get("budget", cfg.budget)
     if old_budget != cfg.budget:
         raise ValueError(f"{out} holds a {old_budget!r} bench; use another --out for a {cfg.budget!r} one")
-
     for task in dict.fromkeys(t for _, t, _ in plan):
         write_task_samples(out, task, data_dir=cfg.data_dir)
-    def done_keys() -> set[tuple]:
-        return {_key(r) for r in _read_results(results_path)["rows"]}
 
-    def is_done(m: Method, task: str, seed: int, done: set[tuple]) -> bool:
-        return (m.name, task, seed, "") in done or (m.name, task, seed, selection) in done
+    jobs = build_jobs(cfg, plan, ctx, driver_id, selection, tuple(_trusted_modules()))
+    records = {_job_key(j) for j in old["jobs"]}
+    unit_rows = {(r["method"], r["task"], r["seed"], r.get("selection", "")) for r in old["rows"]}
+    units_with_jobs = {k[:3] for k in records}
 
-    def attempt(i: int, m: Method, task: str, seed: int, wait: bool) -> bool:
-        """Run one (method, task, seed) unless it is done; False if another live process holds it.
-        A run is claimed by a lock on its claim file, which the system drops when its holder dies
-        however it dies, so a claim can never go stale (nor be mistaken for a new process's)."""
-        tag = f"[{i + 1}/{len(plan)}] {m.name} {task} seed {seed}"
-        claim = out / "runs" / m.name / task_slug(task) / f".seed{seed}.claim"
-        claim.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.ExitStack() as held:
-            if wait:
-                log(f"{tag}: waiting for the process that runs it")
-                held.enter_context(file_lock(claim))
-            with _locked(results_path):
-                if is_done(m, task, seed, done_keys()):
-                    log(f"{tag}: done before, kept" if not wait else f"{tag}: done by the other process")
-                    return True
-                if not wait:
-                    try:
-                        held.enter_context(file_lock(claim, wait=False))
-                    except LockHeld as e:
-                        log(f"{tag}: being run by another process ({e}); left to it for now")
-                        return False
-            log(f"{tag} ...")
-            t0 = time.perf_counter()
-            rows = m.run(ctx, task, seed)
-            if not rows:
-                log(f"    no variant of {m.name} matches --variants {' '.join(cfg.variants)}")
-            for r in rows:
-                r.update(method=m.name, task=task, seed=seed, process_id=ctx.process_id, selection=selection)
-                r.setdefault("variant", m.name)
-            _append_rows(results_path, meta, rows)
-        secs = time.perf_counter() - t0
-        for r in rows:
+    def done_before(s: JobSpec) -> bool:
+        if any((s.method, s.task, s.seed, s.part, sel) in records for sel in ("", s.selection)):
+            return True
+        # a unit measured before the bench kept job records: its rows say it is done
+        return (s.method, s.task, s.seed) not in units_with_jobs and any(
+            (s.method, s.task, s.seed, sel) in unit_rows for sel in ("", s.selection))
+
+    order = {j.name: i for i, j in enumerate(jobs)}
+    finished = {j.name for j in jobs if done_before(j.spec)}
+    for j in jobs:
+        if j.name in finished:
+            log(f"[{order[j.name] + 1}/{len(jobs)}] {j.name}: done before, kept")
+    todo = [dataclasses.replace(j, after=tuple(d for d in j.after if d not in finished))
+            for j in jobs if j.name not in finished]
+    got_rows = {(k[0], k[1], k[2]) for k in unit_rows if k[3] in ("", selection)}
+
+    def on_done(job, result) -> None:
+        s: JobSpec = job.spec
+        for note in result["notes"]:
+            log(f"    note: {note}")
+        record = {"method": s.method, "task": s.task, "seed": s.seed, "part": s.part, "selection": s.selection,
+                  "rows": len(result["rows"]), "seconds": round(result["seconds"], 1), "host": result["host"],
+                  "pid": result["pid"], "node": result["node"],
+                  "finished": dt.datetime.now().isoformat(timespec="seconds")}
+        _append_rows(results_path, meta, result["rows"], record)
+        if result["rows"]:
+            got_rows.add((s.method, s.task, s.seed))
+        rows = f"{len(result['rows'])} row(s)" if result["rows"] else "no row" + (" under --variants" if cfg.variants else "")
+        log(f"[{order[job.name] + 1}/{len(jobs)}] {job.name}: done on {result['host']}, {rows} "
+            f"({result['seconds']:.0f}s)")
+        for r in result["rows"]:
             log(f"    {r['variant']}: test acc {r['test_acc']:.4f}, {r['params']:,} params, "
-                f"{r['macs']:,.0f} MACs/image ({secs:.0f}s)")
-        return True
+                f"{r['macs']:,.0f} MACs/image")
 
-    left = [(i, m, task, seed) for i, (m, task, seed) in enumerate(plan) if not attempt(i, m, task, seed, wait=False)]
-    for i, m, task, seed in left:  # runs other processes hold: wait for each, and take over one whose holder died
-        attempt(i, m, task, seed, wait=True)
-    with _locked(results_path):
-        done = done_keys()  # read once for the whole plan
-        missing = [f"{m.name} {task} seed {seed}" for m, task, seed in plan if not is_done(m, task, seed, done)]
-        any_rows = bool(done)
-    if any_rows:
+    if todo:
+        where = {"local": "in this process", "process": f"on {cfg.jobs} worker processes",
+                 "ray": f"on Ray ({cfg.address or 'a private instance'})"}[cfg.executor]
+        log(f"{len(todo)} of {len(jobs)} job(s) to run, {where}")
+        outcome = run_graph(todo, run_job, make_executor(cfg.executor, cfg.jobs, cfg.address), on_done=on_done,
+                            on_start=lambda j: log(f"[{order[j.name] + 1}/{len(jobs)}] {j.name} ..."),
+                            retries=cfg.retries, log=log)
+    else:
+        outcome = Outcome()
+    bad = {**{n: "failed" for n in outcome.failed},
+           **{n: f"not run, as {b} failed" for n, b in outcome.blocked.items()}}
+    bad_units = {(j.spec.method, j.spec.task, j.spec.seed) for j in jobs if j.name in bad}
+    missing = [f"{n}: {why}" for n, why in bad.items()]
+    missing += [f"{m.name} {t} seed {s}" for m, t, s in plan if (m.name, t, s) not in got_rows | bad_units]
+    if _read_results(results_path)["rows"]:
         write_report(out)
     if missing:
         raise BenchIncomplete(f"{len(missing)} run(s) of the plan have no row in {results_path}: {', '.join(missing)}; "

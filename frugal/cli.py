@@ -140,7 +140,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     cfg = BenchConfig(out=a.out, budget=budget, methods=methods, tasks=tuple(a.tasks or ()),
                       seeds=seeds, device=a.device, data_dir=a.data_dir, corrupted=a.corrupted,
                       threads=a.threads, verbose=a.verbose, variants=tuple(a.variants or ()), model=a.model,
-                      headline=headline)
+                      headline=headline, executor=a.executor, jobs=a.jobs, address=a.address, retries=a.retries)
     path = bench(cfg, log=lambda s: print(s, flush=True))
     print(f"results: {path}\nreport:  {path.parent / 'report.md'} and {path.parent / 'report.html'}")
     return 0
@@ -236,7 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verbose", action="store_true", help="per-epoch lines")
     b.add_argument("--variants", nargs="+", metavar="PATTERN",
                    help="only the variants whose label matches one of these glob patterns, e.g. 'plain' 'snap *' "
-                        "(methods whose plan can be split: kernels, specialists)")
+                        "(methods whose plan can be split: compress, kernels, saccade, specialists)")
+    b.add_argument("--executor", choices=["local", "process", "ray"], default="local",
+                   help="where the plan's jobs run: local (one after another in this process; default), process (a "
+                        "pool of --jobs local processes), ray (Ray tasks on the cluster at --address)")
+    b.add_argument("--jobs", type=int, default=2, help="workers of --executor process, and CPUs of the Ray instance "
+                                                       "started when no --address is given (default: 2)")
+    b.add_argument("--address", help="--executor ray: the cluster, 'auto' (started here by `ray start`) or HOST:PORT "
+                                     "(default: a private Ray instance on this machine)")
+    b.add_argument("--retries", type=int, default=1, help="a failed job is started again this many times before it "
+                                                          "is reported (default: 1)")
 
     r = sub.add_parser("report", help="rebuild report.md and report.html from DIR/results.json")
     r.add_argument("dir")
@@ -264,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         for module in a.trust_model:
             trust_model_source(module)
         return run(a)
+    except KeyboardInterrupt:  # Ctrl-C: the bench's jobs were cancelled; finished ones are kept
+        print(f"frugal {a.cmd}: cancelled; what finished is kept: the same command resumes", file=sys.stderr)
+        return 130
     except BenchIncomplete as e:  # not bad input: runs of the plan are missing, said apart by its own status
         print(f"frugal {a.cmd}: incomplete: {e}", file=sys.stderr)
         return EXIT_INCOMPLETE

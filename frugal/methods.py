@@ -40,6 +40,19 @@ class Summary:
 
 
 @dataclass(frozen=True)
+class Part:
+    """A job of a method's (task, seed) unit that the bench may run apart from the others, on
+    another worker: the variants it trains (glob patterns on their labels) and the parts it
+    waits for (say, the dense twin that a fine-tuned variant starts from). The method is called
+    with `ctx.part` set to the patterns and trains the variants `ctx.wants` (a part's run may
+    also train what it waits for when that is missing, e.g. when --variants leaves it out)."""
+
+    name: str
+    variants: tuple[str, ...]
+    after: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     run: Callable[["BenchContext", str, int], list[dict[str, Any]]]
@@ -52,6 +65,8 @@ class Method:
     selectable: bool = False  # honours --variants: trains only the variants `ctx.wants`
     headline_tasks: tuple[str, ...] = ()  # where `frugal bench --quick` runs its headline comparison
     summary: Summary | None = None  # its line in the report's summary table
+    parts: Callable[["BenchContext", str], tuple[Part, ...]] | None = None  # (ctx, task) -> its jobs; None: one
+    after: tuple[str, ...] = ()  # methods whose unit of the same task and seed runs first (whose runs it reuses)
 
     def knows(self, task: str) -> bool:
         """Whether the method has a plan for the task ("*" in its tasks: a plan for any task)."""
@@ -65,7 +80,9 @@ def register_method(name: str, *, tasks: tuple[str, ...], default_tasks: tuple[s
                     description: str = "", fields: tuple[tuple[str, str, str], ...] = (),
                     references: dict[str, list[tuple[str, float, float]]] | None = None,
                     plots: tuple[tuple[str, str], ...] = (), selectable: bool = False,
-                    headline_tasks: tuple[str, ...] = (), summary: Summary | None = None) -> Callable:
+                    headline_tasks: tuple[str, ...] = (), summary: Summary | None = None,
+                    parts: Callable[["BenchContext", str], tuple[Part, ...]] | None = None,
+                    after: tuple[str, ...] = ()) -> Callable:
     """`fields` names the numeric fields a method adds to its rows, as (key, table header, format),
     e.g. ("attended_fraction", "blocks attended", "{:.1%}"); the report tabulates their means.
     `references` are published points per task, (label, accuracy, bytes), drawn on the
@@ -75,12 +92,18 @@ def register_method(name: str, *, tasks: tuple[str, ...], default_tasks: tuple[s
     `ctx.wants(variant)` before it trains a variant, so that `--variants` can pick a part of its plan.
     `headline_tasks`: where the front-door bench (`frugal bench --quick`) runs the method with
     `ctx.headline` set, which asks for its headline comparison only; `summary` gives its line in the
-    report's summary table."""
+    report's summary table. `parts(ctx, task)` splits a selectable method's (task, seed) unit
+    into jobs with dependencies (see `Part`); `after` names methods whose unit of the same task and
+    seed must finish first when the plan has it (the baseline, whose finished run a method reuses).
+    The bench runs the parts of a unit on separate workers where its executor has them."""
     def deco(fn: Callable[["BenchContext", str, int], list[dict[str, Any]]]):
         if name in _METHODS:
             raise ValueError(f"bench method {name!r} is registered twice")
+        if parts is not None and not selectable:
+            raise ValueError(f"bench method {name!r}: parts pick variants, so the method must be selectable")
         _METHODS[name] = Method(name, fn, tuple(tasks), tuple(default_tasks or tasks), description, tuple(fields),
-                                references, tuple(plots), selectable, tuple(headline_tasks), summary)
+                                references, tuple(plots), selectable, tuple(headline_tasks), summary, parts,
+                                tuple(after))
         return fn
     return deco
 

@@ -118,49 +118,45 @@ def test_report_has_a_corrupted_suite_table_averaged_over_seeds(tmp_path):
     assert "<td>90.5</td>" in html.read_text()
 
 
-HOLD_CLAIM = """
+HOLD_LOCK = """
 import fcntl, sys, time
 with open(sys.argv[1], "a+") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
+    f.write("4242\\n"); f.flush()
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
 """
 
 
-def test_a_run_claimed_by_a_live_process_is_waited_for_and_taken_over_when_it_ends_without_a_row(tmp_path):
+def test_a_second_bench_on_the_same_out_is_refused_and_the_folder_is_free_once_its_driver_dies(tmp_path, capsys):
+    """One driver per --out: it alone writes results.json. Its lock dies with it, however it dies."""
     import subprocess
     import sys
 
-    claim = tmp_path / "runs" / "baseline" / "digits" / ".seed0.claim"
-    claim.parent.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_CLAIM, str(claim), "4"], stdout=subprocess.PIPE, text=True)
+    from frugal.bench import BenchBusy
+    from frugal.cli import main
+
+    tmp_path.mkdir(exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / ".bench.lock"), "60"],
+                              stdout=subprocess.PIPE, text=True)
+    cfg = BenchConfig(out=str(tmp_path), budget="tiny", tasks=("digits",), seeds=1, device="cpu")
     try:
         assert holder.stdout.readline().strip() == "held"
-        cfg = BenchConfig(out=str(tmp_path), budget="tiny", tasks=("digits",), seeds=2, device="cpu")
-        logs = []
-        bench(cfg, log=logs.append)  # seed 1 first; then waits for seed 0's holder, which dies without a row
+        with pytest.raises(BenchBusy, match="another frugal bench is running on"):
+            bench(cfg, log=lambda s: None)
+        rc = main(["bench", "--budget", "tiny", "--tasks", "digits", "--seeds", "1", "--device", "cpu",
+                   "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert rc == 2 and str(tmp_path) in err and "pid 4242" in err and "--executor process" in err
+        assert not (tmp_path / "results.json").exists()
     finally:
         holder.kill()
         holder.wait()
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [r["seed"] for r in rows] == [1, 0]
-    assert any("seed 0: being run by another process" in s for s in logs)
-    assert any("seed 0: waiting for the process that runs it" in s for s in logs)
-
-
-def test_a_claim_naming_a_live_but_unrelated_process_is_not_mistaken_for_a_running_bench(tmp_path):
-    """The old claim held 'host pid'; a pid reused by another process kept the run skipped forever."""
-    import os
-    import socket
-
-    claim = tmp_path / "runs" / "baseline" / "digits" / ".seed0.claim"
-    claim.parent.mkdir(parents=True)
-    claim.write_text(f"{socket.gethostname()} {os.getppid()}\n")  # alive, and no bench
-    cfg = BenchConfig(out=str(tmp_path), budget="tiny", tasks=("digits",), seeds=1, device="cpu")
-    logs = []
-    bench(cfg, log=logs.append)
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [r["seed"] for r in rows] == [0] and not any("being run" in s for s in logs)
+    bench(cfg, log=lambda s: None)  # the holder died without unlocking: the folder is free
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [r["seed"] for r in res["rows"]] == [0]
+    assert [(j["method"], j["seed"], j["rows"]) for j in res["jobs"]] == [("baseline", 0, 1)]
+    assert not list(tmp_path.rglob("*.claim"))  # runs are not claimed by files any more
 
 
 def test_a_run_that_ends_without_a_row_is_reported_in_the_exit_status(tmp_path, capsys):

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from frugal.bench import BenchContext, Summary, plan_fields, register_method, train_and_measure
+from frugal.bench import BenchContext, Part, Summary, plan_fields, register_method, train_and_measure
 from frugal.coding.codecs import Uniform
 from frugal.compress.container import encode_model
 from frugal.compress.loop import CompressInTheLoop, LoopConfig
@@ -143,21 +143,42 @@ def code_control(model_name: str, lam: float) -> str:
     return f"{model_name} torch-prune (code's sparsity, λ={lam:g})"
 
 
+def schedule(ctx: BenchContext, task: str) -> list[tuple[CompressPlan, tuple[float, ...], tuple[float, ...]]]:
+    """Per model of the task's plan: the lambdas of its loop runs and of its learned-code runs."""
+    plans = PLANS.get(task) or any_task_plan(ctx, task)
+    lambdas, code_lambdas = LAMBDAS, CODE_LAMBDAS
+    if ctx.headline:  # the front door: the first model, trained against its code at one lambda, and its control
+        plans, lambdas, code_lambdas = plans[:1], (), (HEADLINE_LAMBDA,)
+    # genes: one loop lambda (each of its epochs costs two of lenet5's), and no learned code
+    return [(p, lambdas[1:2], ()) if p.model.startswith("genes") else (p, lambdas, code_lambdas) for p in plans]
+
+
+def compress_parts(ctx: BenchContext, task: str) -> tuple[Part, ...]:
+    """The jobs of a unit, per model: the dense net (and NNCodec on it); then each lambda's loop and
+    learned-code run with its pruning control (which starts from the dense net)."""
+    parts = []
+    for plan, lams, code_lams in schedule(ctx, task):
+        m = plan.model
+        parts.append(Part(f"{m} dense", (f"{m} dense", f"{m} nncodec *")))
+        parts += [Part(f"{m} loop {lam:g}", (f"{m} loop λ={lam:g}", f"{m} torch-prune λ={lam:g}"),
+                       after=(f"{m} dense",)) for lam in lams]
+        parts += [Part(f"{m} code {lam:g}", (f"{m} code λ={lam:g}", code_control(m, lam)), after=(f"{m} dense",))
+                  for lam in code_lams]
+    return tuple(parts)
+
+
 @register_method("compress", tasks=(*PLANS, "*"), default_tasks=("mnist", "fashion-mnist"),
                  description="compression in the training loop vs plain training and torch pruning, in real file bytes",
                  fields=(("file_bytes", "file bytes", "{:,.0f}"), ("zero_fraction", "zero weights", "{:.1%}")),
-                 references=PUBLISHED, headline_tasks=("mnist",), selectable=True,
+                 references=PUBLISHED, headline_tasks=("mnist",), selectable=True, parts=compress_parts,
+                 after=("baseline",),
                  summary=Summary(claim="the weights' code length as a training objective: fewer bytes of a real file",
                                  idea="* loop *|* code *", reference="* dense",
                                  control="* torch-prune *|* nncodec *", cost="file_bytes",
                                  pick="cheapest", published="results/compress-mnist-lenet5"))
 def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
     rows = []
-    plans = PLANS.get(task) or any_task_plan(ctx, task)
-    lambdas, code_lambdas = LAMBDAS, CODE_LAMBDAS
-    if ctx.headline:  # the front door: the first model, trained against its code at one lambda, and its control
-        plans, lambdas, code_lambdas = plans[:1], (), (HEADLINE_LAMBDA,)
-    for plan in plans:
+    for plan, lams, code_lams in schedule(ctx, task):
         model_name = plan.model
         if plan.own_recipe:
             settings = {"optimizer": "adam", "lr": plan.lr,
@@ -171,10 +192,8 @@ def run_compress(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]
         spec = model_spec(base, data)
 
         genes = model_name.startswith("genes")
-        lams = lambdas[1:2] if genes else lambdas  # genes: one lambda (each of its epochs costs two of lenet5's)
         # --variants: a control needs the dense net and its lambda's loop run, so those train with it
         want_ctrl = {lam: not genes and ctx.wants(f"{model_name} torch-prune λ={lam:g}") for lam in lams}
-        code_lams = () if genes else code_lambdas
         want_code_ctrl = {lam: ctx.wants(code_control(model_name, lam)) for lam in code_lams}
         want_loop = {lam: ctx.wants(f"{model_name} loop λ={lam:g}") for lam in lams}
         dense_dir = ctx.run_dir("compress", task, seed, f"{model_name}-dense")

@@ -98,7 +98,7 @@ def has_corrupted_suite(ctx: BenchContext, task: str, n: int) -> bool:
         return False
 
 
-@register_method("dream", tasks=(*TASKS, "*"), default_tasks=("mnist", "fashion-mnist"),
+@register_method("dream", tasks=(*TASKS, "*"), default_tasks=("mnist", "fashion-mnist"), after=("baseline",),
                  description="iterated DeepDream training vs plain, augmented and adversarial training",
                  fields=(("pgd_acc", "PGD acc (eps 0.1)", "{:.1%}"),
                          ("other_dream_acc", "acc on other net's dreams", "{:.1%}"),

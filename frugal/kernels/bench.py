@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from frugal.bench import BenchContext, Summary, plan_fields, register_method, train_and_measure
+from frugal.bench import BenchContext, Part, Summary, plan_fields, register_method, train_and_measure
 from frugal.data import load_task, task_slug
 from frugal.kernels.constrained import conv_free_parameters
 from frugal.kernels.penalty import KernelPenalty, PenaltyConfig, SharedValues, kernel_bytes
@@ -81,6 +81,15 @@ def _kernel_fields(model: torch.nn.Module, result=None) -> dict[str, Any]:
             "kernel_bytes": snapped_kernel_bytes(model, result), "snapped_fraction": result.snapped_fraction}
 
 
+def kernels_parts(ctx: BenchContext, task: str) -> tuple[Part, ...]:
+    """The jobs of a unit: the plain net and its snapping rounds; each narrow control, constrained
+    kind and penalty apart."""
+    plan = PLANS.get(task, ANY_TASK)
+    return (Part("plain", ("plain", "snap *")), *(Part(f"width {w}", (f"plain width {w}",)) for w in plan.widths),
+            *(Part(k, (f"constrained {k}",)) for k in plan.kinds),
+            *(Part(f"{k} {w:g}", (f"penalty {k} {w:g}",)) for k, w in plan.penalties))
+
+
 @register_method("kernels", tasks=(*PLANS, "*"), default_tasks=("mnist", "fashion-mnist"),
                  description="constrained, penalised and snapped kernels against the plain net",
                  fields=(("conv_free_params", "conv free params", "{:,.0f}"),
@@ -89,7 +98,7 @@ def _kernel_fields(model: torch.nn.Module, result=None) -> dict[str, Any]:
                          ("acc_after_sharing", "acc right after weight sharing", "{:.2%}")),
                  plots=(("conv_free_params", "conv free parameters"),
                         ("kernel_bytes", "conv kernel bytes (range-coded)")),
-                 selectable=True, headline_tasks=("mnist",),
+                 selectable=True, headline_tasks=("mnist",), parts=kernels_parts, after=("baseline",),
                  summary=Summary(claim="kernels with fewer free values: constrained, or snapped after training",
                                  idea="constrained *|snap *|penalty *", reference="plain", control="plain width *",
                                  cost="conv_free_params", pick="cheapest",

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from frugal.bench import BenchContext, Summary, register_method, train_and_measure
+from frugal.bench import BenchContext, Part, Summary, register_method, train_and_measure
 from frugal.data import load_task, task_slug
 from frugal.measure import measure
 from frugal.saccade.teacher import TwinTeacher
@@ -194,12 +194,19 @@ def run_any_task(ctx: BenchContext, task: str, seed: int, plan: SparsifyPlan = A
     return rows
 
 
+def saccade_parts(ctx: BenchContext, task: str) -> tuple[Part, ...]:
+    """The jobs of a unit: the dense twin, then the saccadic models fine-tuned from it; RAM apart."""
+    if task not in TASKS:
+        return ()  # the user's net: one job (its sparsified variants start from its dense run)
+    return (Part("twin", (TWIN,)), Part("saccadic", ("saccadic*",), after=("twin",)), Part("ram", ("ram*",)))
+
+
 @register_method("saccade", tasks=(*TASKS, "*"),
                  default_tasks=("mnist", "translated-mnist-60", "cluttered-mnist-60", "cluttered-mnist-100"),
                  description="saccadic CNN and glimpse model against the dense twin of the same backbone",
                  fields=(("attended_fraction", "blocks attended (test)", "{:.1%}"),
                          ("train_seconds_total", "train s incl. dense twin", "{:,.0f}")),
-                 headline_tasks=("cluttered-mnist-60",), selectable=True,
+                 headline_tasks=("cluttered-mnist-60",), selectable=True, parts=saccade_parts, after=("baseline",),
                  summary=Summary(claim="a cheap policy picks the blocks worth computing; convs run on those only",
                                  idea="saccadic*|sparsify*", reference="blockcnn|dense", cost="macs", pick="cheapest",
                                  published="results/saccade-cluttered-mnist-60"))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from frugal.bench import BenchContext, Summary, plan_fields, register_method, train_and_measure
+from frugal.bench import BenchContext, Part, Summary, plan_fields, register_method, train_and_measure
 from frugal.data import load_task, task_slug
 from frugal.measure import count_macs, measure
 from frugal.models import create_model
@@ -127,12 +127,20 @@ def _cluster_figure(confs: dict[int, dict[str, np.ndarray]], data, path: Path) -
     save_figure(fig, path)
 
 
+def specialists_parts(ctx: BenchContext, task: str) -> tuple[Part, ...]:
+    """The jobs of a unit: the base; then the trees, and the specialists of frugal's own tasks; the
+    controls last (they are sized by the depth-1 tree)."""
+    return (Part("base", ("base",)), Part("trees", ("tree d*",), after=("base",)),
+            Part("own", ("spatial", "autoencoder (probe)", "unsupervised tree"), after=("base",)),
+            Part("controls", ("equal-MACs CNN*", "ensemble*"), after=("trees",)))
+
+
 @register_method("specialists", tasks=(*TASKS, "*"), default_tasks=("fashion-mnist", "mnist"),
                  description="feature-cluster trees and spatial specialists vs base, equal-MACs CNN and ensemble",
                  fields=(("train_seconds_serial", "tree train s (serial)", "{:,.0f}"),
                          ("train_seconds_parallel", "tree train s (2 workers)", "{:,.0f}"),
                          ("computed_fraction", "blocks computed", "{:.1%}")),
-                 selectable=True, headline_tasks=("mnist",),
+                 selectable=True, headline_tasks=("mnist",), parts=specialists_parts, after=("baseline",),
                  summary=Summary(claim="a specialist per cluster of the base's features, each input routed to one",
                                  idea="tree d*|spatial*", reference="base", control="equal-MACs CNN*",
                                  published="results/specialists"))
