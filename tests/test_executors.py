@@ -235,3 +235,12 @@ def test_ctrl_c_cancels_the_bench_cleanly_and_the_same_command_resumes(tmp_path)
     assert first.returncode == 130 and "cancelled" in err, err
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
+
+
+def test_the_tree_runner_on_ray_returns_what_the_serial_runner_does():
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
+    from frugal.specialists.runner import run_jobs
+    from frugal.utils import json_extent
+
+    jobs = [1, [1, 2], {"a": [1, {"b": 2}]}]
+    assert run_jobs(json_extent, jobs, backend="ray", workers=2) == run_jobs(json_extent, jobs, backend="serial")

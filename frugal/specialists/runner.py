@@ -49,14 +49,12 @@ def run_jobs(fn: Callable[[dict[str, Any]], Any], jobs: list[dict[str, Any]], ba
         # spawn: a fresh interpreter per worker (fork would copy torch's thread pools and locks)
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
             return list(ex.map(fn, jobs))
-    try:
-        import ray
-    except ImportError:
-        raise RuntimeError("the ray backend needs Ray: pip install -e '.[ray]'") from None
-    if not ray.is_initialized():
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(num_cpus=1)(fn)
-    return ray.get([remote.remote(j) for j in jobs])
+    from frugal.executors import Job, RayExecutor, run_graph
+
+    out = run_graph([Job(str(i), j) for i, j in enumerate(jobs)], fn, RayExecutor(None, workers), retries=0)
+    if out.failed:
+        raise RuntimeError(f"a job failed on Ray: {next(iter(out.failed.values()))}")
+    return [out.done[str(i)] for i in range(len(jobs))]
 
 
 def unguarded_script_call() -> str | None:
