@@ -30,7 +30,8 @@ from .data import KNOWN, load_task, task_slug
 from .data.sources import FOLDER_PREFIX
 from .measure import measure
 from .executors import Job
-from .methods import Method, Part, Summary, get_method, list_methods, register_method  # noqa: F401  (ideas import them here)
+from .methods import (  # noqa: F401  (ideas import them here)
+    Method, Part, Summary, get_method, list_methods, register_method)
 from .train import CHECKPOINT, WEIGHTS, TrainConfig, copy_run, train
 from .report import check_rows
 from .utils import LockHeld, atomic_write_json, file_lock, read_json, remove_stale_temp_files, resolve_device, versions
@@ -261,6 +262,9 @@ class BenchIncomplete(RuntimeError):
     """The bench ended with runs of its plan missing from results.json (`frugal bench` exits 3)."""
 
 
+BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError)  # a job's bad input: not retried; the bench exits 2
+
+
 class BenchBusy(ValueError):
     """Another bench drives the same --out (`frugal bench` exits 2, naming the folder)."""
 
@@ -395,21 +399,31 @@ def build_jobs(cfg: BenchConfig, plan: list[tuple[Method, str, int]], ctx: Bench
     names: dict[tuple[str, str, int], list[str]] = {}
     threads = cfg.threads or (None if cfg.executor == "local" else 1)
     gpus = 1.0 if ctx.device.type == "cuda" and cfg.executor == "ray" else 0.0
+    job_cfg = dataclasses.replace(cfg, threads=threads)
     for m, task, seed in plan:
         parts = tuple(m.parts(ctx, task)) if m.parts is not None else ()
         units = parts or (Part("", ()),)
-        job_cfg = dataclasses.replace(cfg, threads=threads)
+        skipped = {p.name for p in units if _left_out(ctx, p)}
         key = (m.name, task, seed)
         names[key] = []
         for p in units:
+            if p.name in skipped:
+                continue
             spec = JobSpec(job_cfg, str(ctx.out_dir), driver_id, m.name, getattr(m.run, "__module__", ""), task,
                            seed, p.name, tuple(p.variants), tuple(tuple(q.variants) for q in units if q is not p),
                            selection, trusted)
             before = [names[(o, task, seed)] for o in m.after if (o, task, seed) in names]
-            after = tuple(f"{m.name} {task} seed {seed} [{d}]" for d in p.after)
+            after = tuple(f"{m.name} {task} seed {seed} [{d}]" for d in p.after if d not in skipped)
             jobs.append(Job(spec.name, spec, after + tuple(n for ns in before for n in ns), threads or 1, gpus))
             names[key].append(spec.name)
     return jobs
+
+
+def _left_out(ctx: BenchContext, part: Part) -> bool:
+    """Whether --variants surely leaves the part out: each of its variants is a plain label (no
+    glob) that no --variants pattern matches. (A part it may pick runs, and ends with no row if not.)"""
+    plain = all(not any(c in p for c in "*?[") for p in part.variants)
+    return bool(ctx.variants and part.variants) and plain and not any(ctx.wants(v) for v in part.variants)
 
 
 def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
@@ -476,7 +490,7 @@ def _drive(cfg: BenchConfig, plan: list[tuple[Method, str, int]], out: Path, sel
            log: Callable[[str], None]) -> Path:
     """The driver, alone on `out`: the plan's jobs that have no record yet, run on the executor;
     each job's rows and record are written to results.json as it ends."""
-    from .executors import Outcome, make_executor, run_graph
+    from .executors import Outcome, cause_of, make_executor, run_graph
     from .models import _trusted_modules
     from .report import write_report, write_task_samples
 
@@ -528,7 +542,8 @@ def _drive(cfg: BenchConfig, plan: list[tuple[Method, str, int]], out: Path, sel
         _append_rows(results_path, meta, result["rows"], record)
         if result["rows"]:
             got_rows.add((s.method, s.task, s.seed))
-        rows = f"{len(result['rows'])} row(s)" if result["rows"] else "no row" + (" under --variants" if cfg.variants else "")
+        rows = (f"{len(result['rows'])} row(s)" if result["rows"]
+                else "no row" + (" under --variants" if cfg.variants else ""))
         log(f"[{order[job.name] + 1}/{len(jobs)}] {job.name}: done on {result['host']}, {rows} "
             f"({result['seconds']:.0f}s)")
         for r in result["rows"]:
@@ -541,16 +556,21 @@ def _drive(cfg: BenchConfig, plan: list[tuple[Method, str, int]], out: Path, sel
         log(f"{len(todo)} of {len(jobs)} job(s) to run, {where}")
         outcome = run_graph(todo, run_job, make_executor(cfg.executor, cfg.jobs, cfg.address), on_done=on_done,
                             on_start=lambda j: log(f"[{order[j.name] + 1}/{len(jobs)}] {j.name} ..."),
-                            retries=cfg.retries, log=log)
+                            retries=cfg.retries, no_retry=BAD_INPUT, log=log)
     else:
         outcome = Outcome()
+    if _read_results(results_path)["rows"]:
+        write_report(out)
+    bad_input = [(n, e) for n, e in outcome.errors.items() if isinstance(e, BAD_INPUT)]
+    if bad_input:  # a file or folder the user handed frugal: the message names it and the fix (exit status 2)
+        n, e = bad_input[0]
+        raise ValueError(f"{n}: {cause_of(e)}" + (f" (and {len(bad_input) - 1} more job(s) failed on their input; "
+                                                      "see the lines above)" if len(bad_input) > 1 else ""))
     bad = {**{n: "failed" for n in outcome.failed},
            **{n: f"not run, as {b} failed" for n, b in outcome.blocked.items()}}
     bad_units = {(j.spec.method, j.spec.task, j.spec.seed) for j in jobs if j.name in bad}
     missing = [f"{n}: {why}" for n, why in bad.items()]
     missing += [f"{m.name} {t} seed {s}" for m, t, s in plan if (m.name, t, s) not in got_rows | bad_units]
-    if _read_results(results_path)["rows"]:
-        write_report(out)
     if missing:
         raise BenchIncomplete(f"{len(missing)} run(s) of the plan have no row in {results_path}: {', '.join(missing)}; "
                               "see the lines above for why, and run the same command again to complete them")

@@ -32,6 +32,7 @@ class Outcome:
     done: dict[str, Any] = field(default_factory=dict)  # job name -> what fn returned
     failed: dict[str, str] = field(default_factory=dict)  # job name -> its last error, after every try
     blocked: dict[str, str] = field(default_factory=dict)  # job name -> the failed job it waited for
+    errors: dict[str, BaseException] = field(default_factory=dict)  # job name -> its last exception
 
 
 class JobFailed(Exception):
@@ -69,10 +70,11 @@ def check_graph(jobs: list[Job]) -> None:
 def run_graph(jobs: list[Job], fn: Callable[[Any], Any], executor: "Executor", *,
               on_done: Callable[[Job, Any], None] = lambda j, r: None,
               on_start: Callable[[Job], None] = lambda j: None, retries: int = 1,
-              log: Callable[[str], None] = lambda s: None) -> Outcome:
-    """Run every job whose dependencies succeed, in graph order (ties: list order); `on_done(job,
-    result)` is called by the driver as each job succeeds, `on_start(job)` as it is started. Ctrl-C (KeyboardInterrupt) cancels the
-    running jobs, then propagates."""
+              no_retry: tuple[type[BaseException], ...] = (), log: Callable[[str], None] = lambda s: None) -> Outcome:
+    """Run every job whose dependencies succeed, in graph order (ties: list order). The driver
+    calls `on_start(job)` as it starts a job and `on_done(job, result)` as one succeeds. A job that
+    fails with one of `no_retry` (bad input: it would fail the same way again) is not started again.
+    Ctrl-C (KeyboardInterrupt) cancels the running jobs, then propagates."""
     check_graph(jobs)
     out = Outcome()
     waiting = {j.name: j for j in jobs}
@@ -96,13 +98,15 @@ def run_graph(jobs: list[Job], fn: Callable[[Any], Any], executor: "Executor", *
                     out.done[j.name] = result
                     on_done(j, result)
                     continue
-                if tries[j.name] <= retries:
-                    log(f"{j.name}: failed ({_first_line(result)}); starting it again "
+                if tries[j.name] <= retries and not isinstance(result, no_retry):
+                    log(f"{j.name}: failed ({first_line(result)}); starting it again "
                         f"(try {tries[j.name] + 1} of {retries + 1})")
                     waiting[j.name] = j
                 else:
                     out.failed[j.name] = _describe(result)
-                    log(f"{j.name}: failed after {tries[j.name]} tries: {out.failed[j.name]}")
+                    out.errors[j.name] = result
+                    log(f"{j.name}: failed after {tries[j.name]} tr{'y' if tries[j.name] == 1 else 'ies'}: "
+                        f"{out.failed[j.name]}")
         _block(waiting, out, log)
     except BaseException:  # Ctrl-C, or the driver's own error: nothing keeps running behind it
         executor.cancel()
@@ -127,7 +131,15 @@ def _block(waiting: dict[str, Job], out: Outcome, log: Callable[[str], None]) ->
                 changed = True
 
 
-def _first_line(e: BaseException) -> str:
+def cause_of(e: BaseException) -> BaseException:
+    """The job's own exception (Ray wraps it in a RayTaskError that keeps it as `cause`)."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else e
+
+
+def first_line(e: BaseException) -> str:
+    """The exception's type and the first line of its message."""
+    e = cause_of(e)
     return f"{type(e).__name__}: {e}".splitlines()[0][:300]
 
 

@@ -253,3 +253,29 @@ def test_a_method_that_trains_the_baseline_s_exact_run_reuses_it(tmp_path):
     assert rows["same"]["test_acc"] == base["test_acc"] and rows["same"]["train_seconds"] == base["train_seconds"]
     same_log = (tmp_path / rows["same"]["run_dir"] / "log.txt").read_text()
     assert "resumed from epoch 1" in same_log and "resumed" not in (tmp_path / rows["other"]["run_dir"] / "log.txt").read_text()
+
+
+def test_the_plan_s_jobs_wait_for_their_parts_and_for_the_baseline_and_leave_out_unpicked_parts(tmp_path):
+    import torch
+
+    from frugal.bench import BenchContext, build_jobs
+
+    def graph(variants=(), methods=("baseline", "saccade", "compress")):
+        cfg = BenchConfig(out=str(tmp_path), methods=methods, tasks=("digits",), seeds=1, variants=variants,
+                          executor="process")
+        ctx = BenchContext(tmp_path, "tiny", torch.device("cpu"), variants=variants)
+        plan = [(get_method(m), "digits", 0) for m in methods]
+        return {j.name.replace(" digits seed 0", ""): set(j.after) for j in build_jobs(cfg, plan, ctx, "d", "", ())}
+
+    g = graph()
+    base = "baseline digits seed 0"
+    assert g["baseline"] == set()
+    assert g["saccade [twin]"] == {base} and g["saccade [ram]"] == {base}
+    assert g["saccade [saccadic]"] == {base, "saccade digits seed 0 [twin]"}
+    assert g["compress [lenet300 code 0.01]"] == {base}  # beside the dense net; its control waits for both
+    assert g["compress [lenet300 code 0.01 control]"] == {base, "compress digits seed 0 [lenet300 dense]",
+                                                          "compress digits seed 0 [lenet300 code 0.01]"}
+    # --variants: parts whose plain labels it does not match are left out, and nothing waits for them
+    g = graph(variants=("lenet300 code λ=0.01", "saccadic*"), methods=("saccade", "compress"))
+    assert set(g) == {"saccade [saccadic]", "compress [lenet300 dense]", "compress [lenet300 code 0.01]"}
+    assert g["saccade [saccadic]"] == set()  # the twin's part is left out: the saccadic part trains it itself

@@ -82,6 +82,22 @@ def test_a_failed_job_is_retried_a_bounded_number_of_times_then_reported_with_wh
     assert out.done == {"e": "E"} and log.read_text().split() == ["e"]  # the independent job still ran
 
 
+def _bad_input(spec):
+    with open(spec, "a") as f:
+        f.write("tried\n")
+    raise ValueError(f"{spec} is not a frugal file; give a file frugal wrote")
+
+
+def test_a_job_that_fails_on_its_input_is_not_started_again(tmp_path):
+    """The same input fails the same way: no retry; the error keeps its type for the exit status."""
+    tries = tmp_path / "tries"
+    lines = []
+    out = run_graph([Job("a", str(tries))], _bad_input, LocalExecutor(), retries=3, no_retry=(ValueError,),
+                    log=lines.append)
+    assert tries.read_text() == "tried\n" and isinstance(out.errors["a"], ValueError)
+    assert any("a: failed after 1 try" in s for s in lines)
+
+
 def test_the_process_pool_runs_jobs_side_by_side_and_survives_a_worker_that_dies(tmp_path):
     log = tmp_path / "order"
     out = run_graph([Job(n, (log, n, None)) for n in "abcd"], _log_job, ProcessExecutor(2))

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-dir", default=None)
     add_out_arg(p)
     a = p.parse_args(argv)
-    quick = [sys.executable, "-m", "frugal.cli", "bench", "--quick"] + (["--data-dir", a.data_dir] if a.data_dir else [])
+    quick = [sys.executable, "-m", "frugal.cli", "bench", "--quick", *(["--data-dir", a.data_dir] if a.data_dir else [])]
     runs = {"local": [], "ray": ["--executor", "ray", "--jobs", str(a.jobs), "--threads", "1"]}
     seconds, jobs = {}, {}
     with tempfile.TemporaryDirectory(prefix="executor-speed-") as tmp:

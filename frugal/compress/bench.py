@@ -154,16 +154,20 @@ def schedule(ctx: BenchContext, task: str) -> list[tuple[CompressPlan, tuple[flo
 
 
 def compress_parts(ctx: BenchContext, task: str) -> tuple[Part, ...]:
-    """The jobs of a unit, per model: the dense net (and NNCodec on it); then each lambda's loop and
-    learned-code run with its pruning control (which starts from the dense net)."""
+    """The jobs of a unit, per model: the dense net (and NNCodec on it); each lambda's loop and
+    learned-code run, side by side with it; each pruning control once the dense net and its
+    lambda's run (whose share of zeros it takes) have finished."""
     parts = []
     for plan, lams, code_lams in schedule(ctx, task):
         m = plan.model
-        parts.append(Part(f"{m} dense", (f"{m} dense", f"{m} nncodec *")))
-        parts += [Part(f"{m} loop {lam:g}", (f"{m} loop λ={lam:g}", f"{m} torch-prune λ={lam:g}"),
-                       after=(f"{m} dense",)) for lam in lams]
-        parts += [Part(f"{m} code {lam:g}", (f"{m} code λ={lam:g}", code_control(m, lam)), after=(f"{m} dense",))
-                  for lam in code_lams]
+        dense = f"{m} dense"
+        parts.append(Part(dense, (dense, f"{m} nncodec *")))
+        for kind, lam_set, control in (("loop", lams, lambda lam: f"{m} torch-prune λ={lam:g}"),
+                                       ("code", code_lams, lambda lam: code_control(m, lam))):
+            for lam in lam_set:
+                run = f"{m} {kind} {lam:g}"
+                parts += [Part(run, (f"{m} {kind} λ={lam:g}",)),
+                          Part(f"{run} control", (control(lam),), after=(dense, run))]
     return tuple(parts)
 
 

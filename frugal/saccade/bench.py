@@ -198,7 +198,7 @@ def saccade_parts(ctx: BenchContext, task: str) -> tuple[Part, ...]:
     """The jobs of a unit: the dense twin, then the saccadic models fine-tuned from it; RAM apart."""
     if task not in TASKS:
         return ()  # the user's net: one job (its sparsified variants start from its dense run)
-    return (Part("twin", (TWIN,)), Part("saccadic", ("saccadic*",), after=("twin",)), Part("ram", ("ram*",)))
+    return (Part("twin", (TWIN,)), Part("saccadic", ("saccadic*",), after=("twin",)), Part("ram", ("ram",)))
 
 
 @register_method("saccade", tasks=(*TASKS, "*"),
