@@ -32,7 +32,7 @@ from .measure import measure
 from .executors import Job
 from .methods import (  # noqa: F401  (ideas import them here)
     Method, Part, Summary, get_method, list_methods, register_method)
-from .train import CHECKPOINT, WEIGHTS, TrainConfig, copy_run, train
+from .train import CHECKPOINT, WEIGHTS, TrainConfig, copy_run, train, waiting_for_held_runs
 from .report import check_rows
 from .utils import LockHeld, atomic_write_json, file_lock, read_json, remove_stale_temp_files, resolve_device, versions
 
@@ -346,7 +346,8 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
                        process_id=f"{spec.driver_id}-{os.getpid()}", quiet=not cfg.verbose, variants=cfg.variants,
                        model=cfg.model, note=notes.append, headline=cfg.headline, part=spec.patterns)
     t0 = time.perf_counter()
-    rows = method.run(ctx, spec.task, spec.seed)
+    with waiting_for_held_runs():  # a run another job reloads at the same time: wait for it, then reload it too
+        rows = method.run(ctx, spec.task, spec.seed)
     user = dataclasses.replace(ctx, part=())
 
     def kept(v: str) -> bool:

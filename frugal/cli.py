@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verbose", action="store_true", help="per-epoch lines")
     b.add_argument("--variants", nargs="+", metavar="PATTERN",
                    help="only the variants whose label matches one of these glob patterns, e.g. 'plain' 'snap *' "
-                        "(methods whose plan can be split: compress, kernels, saccade, specialists)")
+                        "(methods whose plan can be split: compress, dream, kernels, saccade, specialists)")
     b.add_argument("--executor", choices=["local", "process", "ray"], default="local",
                    help="where the plan's jobs run: local (one after another in this process; default), process (a "
                         "pool of --jobs local processes), ray (Ray tasks on the cluster at --address)")

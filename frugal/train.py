@@ -11,6 +11,7 @@ training split may weight its examples (`Split.w`): the loss is then their weigh
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import io
 import json
@@ -378,6 +379,21 @@ def build_model(spec: dict[str, Any], device=None, limits: SizeLimits | None = N
 # ---------------------------------------------------------------------------------------------------
 
 
+_WAIT_FOR_HELD_RUNS = contextvars.ContextVar("frugal_wait_for_held_runs", default=False)
+
+
+@contextlib.contextmanager
+def waiting_for_held_runs():
+    """Inside the block, resuming a run folder that another process holds waits for it, instead of
+    failing. The bench's jobs run so: two jobs may reload the same finished run (the base that
+    both a tree and a control start from), and the graph has already made sure it is finished."""
+    token = _WAIT_FOR_HELD_RUNS.set(True)
+    try:
+        yield
+    finally:
+        _WAIT_FOR_HELD_RUNS.reset(token)
+
+
 def train(cfg: TrainConfig, run_dir: str | Path, *, hooks: Sequence[Hook] = (), resume: bool = False,
           model: nn.Module | None = None, data: TaskData | None = None, progress: bool | None = None,
           quiet: bool = False) -> Result:
@@ -392,8 +408,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, hooks: Sequence[Hook] = (), 
         try:
             held.enter_context(file_lock(run_dir / TRAIN_LOCK, wait=False))
         except LockHeld as e:
-            raise RuntimeError(f"{run_dir} is being trained by another process ({e}); wait for it to finish "
-                               "(then resume or read the run), or train into another folder") from None
+            if not (resume and _WAIT_FOR_HELD_RUNS.get()):
+                raise RuntimeError(f"{run_dir} is being trained by another process ({e}); wait for it to finish "
+                                   "(then resume or read the run), or train into another folder") from None
+            held.enter_context(file_lock(run_dir / TRAIN_LOCK))
         return _train(cfg, run_dir, hooks, resume, model, data, progress, quiet)
 
 

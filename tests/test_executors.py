@@ -185,18 +185,20 @@ def test_the_process_executor_measures_the_same_rows_as_the_local_one(local_rows
     assert _measured(tmp_path) == local_rows
     assert len(local_rows) > 20  # baseline, twin, saccadic at 5 fractions, RAM, dream's 4: per seed
     jobs = json.loads((tmp_path / "results.json").read_text())["jobs"]
-    assert len(jobs) == 10  # baseline 1 + saccade 3 parts + dream 1, per seed
+    assert len(jobs) == 18  # per seed: baseline; saccade's twin, saccadic, ram; dream's other net, 2 rounds, 2 controls
     by = {(j["method"], j["seed"], j["part"]): j for j in jobs}
-    # dependencies held: a saccadic model was tuned from its finished twin, dream came after the baseline
+    # dependencies held: a saccadic model was tuned from its finished twin; round 1 dreamed with round 0's
+    # net; dream came after the baseline
     for s in (0, 1):
         assert by[("saccade", s, "saccadic")]["finished"] >= by[("saccade", s, "twin")]["finished"]
-        assert by[("dream", s, "")]["finished"] >= by[("baseline", s, "")]["finished"]
+        assert by[("dream", s, "round 1")]["finished"] >= by[("dream", s, "round 0")]["finished"]
+        assert by[("dream", s, "other net")]["finished"] >= by[("baseline", s, "")]["finished"]
     assert len({j["pid"] for j in jobs}) == 2  # two workers, neither of them the driver
     assert os.getpid() not in {j["pid"] for j in jobs}
     capsys.readouterr()
     assert main(["bench", *PLAN, "--executor", "process", "--out", str(tmp_path)]) == 0  # again: nothing to run
     out = capsys.readouterr().out
-    assert out.count("done before, kept") == 10 and "job(s) to run" not in out
+    assert out.count("done before, kept") == 18 and "job(s) to run" not in out
 
 
 def test_the_ray_executor_measures_the_same_rows_as_the_local_one(local_rows, tmp_path):
@@ -206,7 +208,7 @@ def test_the_ray_executor_measures_the_same_rows_as_the_local_one(local_rows, tm
     assert main(["bench", *PLAN, "--executor", "ray", "--jobs", "2", "--out", str(tmp_path)]) == 0
     assert _measured(tmp_path) == local_rows
     jobs = json.loads((tmp_path / "results.json").read_text())["jobs"]
-    assert len(jobs) == 10 and all(j["node"] for j in jobs)
+    assert len(jobs) == 18 and all(j["node"] for j in jobs)
     import ray
     assert not ray.is_initialized()  # the private instance was stopped with the bench
 
@@ -260,3 +262,36 @@ def test_the_tree_runner_on_ray_returns_what_the_serial_runner_does():
 
     jobs = [1, [1, 2], {"a": [1, {"b": 2}]}]
     assert run_jobs(json_extent, jobs, backend="ray", workers=2) == run_jobs(json_extent, jobs, backend="serial")
+
+
+HOLD = """
+import fcntl, sys, time
+with open(sys.argv[1], "a+") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_bench_job_waits_for_a_finished_run_another_job_holds_and_reloads_it(tmp_path):
+    """Two jobs may reload one finished run at once (a tree and a control, both from the base)."""
+    from frugal.train import TRAIN_LOCK, TrainConfig, train, waiting_for_held_runs
+
+    cfg = TrainConfig(task="digits", model="convnet", epochs=1, train_limit=128, device="cpu", threads=1)
+    first = train(cfg, tmp_path / "run", quiet=True, progress=False)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "run" / TRAIN_LOCK), "2"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match="being trained by another process"):
+            train(cfg, tmp_path / "run", resume=True, quiet=True, progress=False)  # outside a job: refused
+        t0 = time.perf_counter()
+        with waiting_for_held_runs():
+            again = train(cfg, tmp_path / "run", resume=True, quiet=True, progress=False)
+        assert time.perf_counter() - t0 > 0.5  # it waited for the holder
+        assert again.test_acc == first.test_acc and again.steps == first.steps
+        with waiting_for_held_runs(), pytest.raises(FileExistsError):
+            train(cfg, tmp_path / "run", resume=False, quiet=True, progress=False)  # a new run is never waited into
+    finally:
+        holder.kill()
+        holder.wait()

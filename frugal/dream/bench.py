@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from frugal.bench import BenchContext, Summary, idea_base_config, plan_fields, register_method
+from frugal.bench import (BenchContext, Part, Summary, idea_base_config, plan_fields, register_method,
+                          reuse_baseline)
 from frugal.data import KNOWN, Split, load_task, task_slug
 from frugal.data.sources import FOLDER_PREFIX
 from frugal.dream.evaluate import AdversarialTraining, cue_conflict, generalisation, other_net_dreams
@@ -98,6 +99,41 @@ def has_corrupted_suite(ctx: BenchContext, task: str, n: int) -> bool:
         return False
 
 
+OTHER = "other net*"  # the part that trains the other net, whose dreams test every row (no row of its own;
+# a glob, so that --variants never leaves it out and two parts never train it at once)
+
+
+def _round_label(r: int) -> str:
+    return f"round {r}" + (" (plain)" if r == 0 else "")
+
+
+def _controls(ctx: BenchContext) -> tuple[str, ...]:
+    return ("augment",) if ctx.headline else ("augment", "adversarial")  # the front door: no adversarial training
+
+
+def _settings(ctx: BenchContext, task: str, seed: int):
+    base, dcfg, corrupted_n = dream_plan(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir,
+                                         model=ctx.model)
+    if ctx.headline:
+        base = dataclasses.replace(base, train_limit=min(base.train_limit or HEADLINE_TRAIN, HEADLINE_TRAIN))
+        dcfg = dataclasses.replace(dcfg, rounds=HEADLINE.rounds, mix=HEADLINE.mix)
+        corrupted_n = HEADLINE.corrupted_n
+    return base, dcfg, corrupted_n
+
+
+def dream_parts(ctx: BenchContext, task: str) -> tuple[Part, ...]:
+    """The jobs of a unit: the other net first (its dreams test every row); round r after round
+    r-1 (it dreams with round r-1's net); the controls beside the rounds once round 0 (the plain
+    net, whose first epoch every row reports) has finished."""
+    _, dcfg, _ = _settings(ctx, task, 0)
+    other = () if ctx.headline else (Part("other net", (OTHER,)),)
+    wait = tuple(p.name for p in other)
+    rounds = [Part(f"round {r}", (_round_label(r),), after=(*((f"round {r - 1}",) if r else ()), *wait))
+              for r in range(dcfg.rounds + 1)]
+    controls = [Part(f"control {c}", (f"control {c}",), after=("round 0", *wait)) for c in _controls(ctx)]
+    return (*other, *rounds, *controls)
+
+
 @register_method("dream", tasks=(*TASKS, "*"), default_tasks=("mnist", "fashion-mnist"), after=("baseline",),
                  description="iterated DeepDream training vs plain, augmented and adversarial training",
                  fields=(("pgd_acc", "PGD acc (eps 0.1)", "{:.1%}"),
@@ -105,24 +141,24 @@ def has_corrupted_suite(ctx: BenchContext, task: str, n: int) -> bool:
                          ("shape_bias", "shape bias", "{:.2f}"), ("steps", "optimiser steps", "{:,.0f}"),
                          ("mean_drift", "dreams' mean drift (RMS, pixels 0-1)", "{:.3f}"),
                          ("dream_seconds", "dreaming s", "{:,.0f}"), ("epoch_seconds", "1 epoch on A s", "{:,.0f}")),
-                 headline_tasks=("mnist",),
+                 headline_tasks=("mnist",), selectable=True, parts=dream_parts,
                  summary=Summary(claim="training on the net's own dreams too: robust to corrupted inputs",
                                  idea="round [1-9]*", reference="round 0 (plain)", control="control augment",
                                  metric="corrupted_mean_acc", cost="train_seconds",
                                  published="results/dream"))
 def run_dream(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
-    base, dcfg, corrupted_n = dream_plan(task, ctx.budget, seed, device=str(ctx.device), data_dir=ctx.data_dir,
-                                         model=ctx.model)
-    if ctx.headline:
-        base = dataclasses.replace(base, train_limit=min(base.train_limit or HEADLINE_TRAIN, HEADLINE_TRAIN))
-        dcfg = dataclasses.replace(dcfg, rounds=HEADLINE.rounds, mix=HEADLINE.mix)
-        corrupted_n = HEADLINE.corrupted_n
+    base, dcfg, corrupted_n = _settings(ctx, task, seed)
     data = load_task(task, data_dir=ctx.data_dir, val_size=base.val_size)
     n_eval = EVAL_N[ctx.budget]
-    corrupted = ctx.budget != "tiny" and has_corrupted_suite(ctx, task, n_eval)
-    rounds = dream_training(base, ctx.run_dir("dream", task, seed, "rounds"), dcfg, data, device=ctx.device,
-                            quiet=ctx.quiet, log=lambda s: None)
-    epoch_seconds = rounds[0]["result"].history[0]["seconds"]
+    rounds_dir = ctx.run_dir("dream", task, seed, "rounds")
+    reuse_baseline(ctx, base, rounds_dir / "round-0")  # the baseline's finished run, when trained alike, is round 0
+    wanted = [r for r in range(dcfg.rounds + 1) if ctx.wants(_round_label(r))]
+    controls_wanted = [c for c in _controls(ctx) if ctx.wants(f"control {c}")]
+    last = max(wanted, default=0 if controls_wanted else -1)  # the controls report round 0's first epoch
+    rounds = []
+    if last >= 0:  # round r trains (or reloads) the rounds before it: each dreams with the one before
+        rounds = dream_training(base, rounds_dir, dataclasses.replace(dcfg, rounds=last), data, device=ctx.device,
+                                quiet=ctx.quiet, log=lambda s: None)
 
     def fit(name: str, cfg, hooks=()):
         run_dir = ctx.run_dir("dream", task, seed, name)
@@ -130,18 +166,20 @@ def run_dream(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
                      quiet=ctx.quiet, progress=False), run_dir
 
     # the controls: the same config and steps as round 0 (which is the plain control)
-    controls = {"augment": fit("control-augment", dataclasses.replace(base, augment="affine-noise"))}
-    other_dreams = None
-    if not ctx.headline:  # the front door leaves out adversarial training and the other net's dreams
-        controls["adversarial"] = fit("control-adversarial", base, [AdversarialTraining(steps=ADV_STEPS)])
+    control_cfg = {"augment": (dataclasses.replace(base, augment="affine-noise"), ()),
+                   "adversarial": (base, (AdversarialTraining(steps=ADV_STEPS),))}
+    controls = {c: fit(f"control-{c}", *control_cfg[c]) for c in controls_wanted}
+    other_dreams = other = None
+    if not ctx.headline:  # the front door leaves out the other net's dreams
         other = fit("other", dataclasses.replace(base, seed=seed + 1))[0].model.eval()
-        other_dreams = other_net_dreams(other, data, ctx.device, n=n_eval)  # the same dreams for every row
+        if wanted or controls_wanted:
+            other_dreams = other_net_dreams(other, data, ctx.device, n=n_eval)  # the same dreams for every row
 
-    rows = []
-    rounds_dir = ctx.run_dir("dream", task, seed, "rounds")
-    models = [(f"round {r['round']}" + (" (plain)" if r["round"] == 0 else ""), r["result"], r,
-               rounds_dir / f"round-{r['round']}") for r in rounds]
+    corrupted = bool(wanted or controls_wanted) and ctx.budget != "tiny" and has_corrupted_suite(ctx, task, n_eval)
+    epoch_seconds = rounds[0]["result"].history[0]["seconds"] if rounds else None
+    models = [(_round_label(r), rounds[r]["result"], rounds[r], rounds_dir / f"round-{r}") for r in wanted]
     models += [(f"control {name}", res, {}, run_dir) for name, (res, run_dir) in controls.items()]
+    rows = []
     for variant, res, info, run_dir in models:
         row = measure(res.model, data, ctx.device, corrupted=corrupted, data_dir=ctx.data_dir,
                       speed=ctx.budget != "tiny", corrupted_n=corrupted_n)
@@ -156,14 +194,16 @@ def run_dream(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]:
         if "mean_drift" in info:
             row["mean_drift"] = info["mean_drift"]
         rows.append(row)
-    if seed == 0 and len(rounds) > 1:
+    if seed == 0 and 1 in wanted:
         from frugal.dream.rounds import load_dreams
 
         dreams, _ = load_dreams(rounds_dir / "round-1" / "dreams.npz")
-        draw_dreams(Split(data.train.x[:16], data.train.y[:16]), dreams.x[:16], ctx.figures / f"dreams-{task_slug(task)}.png",
+        draw_dreams(Split(data.train.x[:16], data.train.y[:16]), dreams.x[:16],
+                    ctx.figures / f"dreams-{task_slug(task)}.png",
                     title=f"{task}: training images and their round-1 dreams")
-    if seed == 0 and other_dreams is not None:
-        draw_dreams(Split(data.test.x[:16], data.test.y[:16]), other_dreams.x[:16],
+    if seed == 0 and other is not None and ctx.wants("other net"):
+        shown = other_net_dreams(other, data, ctx.device, n=16)
+        draw_dreams(Split(data.test.x[:16], data.test.y[:16]), shown.x[:16],
                     ctx.figures / f"dreams-{task_slug(task)}-other-net.png",
                     title=f"{task}: test images and the other net's dreams of them (a test set for every row)")
         conflict, texture = cue_conflict(data.test, n_eval)
