@@ -5,8 +5,11 @@ Rows are flat dicts of measured fields (see `frugal.measure.measure`) plus metho
 seed. The spine registers only `baseline`; ideas register their methods from their own modules,
 which are found through the `frugal.ideas` entry-point group (the spine never imports an idea).
 
-Results are written after every finished row, and each training run keeps its checkpoints, so a
-killed bench started again with the same --out continues where it stopped.
+The plan is a graph of jobs: one per (method, task, seed) unit, or per part of one where the
+method splits its plan (`Part`), run by an executor (`frugal.executors`: in this process, on local
+worker processes, or on Ray). One driver per --out writes results.json: each job's rows and its
+record as the job ends. Each training run keeps its checkpoints, so a killed bench started again
+with the same --out runs only the jobs without a record, and those resume.
 """
 
 from __future__ import annotations
