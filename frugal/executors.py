@@ -35,10 +35,6 @@ class Outcome:
     errors: dict[str, BaseException] = field(default_factory=dict)  # job name -> its last exception
 
 
-class JobFailed(Exception):
-    """A job's error as the driver reports it: the exception and the end of its traceback."""
-
-
 def check_graph(jobs: list[Job]) -> None:
     """Unique names, known dependencies and no cycle; ValueError naming the offender otherwise."""
     names = [j.name for j in jobs]
