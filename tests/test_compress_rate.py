@@ -349,6 +349,38 @@ def test_a_coded_net_with_batch_norms_is_folded_into_a_file_that_decodes_to_it()
         assert (out.argmax(1) == unfolded.argmax(1)).float().mean() > 0.98
 
 
+def test_a_dead_channel_does_not_coarsen_the_other_channels_of_a_folded_batch_norm():
+    """Each live channel's folded output stays within FOLD_RELATIVE_STEP of its spread, although one
+    channel has next to no variance (its conv weights are all zero), so its folded weight is huge."""
+    from frugal.compress.rate import FOLD_RELATIVE_STEP, folded
+
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+    with torch.no_grad():
+        conv.weight[2].zero_()  # channel 2 is dead: its input is always 0
+        x = torch.randn(64, 3, 8, 8) * 2 + 0.5
+        h = conv(x)
+        bn.running_mean.copy_(h.mean((0, 2, 3)))
+        bn.running_var.copy_(h.var((0, 2, 3)))
+        bn.weight.copy_(torch.tensor([0.3, 1.0, 0.8, 2.0, 0.05, 1.5]))
+        bn.bias.copy_(torch.randn(6))
+    net = nn.Sequential(conv, bn).eval()
+    with torch.no_grad():
+        exact = net(x)
+        codecs = folded(net, {})
+        out = net(x)
+    w = net[1].weight.detach().abs()
+    assert w[2] > 100 * torch.cat([w[:2], w[3:]]).max()  # the dead channel's folded weight
+    rms = (out - exact).pow(2).mean((0, 2, 3)).sqrt()
+    spread = torch.tensor([0.3, 1.0, 0.8, 2.0, 0.05, 1.5])
+    live = torch.tensor([True, True, False, True, True, True])
+    assert (rms[live] <= FOLD_RELATIVE_STEP * spread[live]).all(), (rms, spread)
+    assert rms[~live].max() <= FOLD_RELATIVE_STEP * 0.05  # the dead channel puts out its bias
+    for name in ("1.weight", "1.bias"):  # each coded exactly as it decodes
+        t = dict(net.named_parameters())[name].detach()
+        assert torch.equal(codecs[name].decode(codecs[name].encode(t), tuple(t.shape)), t)
+
+
 def copy_of(model):
     import copy
 

@@ -97,8 +97,8 @@ class QuantisedCode(nn.Module):
     @torch.no_grad()
     def summary(self, coef: torch.Tensor) -> dict[str, Any]:
         q = torch.round(coef / self.step())
-        return {"values": q.numel(), "bits": float(self.bits(coef, noise=False)), "zeros": float((q == 0).float().mean()),
-                "step": float(self.step()), "transform": self.transform}
+        return {"values": q.numel(), "bits": float(self.bits(coef, noise=False)),
+                "zeros": float((q == 0).float().mean()), "step": float(self.step()), "transform": self.transform}
 
 
 class RateCode(nn.Module):
@@ -338,32 +338,52 @@ def fold_batchnorm(model: nn.Module) -> dict[str, Codec]:
     return codecs
 
 
-FOLD_RELATIVE_STEP = 2.0 ** -8  # a folded batch norm's weight and bias: coded to 1/256 of their largest value
+FOLD_RELATIVE_STEP = 2.0 ** -6  # a folded channel's output moves by at most about this share of its spread
+FINEST_FOLD_STEP = 2.0 ** -16  # of a folded tensor's largest magnitude: its integers stay in a codable range
+
+
+def fold_steps(bn: nn.modules.batchnorm._BatchNorm) -> tuple[float, float]:
+    """(step of the folded weight, step of the folded bias) of an affine batch norm with running
+    statistics, before it is folded.
+
+    Channel c's output y = w_c (x - m_c) / sqrt(v_c + eps) + b_c spreads over about |w_c|. Folded, a
+    step d on its weight moves y by about d sqrt(v_c + m_c^2) (the root mean square of its input x)
+    and a step d on its bias by d, so the steps are FOLD_RELATIVE_STEP of the least of these scales
+    over the channels. A step relative to the largest folded weight instead lets one channel with
+    almost no variance (a dead one: its weight divided by sqrt(eps)) coarsen every other channel.
+    Channels with w_c = 0 put out their bias whatever the step of the weight."""
+    w = bn.weight.detach().double().abs()
+    live = w > 0
+    if not bool(live.any()):
+        return 1.0, max(float(bn.bias.detach().abs().max()), 1e-6) * FOLD_RELATIVE_STEP
+    spread = torch.sqrt(bn.running_var.double() + bn.running_mean.double() ** 2 + bn.eps)
+    return (FOLD_RELATIVE_STEP * float((w / spread)[live].min()), FOLD_RELATIVE_STEP * float(w[live].min()))
 
 
 @torch.no_grad()
 def folded(model: nn.Module, codecs: dict[str, Codec]) -> dict[str, Codec]:
     """Fold the batch norms of a baked model (`fold_batchnorm`, in place) and return the codecs of
     the whole file: the folded statistics' few bytes, and each folded weight and bias (which left
-    its trained grid) re-coded at FOLD_RELATIVE_STEP of its largest magnitude, its weights set to
-    what that code decodes to. A net without batch norms comes back unchanged."""
+    its trained grid) re-coded at its `fold_steps`, its weights set to what that code decodes to. A
+    net without batch norms comes back unchanged."""
+    steps = {name: fold_steps(m) for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats
+             and m.running_mean is not None and m.running_var is not None}
     stats = fold_batchnorm(model)
     if not stats:
         return codecs
     out = {**codecs, **stats}
     params = dict(model.named_parameters())
-    for key in stats:
-        if not key.endswith("running_mean"):
-            continue
-        prefix = key[: -len("running_mean")]
-        for name in (f"{prefix}weight", f"{prefix}bias"):
+    for mod, mod_steps in steps.items():
+        prefix = f"{mod}." if mod else ""
+        for name, step in zip((f"{prefix}weight", f"{prefix}bias"), mod_steps):
             p = params[name]
-            step = max(float(p.abs().max()), 1e-6) * FOLD_RELATIVE_STEP
+            step = max(step, float(p.abs().max()) * FINEST_FOLD_STEP, 1e-12)
             code = Learned.fitted(p.detach(), step)
             p.copy_(code.roundtrip(p.detach())[0])
             out[name] = cheapest_exact(p.detach(), code)
     return out
 
 
-__all__ = ["CODE", "QuantisedCode", "RateCode", "baked", "code_of", "fold_batchnorm", "folded", "learn_code",
-           "plain_spec"]
+__all__ = ["CODE", "QuantisedCode", "RateCode", "baked", "code_of", "fold_batchnorm", "fold_steps", "folded",
+           "learn_code", "plain_spec"]
