@@ -271,7 +271,7 @@ def test_the_plan_s_jobs_wait_for_their_parts_and_for_the_baseline_and_leave_out
     base = "baseline digits seed 0"
     assert g["baseline"] == set()
     assert g["saccade [twin]"] == {base} and g["saccade [ram]"] == {base}
-    assert g["saccade [saccadic]"] == {base, "saccade digits seed 0 [twin]"}
+    assert g["saccade [saccadic]"] == g["saccade [trajectory]"] == {base, "saccade digits seed 0 [twin]"}
     assert g["compress [lenet300 code 0.01]"] == {base}  # beside the dense net; its control waits for both
     assert g["compress [lenet300 code 0.01 control]"] == {base, "compress digits seed 0 [lenet300 dense]",
                                                           "compress digits seed 0 [lenet300 code 0.01]"}

@@ -32,6 +32,7 @@ def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path,
 
     import frugal.saccade.bench as saccade_bench
     from frugal.bench import BenchConfig, bench
+    from frugal.data import load_task
 
     # the twin teaches the saccadic variant
     monkeypatch.setitem(saccade_bench.TASKS, "digits", dataclasses.replace(saccade_bench.TASKS["digits"], teacher=0.5))
@@ -40,7 +41,8 @@ def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path,
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     by = {r["variant"]: r for r in rows}
     assert set(by) == {"blockcnn", "saccadic", "ram", "saccadic top 22%", "saccadic top 24%", "saccadic top 28%",
-                       "saccadic top 50%"}
+                       "saccadic top 50%", "trajectory", "trajectory halt 0.9", "trajectory halt 0.99",
+                       "trajectory halt 0.999"}
     # the same trained policy at a test-time share of the blocks: MACs follow it
     assert by["saccadic top 28%"]["macs"] < by["saccadic top 50%"]["macs"] < by["blockcnn"]["macs"] * 1.1
     assert by["saccadic top 50%"]["attended_fraction"] == pytest.approx(0.5, abs=0.07)
@@ -54,12 +56,24 @@ def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path,
     assert ck["hooks"] == [{"weight": 0.5}]  # kept with the run: a resume must bring the same teacher
     assert by["saccadic"]["train_seconds_total"] == pytest.approx(
         by["saccadic"]["train_seconds"] + by["blockcnn"]["train_seconds"])
+    # the trajectory model: fine-tuned from the twin, which teaches it where to look; each halt is
+    # the same weights stopping earlier, so it never takes more glimpses or MACs than without one
+    traj = json.loads((tmp_path / "runs/saccade/digits/trajectory-seed0/config.json").read_text())["config"]
+    assert traj["init_from"].endswith("blockcnn-seed0")
+    ck = torch.load(tmp_path / "runs/saccade/digits/trajectory-seed0/checkpoint.pt", weights_only=False)
+    assert ck["hooks"] == [saccade_bench.TRAJECTORY_TEACHER | {"temperature": 2.0}]
+    for h in ("0.9", "0.99", "0.999"):
+        r = by[f"trajectory halt {h}"]
+        assert r["mean_glimpses"] <= by["trajectory"]["mean_glimpses"] and r["macs"] <= by["trajectory"]["macs"]
+        assert sum(json.loads(r["glimpse_counts"]).values()) == len(load_task("digits").test)  # every test image
+        assert 1 <= r["mean_glimpses"] <= r["max_glimpses"] <= 4  # digits: a 2x2 grid of 1-block windows
     md = (tmp_path / "report.md").read_text()
     assert "## Figures" in md and "explain-digits-saccadic.png" in md and "explain-digits-ram.png" in md
+    assert "explain-digits-trajectory.png" in md and "glimpses (mean)" in md
     assert "blocks attended (test)" in md  # the method's own field gets its table
 
 
-@pytest.mark.parametrize("name", ["saccadic", "ram"])
+@pytest.mark.parametrize("name", ["saccadic", "ram", "trajectory"])
 def test_explain_leaves_the_model_in_the_mode_it_found(tmp_path, name):
     import torch
 

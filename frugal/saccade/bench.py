@@ -9,6 +9,7 @@ reflect the skipped blocks. An explanation grid per task and model goes into the
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from frugal.bench import BenchContext, Part, Summary, register_method, train_and
 from frugal.data import load_task, task_slug
 from frugal.measure import measure
 from frugal.saccade.teacher import TwinTeacher
+from frugal.saccade.temporal import GlimpseTeacher, TrajectoryCNN
 from frugal.train import TrainConfig, load_run, normalize
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class SaccadePlan:
       level densely, and a 5x5 costs 2.8 3x3s: on cluttered-mnist-100 that is ~4x the twin's epoch
       time for a level that died under the compute term on cluttered-mnist-60 and mnist.
     - `teacher`: the weight of `TwinTeacher`'s term in the fine-tuning, where it is needed (the
-      fine-tuning on cluttered-mnist-60 diverged on one seed of two without it)."""
+      fine-tuning on cluttered-mnist-60 diverged on one seed of two without it).
+    - `window`: the trajectory model's window side in blocks, about a digit's 20-28 pixels."""
 
     quick: SaccadeStage
     full: SaccadeStage
@@ -55,16 +58,17 @@ class SaccadePlan:
     block_size: int | None = None
     kernel_sizes: tuple[int, ...] | None = None
     teacher: float | None = None
+    window: int = 2
 
 
 TINY = SaccadeStage(epochs=1, finetune=1, train_limit=256)
 TASKS: dict[str, SaccadePlan] = {
-    "mnist": SaccadePlan(SaccadeStage(2, 1), SaccadeStage(8, 4), budget=0.5),
+    "mnist": SaccadePlan(SaccadeStage(2, 1), SaccadeStage(8, 4), budget=0.5, window=6),
     "translated-mnist-60": SaccadePlan(SaccadeStage(2, 1, 20000), SaccadeStage(10, 5)),
     "cluttered-mnist-60": SaccadePlan(SaccadeStage(2, 1, 20000), SaccadeStage(12, 6), budget=0.2, more_budgets=(0.3,),
-                                      block_size=8, kernel_sizes=(3,), teacher=1.0),
+                                      block_size=8, kernel_sizes=(3,), teacher=1.0, window=3),
     "cluttered-mnist-100": SaccadePlan(SaccadeStage(2, 1, 10000), SaccadeStage(6, 3), kernel_sizes=(3,)),
-    "digits": SaccadePlan(SaccadeStage(5, 3), SaccadeStage(30, 15)),
+    "digits": SaccadePlan(SaccadeStage(5, 3), SaccadeStage(30, 15), window=1),
 }
 # Shares of the blocks the trained saccadic model is also measured at, attending each image's most
 # wanted blocks (`inference_fraction`): the accuracy-vs-compute curve of one trained policy. 0.24 is
@@ -89,7 +93,15 @@ VARIANTS = [
     # a conv glimpse net and a context net (Ba et al. 2015) in place of the paper's linear glimpse
     # net with the first glimpse at the centre, which stayed far below the twin on cluttered canvases
     ("ram", "ram", {"glimpse_net": "conv", "context": True}, {"lr": 1e-3}),
+    # saccades over time: windows of blocks one after another, fine-tuned from the twin, which also
+    # teaches where to look (GlimpseTeacher)
+    # (3 glimpses while training: the ones a halt mostly keeps, at two thirds of 8's training time)
+    ("trajectory", "trajectory", {"train_glimpses": 3}, FINETUNE),
 ]
+# The trajectory model is also measured stopping at each of HALTS (its top class probability), from
+# the same weights: an anytime curve.
+HALTS = (0.9, 0.99, 0.999)
+TRAJECTORY_TEACHER = {"weight": 1.0, "distill": 1.0}
 
 
 @torch.no_grad()
@@ -105,6 +117,17 @@ def attention_stats(model: torch.nn.Module, data, ctx: BenchContext, variant: st
             model(xb)  # the policy's choice is kept on model.attention
             attended.append((model.attention.levels > 0).float().mean().item())
         out["attended_fraction"] = sum(attended) / len(attended)
+    if isinstance(model, TrajectoryCNN):  # the glimpses each image took, and the blocks they computed
+        glimpses, seen = [], []
+        for xb in x.split(256):
+            model(xb)
+            glimpses.append(model.trajectory.glimpses.cpu())
+            seen.append(model.trajectory.blocks_seen.cpu())
+        g, blocks = torch.cat(glimpses), torch.cat(seen)
+        counts = torch.bincount(g, minlength=model.glimpses + 1)[1:]
+        out.update(attended_fraction=float(blocks.float().mean()) / (model.grid[0] * model.grid[1]),
+                   mean_glimpses=float(g.float().mean()), max_glimpses=int(g.max()),
+                   glimpse_counts=json.dumps({str(i + 1): int(c) for i, c in enumerate(counts.tolist()) if c}))
     if draw and seed == 0 and callable(getattr(model, "explain", None)) and variant != "blockcnn":
         model.explain(x[:16], data.test.x[:16], data.test.y[:16],
                       ctx.figures / f"explain-{task_slug(data.name)}-{variant}.png")
@@ -198,13 +221,15 @@ def saccade_parts(ctx: BenchContext, task: str) -> tuple[Part, ...]:
     """The jobs of a unit: the dense twin, then the saccadic models fine-tuned from it; RAM apart."""
     if task not in TASKS:
         return ()  # the user's net: one job (its sparsified variants start from its dense run)
-    return (Part("twin", (TWIN,)), Part("saccadic", ("saccadic*",), after=("twin",)), Part("ram", ("ram",)))
+    return (Part("twin", (TWIN,)), Part("saccadic", ("saccadic*",), after=("twin",)), Part("ram", ("ram",)),
+            Part("trajectory", ("trajectory", *(f"trajectory halt {h:g}" for h in HALTS)), after=("twin",)))
 
 
 @register_method("saccade", tasks=(*TASKS, "*"),
                  default_tasks=("mnist", "translated-mnist-60", "cluttered-mnist-60", "cluttered-mnist-100"),
                  description="saccadic CNN and glimpse model against the dense twin of the same backbone",
                  fields=(("attended_fraction", "blocks attended (test)", "{:.1%}"),
+                         ("mean_glimpses", "glimpses (mean)", "{:.2f}"),
                          ("train_seconds_total", "train s incl. dense twin", "{:,.0f}")),
                  headline_tasks=("cluttered-mnist-60",), selectable=True, parts=saccade_parts, after=("baseline",),
                  summary=Summary(claim="a cheap policy picks the blocks worth computing; convs run on those only",
@@ -230,7 +255,8 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
                     for v, m, kw, o in variants]
     # --variants: the wanted variants, and the twin whenever one of them is fine-tuned from it (its
     # row comes along: it is the reference of theirs)
-    wanted = [v for v in variants if ctx.wants(v[0]) or (v[0] == "saccadic" and ctx.wants("saccadic top *"))]
+    wanted = [v for v in variants if ctx.wants(v[0]) or (v[0] == "saccadic" and ctx.wants("saccadic top *"))
+              or (v[0] == "trajectory" and ctx.wants("trajectory halt *"))]
     if any(v[3].get("init_from") == TWIN for v in wanted):
         wanted = [v for v in variants if v[0] == TWIN or v in wanted]
     for variant, model, model_kw, overrides in wanted:
@@ -238,8 +264,10 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
         twin = settings.pop("init_from", None)
         if twin is not None:
             settings.update(epochs=finetune, init_from=str(ctx.run_dir("saccade", task, seed, twin).resolve()))
-        if model in ("saccadic", "blockcnn") and task_plan.block_size is not None:
+        if model in ("saccadic", "blockcnn", "trajectory") and task_plan.block_size is not None:
             model_kw = {**model_kw, "block_size": task_plan.block_size}
+        if model == "trajectory":
+            model_kw = {"window": task_plan.window, **model_kw}
         if model == "saccadic":
             model_kw = {"budget": task_plan.budget, **model_kw}
             if task_plan.kernel_sizes is not None:
@@ -248,6 +276,9 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
                           data_dir=ctx.data_dir, **settings)
         teacher = task_plan.teacher if model == "saccadic" and twin else None
         hooks = [TwinTeacher(settings["init_from"], teacher)] if teacher else []
+        if model == "trajectory":
+            teacher = TRAJECTORY_TEACHER["weight"]
+            hooks = [GlimpseTeacher(settings["init_from"], **TRAJECTORY_TEACHER)]
         row = train_and_measure(ctx, cfg, ctx.run_dir("saccade", task, seed, variant), hooks=hooks,
                                 extra=lambda m, d, v=variant: attention_stats(m, d, ctx, v, seed))
         row.update(variant=variant, teacher_weight=teacher or 0.0)
@@ -256,7 +287,26 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
         rows[variant] = row
         if variant == "saccadic" and not ctx.headline:
             rows.update(at_fractions(ctx, row, task, seed))
+        if variant == "trajectory":
+            rows.update(at_halts(ctx, row, task, seed))
     return list(rows.values())
+
+
+def at_halts(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -> dict[str, dict[str, Any]]:
+    """The trained trajectory model measured again stopping at each of HALTS: same weights, same
+    training cost, fewer glimpses where the prediction is confident early."""
+    model, cfg, _ = load_run(ctx.out_dir / row["run_dir"], device=ctx.device)
+    data = load_task(task, data_dir=ctx.data_dir, val_size=cfg.val_size)
+    out = {}
+    for halt in HALTS:
+        model.halt = halt
+        variant = f"trajectory halt {halt:g}"
+        r = measure(model, data, ctx.device, data_dir=ctx.data_dir, speed=ctx.budget != "tiny")
+        r.update({k: row[k] for k in ("val_acc", "train_seconds", "train_seconds_total", "epochs", "train_examples",
+                                      "model", "run_dir", "teacher_weight") if k in row},
+                 variant=variant, halt=halt, **attention_stats(model, data, ctx, variant, seed, draw=False))
+        out[variant] = r
+    return out
 
 
 def at_fractions(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -> dict[str, dict[str, Any]]:

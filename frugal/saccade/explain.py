@@ -2,7 +2,8 @@
 
 For the saccadic CNN, each block is tinted by the level it got (none = skipped, blue = 3x3,
 orange = 5x5); for the glimpse model, each glimpse's squares (one per scale) and the path between
-them, numbered in order. Titles give the true label and the prediction.
+them, numbered in order; for the trajectory model, each window in order with the confidence after
+it. Titles give the true label and the prediction.
 """
 
 from __future__ import annotations
@@ -83,3 +84,28 @@ def draw_glimpses(images: torch.Tensor, boxes: list[list[list[tuple[int, int, in
         ax.set_xlim(-0.5, img.shape[2] - 0.5)
         ax.set_ylim(img.shape[1] - 0.5, -0.5)
     return _save(fig, path, "glimpse paths (orange: finest patch; cyan: coarser ones; numbers: order)")
+
+
+def draw_trajectories(images: torch.Tensor, anchors: torch.Tensor, confidence: torch.Tensor, window: int,
+                      block_size: int, labels: torch.Tensor, preds: torch.Tensor, path: str | Path) -> Path:
+    """images: (N, C, H, W) uint8; anchors (N, T, 2): each window's top-left block (row, col), -1 where
+    the example had stopped; confidence (N, T): its top class probability after each window."""
+    from matplotlib.patches import Rectangle
+
+    fig, axes, plt = _grid(len(images))
+    cmap = plt.get_cmap("viridis")
+    side = window * block_size
+    for ax, img, path_anchors, conf, y, p in zip(axes, images, anchors.tolist(), confidence.tolist(),
+                                                 labels.tolist(), preds.tolist()):
+        _show(ax, img, y, p)
+        steps = [(t, r, c) for t, (r, c) in enumerate(path_anchors) if r >= 0]
+        for t, r, c in steps:
+            colour = cmap(t / max(1, len(path_anchors) - 1))
+            x0, y0 = c * block_size - 0.5, r * block_size - 0.5
+            ax.add_patch(Rectangle((x0, y0), side, side, fill=False, lw=1.0, edgecolor=colour))
+            ax.text(x0 + 1.5, y0 + 1.5, f"{t + 1}:{conf[t]:.2f}", color=colour, fontsize=5, ha="left", va="top")
+        ax.set_title(f"{y} -> {p} ({len(steps)} glimpse{'s' if len(steps) != 1 else ''})", fontsize=7,
+                     color="black" if y == p else "red")
+        ax.set_xlim(-0.5, img.shape[2] - 0.5)
+        ax.set_ylim(img.shape[1] - 0.5, -0.5)
+    return _save(fig, path, "glimpse windows in order (t: top class probability after glimpse t)")

@@ -1,0 +1,180 @@
+"""The trajectory model (frugal.saccade.temporal): windows of blocks one after another, computed
+sparsely, against a dense reference; its halt; its teacher; training it through frugal.train."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from frugal.measure import count_macs
+from frugal.saccade import GlimpseTeacher, SaccadicCNN, TrajectoryCNN
+
+
+def twin_and_model(glimpses=3, window=2, size=(30, 30), block=8, **kw):
+    torch.manual_seed(0)
+    twin = SaccadicCNN(1, size, 10, width=4, block_size=block, kernel_sizes=(3,), dense=True).eval()
+    model = TrajectoryCNN(1, size, 10, width=4, block_size=block, window=window, glimpses=glimpses, **kw)
+    missing = model.load_state_dict(twin.state_dict(), strict=False)
+    assert missing.unexpected_keys == ["steps"]  # every weight of the twin has its place (steps: its budget count)
+    with torch.no_grad():  # a where-to-look of its own, so the windows move
+        model.where.weight.normal_(0, 0.3)
+    return twin, model
+
+
+def reference(model: TrajectoryCNN, x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """The model's prediction after the windows `anchors` (B, T, 2), computed with dense convs: at each
+    step the new blocks' maps, every stage's input zero outside them, a max per block; the head on
+    every block seen."""
+    x = F.pad(x, model.pad)
+    b, (gh, gw), s, k = x.shape[0], model.grid, model.block_size, model.window
+    seen = torch.zeros(b, gh, gw, dtype=torch.bool)
+    g = torch.zeros(b, model.fc.in_features, gh, gw)
+    for t in range(anchors.shape[1]):
+        new = torch.zeros_like(seen)
+        for i in range(b):
+            r, c = anchors[i, t].tolist()
+            if r >= 0:
+                new[i, r:r + k, c:c + k] = True
+        new &= ~seen
+        h = x
+        for j, stage in enumerate(model.stages):
+            size = s // 2 ** j
+            mask = new.repeat_interleave(size, 1).repeat_interleave(size, 2)[:, None]
+            h = F.relu(stage.forward_dense(F.max_pool2d(h, 2) if j else h)) * mask
+        g = torch.where(new[:, None], F.max_pool2d(h, s // 4), g)
+        seen |= new
+    m = F.relu(model.mix(g)) * seen[:, None]
+    return model.fc(m.amax(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("window,glimpses", [(2, 3), (3, 2), (1, 4)])
+def test_the_trajectory_computes_what_dense_convs_compute_on_its_windows(window, glimpses):
+    _, model = twin_and_model(glimpses=glimpses, window=window)
+    model.eval()
+    x = torch.randn(6, 1, 30, 30)
+    with torch.no_grad():
+        sparse = model(x)  # inference: the head updated where the seen blocks changed
+    rec = model.trajectory
+    assert (rec.glimpses == glimpses).all()
+    with torch.no_grad():
+        torch.testing.assert_close(sparse, reference(model, x, rec.anchors), rtol=1e-4, atol=1e-5)
+    dense_head = model(x)  # with gradients on: the dense head, as in training
+    torch.testing.assert_close(dense_head, sparse, rtol=1e-4, atol=1e-5)
+    # each window adds blocks not seen before, and the blocks seen are the windows' union
+    for i in range(6):
+        cover = torch.zeros(model.grid, dtype=torch.bool)
+        for r, c in rec.anchors[i].tolist():
+            assert r >= 0
+            before = int(cover.sum())
+            cover[r:r + window, c:c + window] = True
+            assert int(cover.sum()) > before
+        assert int(cover.sum()) == int(rec.blocks_seen[i])
+
+
+def test_it_stops_when_confident_and_when_nothing_is_left_to_see():
+    _, model = twin_and_model(glimpses=8, window=2)
+    model.eval()
+    x = torch.randn(5, 1, 30, 30)
+    with torch.no_grad():
+        model(x)
+        full = model.trajectory
+        assert (full.blocks_seen == 16).all()  # a 4x4 grid: every block seen, then it stops
+        assert (full.glimpses < 8).all()
+        macs_all = count_macs(model, x)
+        model.halt = 1e-3  # any prediction is this confident: one glimpse each
+        one = model(x)
+        assert (model.trajectory.glimpses == 1).all() and (model.trajectory.blocks_seen == 4).all()
+        macs_one = count_macs(model, x)
+        assert macs_one < 0.5 * macs_all  # the blocks not looked at cost nothing
+        torch.testing.assert_close(one, reference(model, x, model.trajectory.anchors[:, :1]), rtol=1e-4, atol=1e-5)
+        # a threshold between: each example stops at the first glimpse whose confidence reaches it
+        model.halt = None
+        model(x)
+        conf = model.trajectory.confidence
+        halt = float(conf[:, 0].median())
+        model.halt = halt
+        model(x)
+        for i in range(5):
+            steps = int(model.trajectory.glimpses[i])
+            reached = (conf[i, :int(full.glimpses[i])] >= halt).nonzero()
+            assert steps == (int(reached[0]) + 1 if len(reached) else int(full.glimpses[i]))
+
+
+def test_training_may_take_fewer_glimpses_than_inference():
+    _, model = twin_and_model(glimpses=5, window=1, train_glimpses=2)
+    x = torch.randn(3, 1, 30, 30)
+    model.train()
+    model(x)
+    assert (model.trajectory.glimpses == 2).all() and len(model.trajectory.logits) == 2
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert (model.trajectory.glimpses == 5).all()
+    with pytest.raises(ValueError, match="train_glimpses"):
+        TrajectoryCNN(1, (30, 30), 10, block_size=8, glimpses=3, train_glimpses=4)
+
+
+def test_the_teacher_teaches_where_the_twins_evidence_is():
+    """Trained by the teacher alone, the model's first window goes where the twin's evidence is."""
+    torch.manual_seed(0)
+    twin, model = twin_and_model(glimpses=2, window=2)
+    teacher = GlimpseTeacher(twin, weight=1.0)
+    x = torch.zeros(64, 1, 30, 30)
+    for i in range(64):  # a bright square somewhere: the twin's features peak around it
+        r, c = torch.randint(0, 24, (2,)).tolist()
+        x[i, 0, r:r + 6, c:c + 6] = 3.0
+    params = list(model.policy.parameters()) + list(model.where.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(60):
+        model(x)
+        loss = teacher(model, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    before = {n: p.clone() for n, p in model.named_parameters() if n.startswith(("stages", "mix", "fc"))}
+    model(x)
+    teacher(model, x).backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n in before)  # the backbone is not its pupil
+
+
+def test_anytime_training_through_frugal_train_learns_and_resumes(tmp_path):
+    from frugal.train import TrainConfig, load_run, train
+
+    twin_cfg = TrainConfig(task="digits", model="blockcnn", model_kw={"width": 8, "block_size": 4}, epochs=5,
+                           optimizer="adam", lr=3e-3, seed=0)
+    twin = train(twin_cfg, tmp_path / "twin", quiet=True, progress=False)
+    cfg = TrainConfig(task="digits", model="trajectory", model_kw={"width": 8, "block_size": 4, "window": 1,
+                                                                   "glimpses": 3},
+                      epochs=5, optimizer="adam", lr=3e-3, seed=0, init_from=str(tmp_path / "twin"))
+    res = train(cfg, tmp_path / "traj", hooks=[GlimpseTeacher(tmp_path / "twin", distill=1.0)], quiet=True,
+                progress=False)
+    assert res.test_acc > 0.4 and twin.test_acc > 0.4  # 10 classes: chance is 0.1
+    model, _, _ = load_run(tmp_path / "traj")  # a run folder rebuilds it
+    assert isinstance(model, TrajectoryCNN) and model.glimpses == 3
+    with pytest.raises(ValueError, match="teacher"):
+        train(cfg, tmp_path / "traj", hooks=[GlimpseTeacher(tmp_path / "twin", distill=0.5)], resume=True,
+              quiet=True, progress=False)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="window"):
+        TrajectoryCNN(1, (30, 30), 10, block_size=8, window=5)
+    with pytest.raises(ValueError, match="glimpses"):
+        TrajectoryCNN(1, (30, 30), 10, block_size=8, glimpses=0)
+    _, model = twin_and_model()
+    model.eval()
+    model.halt = 1.5
+    with pytest.raises(ValueError, match="halt"):
+        model(torch.randn(1, 1, 30, 30))
+    with pytest.raises(ValueError, match="dense twin"):
+        GlimpseTeacher(model)
+
+
+def test_explain_draws_each_trajectory(tmp_path):
+    _, model = twin_and_model(glimpses=3)
+    images = torch.randint(0, 255, (4, 1, 30, 30), dtype=torch.uint8)
+    path = model.explain(torch.randn(4, 1, 30, 30), images, torch.arange(4), tmp_path / "t.png")
+    assert path.exists() and path.stat().st_size > 1000
