@@ -292,36 +292,31 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
     return list(rows.values())
 
 
-def at_halts(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -> dict[str, dict[str, Any]]:
-    """The trained trajectory model measured again stopping at each of HALTS: same weights, same
-    training cost, fewer glimpses where the prediction is confident early."""
+def remeasured(ctx: BenchContext, row: dict[str, Any], task: str, seed: int,
+               points: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """A trained model measured again at each test-time setting of `points` ((variant, {attribute:
+    value})): the same weights and training cost, a different share of the compute at test time."""
     model, cfg, _ = load_run(ctx.out_dir / row["run_dir"], device=ctx.device)
     data = load_task(task, data_dir=ctx.data_dir, val_size=cfg.val_size)
     out = {}
-    for halt in HALTS:
-        model.halt = halt
-        variant = f"trajectory halt {halt:g}"
+    for variant, settings in points:
+        for k, v in settings.items():
+            setattr(model, k, v)
         r = measure(model, data, ctx.device, data_dir=ctx.data_dir, speed=ctx.budget != "tiny")
         r.update({k: row[k] for k in ("val_acc", "train_seconds", "train_seconds_total", "epochs", "train_examples",
                                       "model", "run_dir", "teacher_weight") if k in row},
-                 variant=variant, halt=halt, **attention_stats(model, data, ctx, variant, seed, draw=False))
+                 variant=variant, **settings, **attention_stats(model, data, ctx, variant, seed, draw=False))
         out[variant] = r
     return out
 
 
 def at_fractions(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -> dict[str, dict[str, Any]]:
-    """The trained saccadic model measured again at each of INFERENCE_FRACTIONS: same weights, same
-    training cost, a different share of blocks computed at test time."""
-    model, cfg, _ = load_run(ctx.out_dir / row["run_dir"], device=ctx.device)
-    data = load_task(task, data_dir=ctx.data_dir, val_size=cfg.val_size)
-    out = {}
-    for f in INFERENCE_FRACTIONS:
-        model.inference_fraction = f
-        variant = f"saccadic top {f:.0%}"
-        r = measure(model, data, ctx.device, data_dir=ctx.data_dir, speed=ctx.budget != "tiny")
-        r.update({k: row[k] for k in ("val_acc", "train_seconds", "train_seconds_total", "epochs", "train_examples",
-                                      "model", "run_dir", "teacher_weight") if k in row},
-                 variant=variant, inference_fraction=f,
-                 **attention_stats(model, data, ctx, variant, seed, draw=False))
-        out[variant] = r
-    return out
+    """The trained saccadic model attending each of INFERENCE_FRACTIONS of each image's blocks."""
+    return remeasured(ctx, row, task, seed,
+                      [(f"saccadic top {f:.0%}", {"inference_fraction": f}) for f in INFERENCE_FRACTIONS])
+
+
+def at_halts(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -> dict[str, dict[str, Any]]:
+    """The trained trajectory model stopping at each of HALTS: fewer glimpses where the prediction is
+    confident early."""
+    return remeasured(ctx, row, task, seed, [(f"trajectory halt {h:g}", {"halt": h}) for h in HALTS])

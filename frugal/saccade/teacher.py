@@ -26,11 +26,25 @@ def block_evidence(twin: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, gh, gw) 0/1: the blocks where at least one channel of the twin's last-stage block
     features takes its maximum over the grid. `twin` is a dense `SaccadicCNN` (`blockcnn`) and `x`
     its normalised input."""
-    g = twin.dense_blocks(F.pad(twin.check(x), twin.pad))  # (B, C, gh, gw): one vector per block
+    return peaks(twin.dense_blocks(F.pad(twin.check(x), twin.pad)))
+
+
+def peaks(g: torch.Tensor) -> torch.Tensor:
+    """Block vectors (B, C, gh, gw) -> (B, gh, gw) 0/1: where at least one channel peaks."""
     b, _, gh, gw = g.shape
-    marked = torch.zeros(b, gh * gw, dtype=x.dtype, device=x.device)
+    marked = torch.zeros(b, gh * gw, dtype=g.dtype, device=g.device)
     marked.scatter_(1, g.flatten(2).argmax(2), 1.0)  # the winning block of every channel
     return marked.view(b, gh, gw)
+
+
+def frozen_twin(twin: nn.Module | str | Path) -> nn.Module:
+    """A trained dense twin (or the folder of its finished run), in eval mode and frozen."""
+    if isinstance(twin, (str, Path)):
+        twin = load_run(twin, device="cpu")[0]
+    if not getattr(twin, "dense", False):
+        raise ValueError("the teacher must be a dense twin (model `blockcnn`), got "
+                         f"{type(twin).__name__} with dense={getattr(twin, 'dense', None)}")
+    return twin.eval().requires_grad_(False)
 
 
 class TwinTeacher(Hook):
@@ -42,12 +56,7 @@ class TwinTeacher(Hook):
     def __init__(self, twin: nn.Module | str | Path, weight: float = 1.0):
         if not weight >= 0:
             raise ValueError(f"teacher weight must be >= 0, got {weight}")
-        if isinstance(twin, (str, Path)):
-            twin = load_run(twin, device="cpu")[0]
-        if not getattr(twin, "dense", False):
-            raise ValueError("the teacher must be a dense twin (model `blockcnn`), got "
-                             f"{type(twin).__name__} with dense={getattr(twin, 'dense', None)}")
-        self.twin, self.weight = twin.eval().requires_grad_(False), weight
+        self.twin, self.weight = frozen_twin(twin), weight
 
     def extra_loss(self, state: TrainState, logits: torch.Tensor, x: torch.Tensor,
                    y: torch.Tensor) -> torch.Tensor | None:
@@ -81,4 +90,4 @@ class TwinTeacher(Hook):
         return f"TwinTeacher(weight={self.weight})"
 
 
-__all__ = ["TwinTeacher", "block_evidence"]
+__all__ = ["TwinTeacher", "block_evidence", "frozen_twin", "peaks"]

@@ -35,7 +35,8 @@ from frugal.layers.sparse_conv import BlockSet, BlockSparseConv2d
 from frugal.models import InputCheck, register_model
 from frugal.saccade.model import N_STAGES, _max_pool_tiles, auto_block_size
 from frugal.saccade.policy import AttentionPolicy
-from frugal.train import Hook, TrainState, load_run
+from frugal.saccade.teacher import frozen_twin, peaks
+from frugal.train import Hook, TrainState
 
 
 def _pool_tiles(t: torch.Tensor) -> torch.Tensor:
@@ -242,12 +243,7 @@ class GlimpseTeacher(Hook):
                  temperature: float = 2.0):
         if not (weight >= 0 and distill >= 0 and temperature > 0):
             raise ValueError(f"weights must be >= 0 and the temperature > 0, got {weight}, {distill}, {temperature}")
-        if isinstance(twin, (str, Path)):
-            twin = load_run(twin, device="cpu")[0]
-        if not getattr(twin, "dense", False):
-            raise ValueError("the teacher must be a dense twin (model `blockcnn`), got "
-                             f"{type(twin).__name__} with dense={getattr(twin, 'dense', None)}")
-        self.twin = twin.eval().requires_grad_(False)
+        self.twin = frozen_twin(twin)
         self.weight, self.distill, self.temperature = weight, distill, temperature
 
     def extra_loss(self, state: TrainState, logits: torch.Tensor, x: torch.Tensor,
@@ -263,10 +259,7 @@ class GlimpseTeacher(Hook):
             self.twin.to(device=x.device, dtype=x.dtype)
         with torch.no_grad():
             blocks = self.twin.dense_blocks(F.pad(self.twin.check(x), self.twin.pad))  # (B, C, gh, gw)
-            b, _, gh, gw = blocks.shape
-            evidence = torch.zeros(b, gh * gw, dtype=x.dtype, device=x.device)
-            evidence.scatter_(1, blocks.flatten(2).argmax(2), 1.0)
-            evidence = evidence.view(b, gh, gw)
+            evidence = peaks(blocks)  # as block_evidence
             soft = (self.twin.fc(self.twin._head(blocks)) / self.temperature).softmax(1)
         if evidence.shape[1:] != rec.scores[0].shape[1:]:
             raise ValueError(f"the twin's block grid {tuple(evidence.shape[1:])} differs from the model's "
