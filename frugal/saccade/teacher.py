@@ -1,13 +1,12 @@
 """A teacher for the attention policy: the dense twin says where the evidence is.
 
 Fine-tuned from its twin, the saccadic model's policy starts knowing nothing about where to look,
-and the straight-through gradient teaches it slowly: on cluttered-mnist-60 (seed 1) the budget fell
-before the policy had learnt to tell digit blocks from the rest, blocks were dropped at random and
-the fine-tuning diverged (test accuracy 68%). `TwinTeacher` adds, while training, a binary
-cross-entropy between each block's attend probability and whether the frozen twin's block
-features peak there for at least one channel (after the last stage, max-pooled per block: the
-blocks the twin's head reads its evidence from). With weight 1, seed 1 held 0.97 validation
-accuracy through the budget's fall instead of falling to 0.81.
+and the straight-through gradient teaches it slowly: if the budget falls before the policy has
+learnt to tell the digit's blocks from the rest, blocks are dropped at random and the fine-tuning
+can diverge (it did on one seed of cluttered-mnist-60; docs/ideas/saccade.md). `TwinTeacher` adds,
+while training, a binary cross-entropy between each block's attend probability and whether the
+frozen twin's block features peak there for at least one channel (after the last stage,
+max-pooled per block: the blocks the twin's head reads its evidence from).
 """
 
 from __future__ import annotations
