@@ -22,12 +22,13 @@ def twin_and_model(glimpses=3, window=2, size=(30, 30), block=8, **kw):
 
 def reference(model: TrajectoryCNN, x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """The model's prediction after the windows `anchors` (B, T, 2), computed with dense convs: at each
-    step the new blocks' maps, every stage's input zero outside them, a max per block; the head on
-    every block seen."""
+    step every stage's conv over the whole map, kept at the new blocks; a stage's input is the image,
+    or the pooled outputs kept so far (zero elsewhere); a max per block; the head on every block seen."""
     x = F.pad(x, model.pad)
     b, (gh, gw), s, k = x.shape[0], model.grid, model.block_size, model.window
     seen = torch.zeros(b, gh, gw, dtype=torch.bool)
     g = torch.zeros(b, model.fc.in_features, gh, gw)
+    kept = [torch.zeros(b, st.out_channels, gh * st.block_size, gw * st.block_size) for st in model.stages]
     for t in range(anchors.shape[1]):
         new = torch.zeros_like(seen)
         for i in range(b):
@@ -35,12 +36,12 @@ def reference(model: TrajectoryCNN, x: torch.Tensor, anchors: torch.Tensor) -> t
             if r >= 0:
                 new[i, r:r + k, c:c + k] = True
         new &= ~seen
-        h = x
         for j, stage in enumerate(model.stages):
-            size = s // 2 ** j
+            size = stage.block_size
             mask = new.repeat_interleave(size, 1).repeat_interleave(size, 2)[:, None]
-            h = F.relu(stage.forward_dense(F.max_pool2d(h, 2) if j else h)) * mask
-        g = torch.where(new[:, None], F.max_pool2d(h, s // 4), g)
+            out = F.relu(stage.forward_dense(F.max_pool2d(kept[j - 1], 2) if j else x))
+            kept[j] = torch.where(mask, out, kept[j])
+        g = torch.where(new[:, None], F.max_pool2d(kept[-1], model.stages[-1].block_size), g)
         seen |= new
     m = F.relu(model.mix(g)) * seen[:, None]
     return model.fc(m.amax(dim=(2, 3)))

@@ -16,9 +16,9 @@ prediction towards the twin's. The model picks its windows greedily from its own
 trains, so the teacher labels the states the model itself reaches.
 
 Training and inference compute the same function, sparsely: a block is computed once, when its
-first window arrives, with the blocks computed in that same step as its neighbours (a block's halo
-from a block of another step, or one never seen, is zero), and the head's conv is recomputed only
-at the blocks whose neighbourhood changed. A test checks it against dense convs.
+first window arrives; at each stage its halo is read from the blocks computed before it or with
+it (zeros where none was), and the head's conv is recomputed only at the blocks whose
+neighbourhood changed. A test checks it against dense convs.
 """
 
 from __future__ import annotations
@@ -31,20 +31,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frugal.layers.sparse_conv import BlockSet, BlockSparseConv2d
+from frugal.layers.sparse_conv import BlockSet, BlockSparseConv2d, gather_tiles
 from frugal.models import InputCheck, register_model
-from frugal.saccade.model import N_STAGES, _max_pool_tiles, auto_block_size
+from frugal.saccade.model import N_STAGES, auto_block_size
 from frugal.saccade.policy import AttentionPolicy
 from frugal.saccade.teacher import frozen_twin, peaks
 from frugal.train import Hook, TrainState
 
 
-def _pool_tiles(t: torch.Tensor) -> torch.Tensor:
-    """2x2 max-pool in each tile (n, s, s, C): pairwise maxima at inference (the fastest forward),
-    max_pool2d with gradients (whose backward is ~5x faster on CPU than the maxima's)."""
-    if torch.is_grad_enabled() and t.requires_grad:
-        return F.max_pool2d(t.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
-    return _max_pool_tiles(t)
+def _write_tiles(m: torch.Tensor, tiles: torch.Tensor, blocks: BlockSet) -> torch.Tensor:
+    """The map m (B, H, W, C) with the blocks' tiles (n, s, s, C) written in: in place without
+    gradients, into a copy with them."""
+    b, h, w, c = m.shape
+    (gh, gw), s = blocks.grid, tiles.shape[1]
+    if not torch.is_grad_enabled():
+        m.view(b, gh, s, gw, s, c).permute(0, 1, 3, 2, 4, 5)[blocks.bi, blocks.yi, blocks.xi] = tiles
+        return m
+    grid = m.view(b, gh, s, gw, s, c).permute(0, 1, 3, 2, 4, 5).index_put((blocks.bi, blocks.yi, blocks.xi), tiles)
+    return grid.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
 
 
 @dataclass
@@ -102,6 +106,10 @@ class TrajectoryCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(self.check(x), self.pad)
         b, (gh, gw), k = x.shape[0], self.grid, self.window
+        # each stage's input as a map (B, H, W, C): the image, then the pooled outputs of the blocks
+        # computed so far (zeros elsewhere), which a new block's halo reads
+        maps = [x.permute(0, 2, 3, 1).contiguous()] + [
+            x.new_zeros(b, gh * st.block_size, gw * st.block_size, st.in_channels) for st in self.stages[1:]]
         halt = None if self.training else self._halt()
         prior = self.policy(x)[0][:, 0]  # (B, gh, gw)
         c = self.fc.in_features
@@ -125,7 +133,7 @@ class TrajectoryCNN(nn.Module):
             new = torch.zeros_like(seen)
             new[idx] = new_a
             blocks = BlockSet(new.long())
-            vec = self._block_vectors(x, blocks)  # (n_blocks, C)
+            vec, maps = self._block_vectors(maps, blocks)  # (n_blocks, C)
             if torch.is_grad_enabled():
                 g = g.index_put((blocks.bi, blocks.yi, blocks.xi), vec)
             else:
@@ -179,14 +187,20 @@ class TrajectoryCNN(nn.Module):
         r, c = anchor[:, 0, None, None], anchor[:, 1, None, None]
         return (rows >= r) & (rows < r + self.window) & (cols >= c) & (cols < c + self.window)
 
-    def _block_vectors(self, x: torch.Tensor, blocks: BlockSet) -> torch.Tensor:
-        """The backbone's stages on the chosen blocks only (as tiles), then a max per block: (n, C)."""
-        t = x
+    def _block_vectors(self, maps: list[torch.Tensor], blocks: BlockSet) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The backbone's stages on the chosen blocks only, each block's halo read from the stage's input
+        map; each stage's pooled output written into the next one's map. Returns (a max per block (n, C),
+        the maps)."""
+        maps = list(maps)
         for i, stage in enumerate(self.stages):
-            if i:
-                t = _pool_tiles(t)
-            t = F.relu(stage.forward_tiles(t, blocks))
-        return t.amax(dim=(1, 2))
+            bs = stage.block_size
+            tiles = gather_tiles(maps[i], blocks.bi, blocks.yi, blocks.xi, bs, 1, stage.coords)  # (n, C', T, T)
+            h = F.relu(F.conv2d(tiles, stage.weight[0], stage.bias[0] if stage.bias is not None else None))
+            if i + 1 == len(self.stages):
+                return h.amax(dim=(2, 3)), maps
+            pooled = F.max_pool2d(h, 2).permute(0, 2, 3, 1)  # (n, s/2, s/2, C)
+            maps[i + 1] = _write_tiles(maps[i + 1], pooled, blocks)
+        raise AssertionError("unreachable: a backbone has stages")
 
     def _readout(self, g: torch.Tensor, seen: torch.Tensor, new: torch.Tensor, mixed: torch.Tensor,
                  idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
