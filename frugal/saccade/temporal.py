@@ -13,7 +13,8 @@ model fine-tunes from a trained twin (`--init-from`). Where to look is learnt by
 than by REINFORCE: `GlimpseTeacher` pulls each unseen block's score towards the frozen twin's block
 evidence (`block_evidence`: the blocks its head reads from) and, when weighted, each step's
 prediction towards the twin's. The model picks its windows greedily from its own scores while it
-trains, so the teacher labels the states the model itself reaches.
+trains, so the teacher labels the states the model itself reaches. A straight-through factor on
+each new block's vector (1 in the forward pass) lets the task loss reach the scores as well.
 
 Training and inference compute the same function, sparsely: a block is computed once, when its
 first window arrives; at each stage its halo is read from the blocks computed before it or with
@@ -134,6 +135,13 @@ class TrajectoryCNN(nn.Module):
             new[idx] = new_a
             blocks = BlockSet(new.long())
             vec, maps = self._block_vectors(maps, blocks)  # (n_blocks, C)
+            if self.training and torch.is_grad_enabled():
+                # straight through: each new block's vector times 1 (forward) + its want - itself, so
+                # the task loss tells the scores which blocks paid (the teacher need not be there)
+                row = torch.full((b,), -1, dtype=torch.long, device=x.device)
+                row[idx] = torch.arange(idx.numel(), device=x.device)
+                want = torch.sigmoid(score[row[blocks.bi], blocks.yi, blocks.xi])
+                vec = vec * (1 + want - want.detach())[:, None]
             if torch.is_grad_enabled():
                 g = g.index_put((blocks.bi, blocks.yi, blocks.xi), vec)
             else:
