@@ -85,7 +85,8 @@ class TrajectoryCNN(nn.Module):
         if not 1 <= window <= min(self.grid):
             raise ValueError(f"window is a side in blocks, 1..{min(self.grid)} for a {self.grid} grid, got {window}")
         if glimpses < 1 or (train_glimpses is not None and not 1 <= train_glimpses <= glimpses):
-            raise ValueError(f"glimpses must be >= 1 and train_glimpses in 1..glimpses, got {glimpses}, {train_glimpses}")
+            raise ValueError(f"glimpses must be >= 1 and train_glimpses in 1..glimpses, got {glimpses} and "
+                             f"{train_glimpses}")
         self.block_size, self.window, self.glimpses, self.anytime_weight = s, window, glimpses, anytime_weight
         self.halt = halt  # stop an example once its top class probability reaches this (inference only)
         # glimpses per image while training (None: `glimpses`): the early steps are the ones a halt keeps,
@@ -126,7 +127,7 @@ class TrajectoryCNN(nn.Module):
         steps = self.train_glimpses if self.training and self.train_glimpses else self.glimpses
         for t in range(steps):
             seen_a = seen[idx]
-            # where to look learns from the teacher alone: its loss does not reach the backbone
+            # the memory is detached: what teaches the scores does not reach the backbone through it
             memory = torch.cat([g[idx].detach().permute(0, 3, 1, 2), seen_a[:, None].to(x.dtype)], 1)
             score = prior[idx] + self.where(memory)[:, 0]  # (n, gh, gw)
             anchor = self._choose(score.detach(), seen_a)  # (n, 2)
