@@ -129,8 +129,16 @@ def attention_stats(model: torch.nn.Module, data, ctx: BenchContext, variant: st
                    mean_glimpses=float(g.float().mean()), max_glimpses=int(g.max()),
                    glimpse_counts=json.dumps({str(i + 1): int(c) for i, c in enumerate(counts.tolist()) if c}))
     if draw and seed == 0 and callable(getattr(model, "explain", None)) and variant != "blockcnn":
-        model.explain(x[:16], data.test.x[:16], data.test.y[:16],
-                      ctx.figures / f"explain-{task_slug(data.name)}-{variant}.png")
+        # a trajectory is drawn where it stops: every image's 8 windows would hide its path
+        halt = getattr(model, "halt", None)
+        if isinstance(model, TrajectoryCNN) and halt is None:
+            model.halt = HALTS[1]
+        try:
+            model.explain(x[:16], data.test.x[:16], data.test.y[:16],
+                          ctx.figures / f"explain-{task_slug(data.name)}-{variant}.png")
+        finally:
+            if isinstance(model, TrajectoryCNN):
+                model.halt = halt
     return out
 
 
