@@ -309,6 +309,12 @@ def baked(model: nn.Module, cheapest: bool = True) -> tuple[nn.Module, dict[str,
 
 
 @torch.no_grad()
+def foldable(m: nn.Module) -> bool:
+    """A batch norm with affine parameters and running statistics: what fold_batchnorm folds."""
+    return (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats
+            and m.running_mean is not None and m.running_var is not None)
+
+
 def fold_batchnorm(model: nn.Module) -> dict[str, Codec]:
     """Fold, in place, every affine batch norm's running statistics into its weight and bias, and
     return the codecs that store the statistics left behind (mean 0 and variance 1 in every channel:
@@ -321,8 +327,7 @@ def fold_batchnorm(model: nn.Module) -> dict[str, Codec]:
     Norms without affine parameters or running statistics are left as they are."""
     codecs = {}
     for name, m in model.named_modules():
-        if not (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats
-                and m.running_mean is not None and m.running_var is not None):
+        if not foldable(m):
             continue
         if parametrize.is_parametrized(m):
             raise ValueError(f"{name}: fold_batchnorm needs a plain net (bake a coded one first)")
@@ -366,9 +371,7 @@ def folded(model: nn.Module, codecs: dict[str, Codec]) -> dict[str, Codec]:
     the whole file: the folded statistics' few bytes, and each folded weight and bias (which left
     its trained grid) re-coded at its `fold_steps`, its weights set to what that code decodes to. A
     net without batch norms comes back unchanged."""
-    steps = {name: fold_steps(m) for name, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats
-             and m.running_mean is not None and m.running_var is not None}
+    steps = {name: fold_steps(m) for name, m in model.named_modules() if foldable(m)}
     stats = fold_batchnorm(model)
     if not stats:
         return codecs

@@ -18,6 +18,16 @@ from frugal.utils import save_figure
 LEVEL_COLOURS = [None, "tab:blue", "tab:orange", "tab:green", "tab:purple"]  # skip draws nothing
 
 
+def eval_predictions(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`net`'s predicted classes for x in eval mode; the net is left in the mode it was in."""
+    was_training = net.training
+    net.eval()
+    try:
+        return net(x).argmax(1)
+    finally:
+        net.train(was_training)
+
+
 def _grid(n: int, cols: int = 8):
     import matplotlib
     matplotlib.use("Agg")

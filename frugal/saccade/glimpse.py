@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frugal.models import InputCheck, register_model
-from frugal.saccade.explain import draw_glimpses
+from frugal.saccade.explain import draw_glimpses, eval_predictions
 
 
 class GlimpseSensor(nn.Module):
@@ -159,10 +159,7 @@ class RecurrentAttentionModel(nn.Module):
     @torch.no_grad()
     def explain(self, x: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, path) -> Path:
         """Predict x (normalised) and draw each glimpse path over `images` (uint8)."""
-        was_training = self.training
-        self.eval()
-        preds = self(x).argmax(1)
-        self.train(was_training)
+        preds = eval_predictions(self, x)
         size = tuple(x.shape[2:])
         boxes = [glimpse_boxes(t, size, self.sensor.patch, self.sensor.scales) for t in self.trajectory.cpu()]
         return draw_glimpses(images.cpu(), boxes, labels.cpu(), preds.cpu(), path)

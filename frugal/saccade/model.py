@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frugal.models import InputCheck, register_model
-from frugal.saccade.explain import draw_block_attention
+from frugal.saccade.explain import draw_block_attention, eval_predictions
 from frugal.saccade.policy import ESTIMATORS, Attention, AttentionPolicy, BudgetSchedule, choose_levels
 from frugal.layers.sparse_conv import BlockSet, BlockSparseConv2d
 
@@ -213,10 +213,7 @@ class SaccadicCNN(BudgetSchedule, nn.Module):
         """Predict x (normalised) and draw which blocks got which kernel over `images` (uint8)."""
         if self.dense:
             raise ValueError("the dense twin attends to every block; there is no attention map to draw")
-        was_training = self.training
-        self.eval()
-        preds = self(x).argmax(1)
-        self.train(was_training)
+        preds = eval_predictions(self, x)
         return draw_block_attention(images.cpu(), self.attention.levels.cpu(), self.block_size, labels.cpu(),
                                     preds.cpu(), path, self.stages[0].kernel_sizes)
 

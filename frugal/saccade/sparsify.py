@@ -160,14 +160,9 @@ class SaccadeGate(BudgetSchedule, nn.Module):
     @torch.no_grad()
     def explain(self, net: nn.Module, x: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, path) -> Path:
         """Predict x (normalised) with `net` and draw which blocks it computed over `images` (uint8)."""
-        from frugal.saccade.explain import draw_block_attention
+        from frugal.saccade.explain import draw_block_attention, eval_predictions
 
-        was_training = net.training
-        net.eval()
-        try:
-            preds = net(x).argmax(1)
-        finally:
-            net.train(was_training)
+        preds = eval_predictions(net, x)
         return draw_block_attention(images.cpu(), self.attention.levels.cpu(), self.block_size, labels.cpu(),
                                     preds.cpu(), path, (3,))
 

@@ -242,12 +242,9 @@ class TrajectoryCNN(nn.Module):
     @torch.no_grad()
     def explain(self, x: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, path) -> Path:
         """Predict x (normalised) and draw each image's windows in order, with the confidence after each."""
-        from frugal.saccade.explain import draw_trajectories
+        from frugal.saccade.explain import draw_trajectories, eval_predictions
 
-        was_training = self.training
-        self.eval()
-        preds = self(x).argmax(1)
-        self.train(was_training)
+        preds = eval_predictions(self, x)
         rec = self.trajectory
         return draw_trajectories(images.cpu(), rec.anchors.cpu(), rec.confidence.cpu(), self.window,
                                  self.block_size, labels.cpu(), preds.cpu(), path)
