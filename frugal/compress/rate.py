@@ -308,13 +308,13 @@ def baked(model: nn.Module, cheapest: bool = True) -> tuple[nn.Module, dict[str,
     return plain, codecs
 
 
-@torch.no_grad()
 def foldable(m: nn.Module) -> bool:
     """A batch norm with affine parameters and running statistics: what fold_batchnorm folds."""
     return (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats
             and m.running_mean is not None and m.running_var is not None)
 
 
+@torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> dict[str, Codec]:
     """Fold, in place, every affine batch norm's running statistics into its weight and bias, and
     return the codecs that store the statistics left behind (mean 0 and variance 1 in every channel:
