@@ -60,8 +60,31 @@ def test_saccade_model_benchmark_times_test_time_fractions(twin_runs, capsys):
 
 
 def test_saccade_model_benchmark_refuses_a_model_that_is_not_saccadic(twin_runs):
-    with pytest.raises(SystemExit, match="is not a saccadic model"):
+    with pytest.raises(SystemExit, match="is not a saccadic or trajectory model"):
         saccade_model.main(["--sparse", str(twin_runs["blockcnn"]), "--dense", str(twin_runs["blockcnn"])])
+    with pytest.raises(SystemExit, match="--halts"):
+        saccade_model.main(["--sparse", str(twin_runs["saccadic"]), "--dense", str(twin_runs["blockcnn"]),
+                            "--halts", "0.9"])
+
+
+def test_saccade_model_benchmark_times_a_trajectory_at_each_halt(tmp_path, capsys):
+    kw = {"width": 8, "block_size": 4}
+    twin_cfg = TrainConfig(task="digits", model="blockcnn", model_kw=kw, epochs=1, train_limit=128, seed=0)
+    train(twin_cfg, tmp_path / "twin", quiet=True, progress=False)
+    cfg = TrainConfig(task="digits", model="trajectory", model_kw={**kw, "window": 1, "glimpses": 3}, epochs=1,
+                      train_limit=128, seed=0, init_from=str(tmp_path / "twin"))
+    train(cfg, tmp_path / "traj", quiet=True, progress=False)
+    out = saccade_model.main(["--sparse", str(tmp_path / "traj"), "--dense", str(tmp_path / "twin"),
+                              "--batch", "16", "--rounds", "2", "--threads", "1", "--halts", "0.1", "1.0"])
+    assert json.loads(capsys.readouterr().out)["speedup"] == pytest.approx(out["speedup"])
+    full, early, never = (out["models"][k] for k in ("trajectory", "trajectory halt 0.1", "trajectory halt 1"))
+    assert full["max_glimpses"] == never["max_glimpses"] == 3 and full["mean_glimpses"] == 3
+    assert early["mean_glimpses"] == early["max_glimpses"] == 1  # of 10 classes' probabilities one is >= 0.1
+    assert early["attended_fraction"] < never["attended_fraction"] and early["macs"] < never["macs"]
+    assert out["macs_ratio"] == pytest.approx(full["macs"] / out["models"]["dense"]["macs"])
+    with pytest.raises(SystemExit, match="--fractions"):
+        saccade_model.main(["--sparse", str(tmp_path / "traj"), "--dense", str(tmp_path / "twin"),
+                            "--fractions", "0.5"])
 
 
 def test_codec_speed_benchmark_writes_and_reads_whole_files(capsys):

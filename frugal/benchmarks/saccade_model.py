@@ -5,6 +5,10 @@ counted from the ops that ran (so the saccadic count already reflects the blocks
 includes its policy), the fraction of blocks attended, and the median wall-clock of one batch,
 the two models timed alternately round after round so that drifts in machine load hit both.
 
+The sparse run may be a saccadic model (`saccadic`, its block choice at once; `--fractions` adds
+test-time shares of the blocks) or a glimpse trajectory (`trajectory`; `--halts` times it
+stopping at each top class probability, with the glimpses it took).
+
     python -m frugal.benchmarks.saccade_model --sparse RUN_DIR --dense RUN_DIR --batch 64 --threads 1
 """
 
@@ -21,18 +25,28 @@ from frugal.benchmarks import add_out_arg, add_where_args, publish, where
 from frugal.measure import count_macs
 from frugal.train import evaluate, load_run, normalize
 from frugal.data import load_task
+from frugal.saccade.temporal import TrajectoryCNN
 from frugal.utils import versions
 
 
 @torch.no_grad()
-def attended_fraction(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> float:
-    """Mean fraction of blocks the policy attends over the images x (normalised)."""
+def attended_fraction(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> dict[str, float]:
+    """Mean fraction of blocks the model computes over the images x (normalised), and for a
+    trajectory the mean and largest number of glimpses."""
     model.eval()
-    total = 0.0
+    blocks, glimpses = 0.0, []
     for xb in x.split(batch):
         model(xb)
-        total += float((model.attention.levels > 0).float().sum())
-    return total / (x.shape[0] * model.grid[0] * model.grid[1])
+        if isinstance(model, TrajectoryCNN):
+            blocks += float(model.trajectory.blocks_seen.sum())
+            glimpses.append(model.trajectory.glimpses)
+        else:
+            blocks += float((model.attention.levels > 0).float().sum())
+    out = {"attended_fraction": blocks / (x.shape[0] * model.grid[0] * model.grid[1])}
+    if glimpses:
+        g = torch.cat(glimpses).float()
+        out.update(mean_glimpses=float(g.mean()), max_glimpses=int(g.max()))
+    return out
 
 
 @torch.no_grad()
@@ -58,13 +72,15 @@ def alternate_timing(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sparse", required=True, help="run folder of a trained saccadic model")
+    p.add_argument("--sparse", required=True, help="run folder of a trained saccadic or trajectory model")
     p.add_argument("--dense", required=True, help="run folder of its trained dense twin (blockcnn)")
     p.add_argument("--batch", type=int, default=64, help="images per timed call")
     p.add_argument("--rounds", type=int, default=20)
     add_where_args(p, data_dir=False)
     p.add_argument("--fractions", type=float, nargs="*", default=[],
                    help="also time the saccadic model attending this share of each image's blocks (inference_fraction)")
+    p.add_argument("--halts", type=float, nargs="*", default=[],
+                   help="also time the trajectory model stopping at each of these top class probabilities")
     add_out_arg(p)
     a = p.parse_args(argv)
     device = where(a)
@@ -72,18 +88,29 @@ def main(argv: list[str] | None = None) -> dict:
     if s_cfg.task != d_cfg.task:
         raise SystemExit(f"the two runs were trained on different tasks ({s_cfg.task} vs {d_cfg.task}); "
                          "compare a saccadic model with the dense twin of the same task")
-    if not hasattr(sparse, "attention") or getattr(sparse, "dense", True):
-        raise SystemExit(f"{a.sparse} is not a saccadic model (model {s_cfg.model!r})")
+    temporal = isinstance(sparse, TrajectoryCNN)
+    if not temporal and (not hasattr(sparse, "attention") or getattr(sparse, "dense", True)):
+        raise SystemExit(f"{a.sparse} is not a saccadic or trajectory model (model {s_cfg.model!r})")
+    if (a.fractions and temporal) or (a.halts and not temporal):
+        raise SystemExit(f"--fractions is for a saccadic model and --halts for a trajectory; {a.sparse} is a "
+                         f"{s_cfg.model!r} model")
+    if any(not 0 < h <= 1 for h in a.halts):
+        raise SystemExit(f"--halts are class probabilities in (0, 1], got {a.halts}")
     data = load_task(s_cfg.task, data_dir=s_cfg.data_dir, val_size=s_cfg.val_size)
     dtype = next(sparse.parameters()).dtype
     x = normalize(data.test.x[: a.batch].to(device), data.mean, data.std, dtype)  # real test images
     out: dict = {"benchmark": "saccade_model", "task": s_cfg.task, "batch": a.batch, "device": str(device),
                  "threads": torch.get_num_threads(), "models": {}}
-    models = {"saccadic": sparse, "dense": dense}
+    main_name = "trajectory" if temporal else "saccadic"
+    models = {main_name: sparse, "dense": dense}
     for f in a.fractions:
         m = copy.deepcopy(sparse)
         m.inference_fraction = f
         models[f"saccadic top {f:.0%}"] = m
+    for h in a.halts:
+        m = copy.deepcopy(sparse)
+        m.halt = h
+        models[f"trajectory halt {h:g}"] = m
     test_x = normalize(data.test.x.to(device), data.mean, data.std, dtype)  # for the attended share
     for name, model in models.items():
         acc = evaluate(model, data.test, data.mean, data.std, device)[0]
@@ -91,15 +118,15 @@ def main(argv: list[str] | None = None) -> dict:
         out["models"][name] = {"run": a.dense if name == "dense" else a.sparse, "model": cfg.model,
                                "test_error": 1 - acc, "macs": count_macs(model, x)}
         if name != "dense":
-            out["models"][name]["attended_fraction"] = attended_fraction(model, test_x)
+            out["models"][name].update(attended_fraction(model, test_x))
     t = alternate_timing(models, x, a.rounds)
     for name, sec in t.items():
         out["models"][name]["ms_per_batch"] = 1e3 * sec
         if name != "dense":
             out["models"][name]["speedup"] = t["dense"] / sec
             out["models"][name]["macs_ratio"] = out["models"][name]["macs"] / out["models"]["dense"]["macs"]
-    out["speedup"] = t["dense"] / t["saccadic"]
-    out["macs_ratio"] = out["models"]["saccadic"]["macs"] / out["models"]["dense"]["macs"]
+    out["speedup"] = t["dense"] / t[main_name]
+    out["macs_ratio"] = out["models"][main_name]["macs"] / out["models"]["dense"]["macs"]
     out["versions"] = versions()
     return publish(out, "frugal.benchmarks.saccade_model", argv, a.out)
 
