@@ -52,6 +52,8 @@ def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path,
     assert cfg["init_from"].endswith("blockcnn-seed0")
     assert by["saccadic"]["teacher_weight"] == by["saccadic top 24%"]["teacher_weight"] == 0.5
     assert by["blockcnn"]["teacher_weight"] == by["ram"]["teacher_weight"] == 0.0
+    # the control of the trajectory trains as many epochs as the twin and the fine-tuning together
+    assert by["ram"]["epochs"] == by["blockcnn"]["epochs"] + by["trajectory"]["epochs"]
     ck = torch.load(tmp_path / "runs/saccade/digits/saccadic-seed0/checkpoint.pt", weights_only=False)
     assert ck["hooks"] == [{"weight": 0.5}]  # kept with the run: a resume must bring the same teacher
     assert by["saccadic"]["train_seconds_total"] == pytest.approx(

@@ -273,6 +273,8 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
         twin = settings.pop("init_from", None)
         if twin is not None:
             settings.update(epochs=finetune, init_from=str(ctx.run_dir("saccade", task, seed, twin).resolve()))
+        if model == "ram":  # the control of the trajectory gets its training budget: the twin's epochs and its own
+            settings["epochs"] = plan["epochs"] + finetune
         if model in ("saccadic", "blockcnn", "trajectory") and task_plan.block_size is not None:
             model_kw = {**model_kw, "block_size": task_plan.block_size}
         if model == "trajectory":
