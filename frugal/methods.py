@@ -67,6 +67,7 @@ class Method:
     summary: Summary | None = None  # its line in the report's summary table
     parts: Callable[["BenchContext", str], tuple[Part, ...]] | None = None  # (ctx, task) -> its jobs; None: one
     after: tuple[str, ...] = ()  # methods whose unit of the same task and seed runs first (whose runs it reuses)
+    counts: tuple[tuple[str, str], ...] = ()  # own distribution fields (JSON {value: count}): (key, what is counted)
 
     def knows(self, task: str) -> bool:
         """Whether the method has a plan for the task ("*" in its tasks: a plan for any task)."""
@@ -82,7 +83,7 @@ def register_method(name: str, *, tasks: tuple[str, ...], default_tasks: tuple[s
                     plots: tuple[tuple[str, str], ...] = (), selectable: bool = False,
                     headline_tasks: tuple[str, ...] = (), summary: Summary | None = None,
                     parts: Callable[["BenchContext", str], tuple[Part, ...]] | None = None,
-                    after: tuple[str, ...] = ()) -> Callable:
+                    after: tuple[str, ...] = (), counts: tuple[tuple[str, str], ...] = ()) -> Callable:
     """`fields` names the numeric fields a method adds to its rows, as (key, table header, format),
     e.g. ("attended_fraction", "blocks attended", "{:.1%}"); the report tabulates their means.
     `references` are published points per task, (label, accuracy, bytes), drawn on the
@@ -95,7 +96,9 @@ def register_method(name: str, *, tasks: tuple[str, ...], default_tasks: tuple[s
     report's summary table. `parts(ctx, task)` splits a selectable method's (task, seed) unit
     into jobs with dependencies (see `Part`); `after` names methods whose unit of the same task and
     seed must finish first when the plan has it (the baseline, whose finished run a method reuses).
-    The bench runs the parts of a unit on separate workers where its executor has them."""
+    `counts` names own fields that hold a distribution, a JSON object {value: count} such as
+    {"1": 1891, "2": 60}, as (key, what is counted); the report tabulates each variant's shares,
+    summed over seeds. The bench runs the parts of a unit on separate workers where its executor has them."""
     def deco(fn: Callable[["BenchContext", str, int], list[dict[str, Any]]]):
         if name in _METHODS:
             raise ValueError(f"bench method {name!r} is registered twice")
@@ -103,7 +106,7 @@ def register_method(name: str, *, tasks: tuple[str, ...], default_tasks: tuple[s
             raise ValueError(f"bench method {name!r}: parts pick variants, so the method must be selectable")
         _METHODS[name] = Method(name, fn, tuple(tasks), tuple(default_tasks or tasks), description, tuple(fields),
                                 references, tuple(plots), selectable, tuple(headline_tasks), summary, parts,
-                                tuple(after))
+                                tuple(after), tuple(counts))
         return fn
     return deco
 

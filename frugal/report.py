@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import fnmatch
 import html
+import json
 import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,10 @@ NUMERIC = {"val_acc", "latency_ms", "corrupted_mean_acc", "file_bytes", *(k for 
 def check_rows(rows: list[Any], path: Path) -> None:
     """Every row of a results file has the fields the report reads, of the right types: a ValueError
     naming the row and the field otherwise, never a KeyError from deep inside a table."""
-    numeric = set(NUMERIC)
+    numeric, counted = set(NUMERIC), set()
     for m in list_methods().values():
         numeric |= {k for k, _, _ in m.fields} | {k for k, _ in m.plots}
+        counted |= {k for k, _ in m.counts}
 
     def is_number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -64,9 +66,58 @@ def check_rows(rows: list[Any], path: Path) -> None:
         c = r.get("corrupted")
         if c is not None and not (isinstance(c, dict) and all(isinstance(k, str) and is_number(v) for k, v in c.items())):
             bad.append("corrupted")
+        bad += [k for k in counted if r.get(k) is not None and parse_counts(r[k]) is None]
         if bad:
             raise ValueError(f"{where} has field(s) {sorted(bad)} of the wrong type; the file was not written by "
                              "`frugal bench`, or was edited: rerun the bench into a new --out folder")
+
+
+MAX_COUNTED_VALUES = 1000  # a distribution field's distinct values; more is not a bench's row
+
+
+def parse_counts(v: Any) -> dict[str, int] | None:
+    """A distribution field ({value: count} as JSON text) as a dict, or None where it is not one."""
+    if not isinstance(v, str) or len(v) > 64 * MAX_COUNTED_VALUES:
+        return None
+    try:
+        d = json.loads(v)
+    except ValueError:
+        return None
+    if not isinstance(d, dict) or len(d) > MAX_COUNTED_VALUES or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in d.values()):
+        return None
+    return d
+
+
+def _value_order(v: str) -> tuple:
+    try:
+        return (0, float(v), v)
+    except ValueError:
+        return (1, 0.0, v)
+
+
+def count_tables(rows: list[dict[str, Any]]) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
+    """Per method and distribution field (`counts`): each variant's share of the counted items at each
+    value, summed over its seeds."""
+    out = []
+    for name, m in list_methods().items():
+        for key, what in m.counts:
+            groups = _variant_groups(rows, name, [key])
+            if not groups:
+                continue
+            totals = {g: Counter() for g in groups}
+            for g, rs in groups.items():
+                for r in rs:
+                    totals[g].update(parse_counts(r[key]) or {})
+            values = sorted({v for c in totals.values() for v in c}, key=_value_order)
+            body = []
+            for (task, variant), c in sorted(totals.items()):
+                n = sum(c.values())
+                body.append([task, variant, str(len(groups[task, variant])), f"{n:,}"]
+                            + [f"{c[v] / n:.1%}" if n and c[v] else "–" for v in values])
+            out.append((f"Method `{name}`: {what} (share, summed over seeds)",
+                        (["task", "variant", "seeds", "counted"] + values, body)))
+    return out
 
 
 def _mean_std(vals: list[float]) -> tuple[float, float]:
@@ -501,7 +552,7 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     if summary:
         sections.append(("Summary: each idea's best point against the plain net and its fair control", summary, []))
     sections += [("Every row", table_rows(agg), []), ("Trade-offs", None, plots)]
-    sections += [(title, table, []) for title, table in method_tables(rows)]
+    sections += [(title, table, []) for title, table in method_tables(rows) + count_tables(rows)]
     corr = corrupted_table(rows)
     if corr:
         sections += [(title, table, []) for title, table in corrupted_by_variant(rows)]

@@ -220,6 +220,28 @@ def test_a_method_s_own_fields_get_a_table_of_means(tmp_path):
         ["digits", "v", "1", "20.0%"], ["digits", "w", "1", "40.0%"]]
 
 
+def test_a_method_s_distributions_get_a_table_of_shares(tmp_path):
+    from frugal.report import count_tables
+
+    name = "test-own-counts"  # (a field name is the same field in every method's rows: dream has "steps")
+    register_method(name, tasks=("digits",), counts=(("hops", "images by hops"),))(lambda ctx, t, s: [])
+    rows = [{"method": name, "task": "digits", "variant": "v", "seed": s, "test_acc": 0.5, "hops": c}
+            for s, c in ((0, '{"1": 3, "2": 1}'), (1, '{"1": 1, "10": 3}'))]
+    rows.append({"method": name, "task": "digits", "variant": "w", "seed": 0, "test_acc": 0.5})  # nothing counted
+    ((title, (header, body)),) = count_tables(rows)
+    assert title == f"Method `{name}`: images by hops (share, summed over seeds)"
+    assert header == ["task", "variant", "seeds", "counted", "1", "2", "10"]  # values in numeric order
+    assert body == [["digits", "v", "2", "8", "50.0%", "12.5%", "37.5%"]]  # summed over the seeds, then shared
+    (tmp_path / "results.json").write_text(json.dumps({"rows": rows}))
+    md, _ = write_report(tmp_path)
+    assert "| digits | v | 2 | 8 | 50.0% | 12.5% | 37.5% |" in md.read_text()
+    for bad in ('{"1": -1}', '{"1": 1.5}', '[1, 2]', "not json", 3, '{"1": true}'):
+        rows[0]["hops"] = bad
+        (tmp_path / "results.json").write_text(json.dumps({"rows": rows}))
+        with pytest.raises(ValueError, match=r"\['hops'\] of the wrong type"):
+            write_report(tmp_path)
+
+
 def test_report_rebuilds_a_benchmark_script_s_results(tmp_path):
     res = {"benchmark": "fuzz", "command": "python -m frugal.benchmarks.fuzz --cases 3", "cases": 3,
            "outcomes": {"ModelFileError": 2, "identical": 1},

@@ -72,6 +72,7 @@ def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path,
     md = (tmp_path / "report.md").read_text()
     assert "## Figures" in md and "explain-digits-saccadic.png" in md and "explain-digits-ram.png" in md
     assert "explain-digits-trajectory.png" in md and "glimpses (mean)" in md
+    assert "test images by the glimpses they took" in md  # the distribution of glimpses gets its table
     assert "blocks attended (test)" in md  # the method's own field gets its table
 
 

@@ -240,6 +240,7 @@ def saccade_parts(ctx: BenchContext, task: str) -> tuple[Part, ...]:
                          ("mean_glimpses", "glimpses (mean)", "{:.2f}"),
                          ("train_seconds_total", "train s incl. dense twin", "{:,.0f}")),
                  plots=(("mean_glimpses", "glimpses per image (mean)"),),
+                 counts=(("glimpse_counts", "test images by the glimpses they took"),),
                  headline_tasks=("cluttered-mnist-60",), selectable=True, parts=saccade_parts, after=("baseline",),
                  summary=Summary(claim="a cheap policy picks the blocks worth computing; convs run on those only",
                                  idea="saccadic*|sparsify*", reference="blockcnn|dense", cost="macs", pick="cheapest",
