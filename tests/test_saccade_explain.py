@@ -42,7 +42,8 @@ def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path,
     by = {r["variant"]: r for r in rows}
     assert set(by) == {"blockcnn", "saccadic", "ram", "saccadic top 22%", "saccadic top 24%", "saccadic top 28%",
                        "saccadic top 50%", "trajectory", "trajectory halt 0.9", "trajectory halt 0.99",
-                       "trajectory halt 0.999"}
+                       "trajectory halt 0.999", "trajectory glimpses 1", "trajectory glimpses 2",
+                       "trajectory glimpses 3"}
     # the same trained policy at a test-time share of the blocks: MACs follow it
     assert by["saccadic top 28%"]["macs"] < by["saccadic top 50%"]["macs"] < by["blockcnn"]["macs"] * 1.1
     assert by["saccadic top 50%"]["attended_fraction"] == pytest.approx(0.5, abs=0.07)
@@ -69,6 +70,10 @@ def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path,
         assert r["mean_glimpses"] <= by["trajectory"]["mean_glimpses"] and r["macs"] <= by["trajectory"]["macs"]
         assert sum(json.loads(r["glimpse_counts"]).values()) == len(load_task("digits").test)  # every test image
         assert 1 <= r["mean_glimpses"] <= r["max_glimpses"] <= 4  # digits: a 2x2 grid of 1-block windows
+    # the halt's control: a fixed number of glimpses for every image, each one more block's compute
+    fixed = [by[f"trajectory glimpses {k}"] for k in (1, 2, 3)]
+    assert [(r["mean_glimpses"], r["max_glimpses"]) for r in fixed] == [(1, 1), (2, 2), (3, 3)]
+    assert fixed[0]["macs"] < fixed[1]["macs"] < fixed[2]["macs"] < by["trajectory"]["macs"]
     md = (tmp_path / "report.md").read_text()
     assert "## Figures" in md and "explain-digits-saccadic.png" in md and "explain-digits-ram.png" in md
     assert "explain-digits-trajectory.png" in md and "glimpses (mean)" in md

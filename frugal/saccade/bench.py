@@ -8,6 +8,7 @@ reflect the skipped blocks. An explanation grid per task and model goes into the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -101,6 +102,9 @@ VARIANTS = [
 # The trajectory model is also measured stopping at each of HALTS (its top class probability), from
 # the same weights: an anytime curve.
 HALTS = (0.9, 0.99, 0.999)
+# ... and stopping after a fixed number of glimpses, with no halt: the control of the halt, which
+# must beat these at the same multiply-adds to show that stopping when confident is worth it
+FIXED_GLIMPSES = (1, 2, 3)
 TRAJECTORY_TEACHER = {"weight": 1.0, "distill": 1.0}
 
 
@@ -230,7 +234,7 @@ def saccade_parts(ctx: BenchContext, task: str) -> tuple[Part, ...]:
     if task not in TASKS:
         return ()  # the user's net: one job (its sparsified variants start from its dense run)
     return (Part("twin", (TWIN,)), Part("saccadic", ("saccadic*",), after=("twin",)), Part("ram", ("ram",)),
-            Part("trajectory", ("trajectory", *(f"trajectory halt {h:g}" for h in HALTS)), after=("twin",)))
+            Part("trajectory", ("trajectory", *(label for label, _ in trajectory_points())), after=("twin",)))
 
 
 @register_method("saccade", tasks=(*TASKS, "*"),
@@ -266,7 +270,7 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
     # --variants: the wanted variants, and the twin whenever one of them is fine-tuned from it (its
     # row comes along: it is the reference of theirs)
     wanted = [v for v in variants if ctx.wants(v[0]) or (v[0] == "saccadic" and ctx.wants("saccadic top *"))
-              or (v[0] == "trajectory" and ctx.wants("trajectory halt *"))]
+              or (v[0] == "trajectory" and any(ctx.wants(label) for label, _ in trajectory_points()))]
     if any(v[3].get("init_from") == TWIN for v in wanted):
         wanted = [v for v in variants if v[0] == TWIN or v in wanted]
     for variant, model, model_kw, overrides in wanted:
@@ -308,10 +312,11 @@ def remeasured(ctx: BenchContext, row: dict[str, Any], task: str, seed: int,
                points: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """A trained model measured again at each test-time setting of `points` ((variant, {attribute:
     value})): the same weights and training cost, a different share of the compute at test time."""
-    model, cfg, _ = load_run(ctx.out_dir / row["run_dir"], device=ctx.device)
+    trained, cfg, _ = load_run(ctx.out_dir / row["run_dir"], device=ctx.device)
     data = load_task(task, data_dir=ctx.data_dir, val_size=cfg.val_size)
     out = {}
     for variant, settings in points:
+        model = copy.deepcopy(trained)  # each point's settings alone
         for k, v in settings.items():
             setattr(model, k, v)
         r = measure(model, data, ctx.device, data_dir=ctx.data_dir, speed=ctx.budget != "tiny")
@@ -328,7 +333,13 @@ def at_fractions(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -
                       [(f"saccadic top {f:.0%}", {"inference_fraction": f}) for f in INFERENCE_FRACTIONS])
 
 
+def trajectory_points() -> list[tuple[str, dict[str, Any]]]:
+    """The trained trajectory model's test-time settings: (variant, {attribute: value})."""
+    return ([(f"trajectory halt {h:g}", {"halt": h}) for h in HALTS]
+            + [(f"trajectory glimpses {k}", {"halt": None, "glimpses": k}) for k in FIXED_GLIMPSES])
+
+
 def at_halts(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -> dict[str, dict[str, Any]]:
-    """The trained trajectory model stopping at each of HALTS: fewer glimpses where the prediction is
-    confident early."""
-    return remeasured(ctx, row, task, seed, [(f"trajectory halt {h:g}", {"halt": h}) for h in HALTS])
+    """The trained trajectory model stopping at each of HALTS, where its prediction is confident early,
+    and after each of FIXED_GLIMPSES glimpses whatever its confidence."""
+    return remeasured(ctx, row, task, seed, trajectory_points())
