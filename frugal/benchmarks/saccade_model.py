@@ -25,7 +25,7 @@ from frugal.benchmarks import add_out_arg, add_where_args, publish, where
 from frugal.measure import count_macs
 from frugal.train import evaluate, load_run, normalize
 from frugal.data import load_task
-from frugal.saccade.temporal import TrajectoryCNN
+from frugal.saccade.temporal import TrajectoryCNN, glimpses_taken
 from frugal.utils import versions
 
 
@@ -33,20 +33,17 @@ from frugal.utils import versions
 def attended_fraction(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> dict[str, float]:
     """Mean fraction of blocks the model computes over the images x (normalised), and for a
     trajectory the mean and largest number of glimpses."""
+    n_blocks = x.shape[0] * model.grid[0] * model.grid[1]
+    if isinstance(model, TrajectoryCNN):
+        g, blocks = glimpses_taken(model, x, batch)
+        return {"attended_fraction": float(blocks.sum()) / n_blocks, "mean_glimpses": float(g.float().mean()),
+                "max_glimpses": int(g.max())}
     model.eval()
-    blocks, glimpses = 0.0, []
+    attended = 0.0
     for xb in x.split(batch):
         model(xb)
-        if isinstance(model, TrajectoryCNN):
-            blocks += float(model.trajectory.blocks_seen.sum())
-            glimpses.append(model.trajectory.glimpses)
-        else:
-            blocks += float((model.attention.levels > 0).float().sum())
-    out = {"attended_fraction": blocks / (x.shape[0] * model.grid[0] * model.grid[1])}
-    if glimpses:
-        g = torch.cat(glimpses).float()
-        out.update(mean_glimpses=float(g.mean()), max_glimpses=int(g.max()))
-    return out
+        attended += float((model.attention.levels > 0).float().sum())
+    return {"attended_fraction": attended / n_blocks}
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from frugal.bench import BenchContext, Part, Summary, register_method, train_and
 from frugal.data import load_task, task_slug
 from frugal.measure import measure
 from frugal.saccade.teacher import TwinTeacher
-from frugal.saccade.temporal import GlimpseTeacher, TrajectoryCNN
+from frugal.saccade.temporal import GlimpseTeacher, TrajectoryCNN, glimpses_taken
 from frugal.train import TrainConfig, load_run, normalize
 
 @dataclass(frozen=True)
@@ -122,12 +122,7 @@ def attention_stats(model: torch.nn.Module, data, ctx: BenchContext, variant: st
             attended.append((model.attention.levels > 0).float().mean().item())
         out["attended_fraction"] = sum(attended) / len(attended)
     if isinstance(model, TrajectoryCNN):  # the glimpses each image took, and the blocks they computed
-        glimpses, seen = [], []
-        for xb in x.split(256):
-            model(xb)
-            glimpses.append(model.trajectory.glimpses.cpu())
-            seen.append(model.trajectory.blocks_seen.cpu())
-        g, blocks = torch.cat(glimpses), torch.cat(seen)
+        g, blocks = glimpses_taken(model, x)
         counts = torch.bincount(g, minlength=model.glimpses + 1)[1:]
         out.update(attended_fraction=float(blocks.float().mean()) / (model.grid[0] * model.grid[1]),
                    mean_glimpses=float(g.float().mean()), max_glimpses=int(g.max()),

@@ -253,6 +253,19 @@ class TrajectoryCNN(nn.Module):
         return f"grid={self.grid}, block_size={self.block_size}, window={self.window}, glimpses={self.glimpses}"
 
 
+@torch.no_grad()
+def glimpses_taken(model: TrajectoryCNN, x: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(glimpses, blocks): per image of x (normalised), the glimpses the model took and the blocks it
+    computed, at its current halt."""
+    model.eval()
+    glimpses, blocks = [], []
+    for xb in x.split(batch):
+        model(xb)
+        glimpses.append(model.trajectory.glimpses.cpu())
+        blocks.append(model.trajectory.blocks_seen.cpu())
+    return torch.cat(glimpses), torch.cat(blocks)
+
+
 class GlimpseTeacher(Hook):
     """Where to look, taught by the frozen dense twin: at every step, a binary cross-entropy between
     each unseen block's want-score and the twin's `block_evidence` there; with `distill` > 0, also the
