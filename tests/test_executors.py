@@ -185,8 +185,8 @@ def test_the_process_executor_measures_the_same_rows_as_the_local_one(local_rows
     assert _measured(tmp_path) == local_rows
     assert len(local_rows) > 20  # baseline, twin, saccadic at 5 fractions, RAM, dream's 4: per seed
     jobs = json.loads((tmp_path / "results.json").read_text())["jobs"]
-    assert len(jobs) == 20  # per seed: baseline; saccade's twin, saccadic, ram, trajectory; dream's other net,
-    # 2 rounds, 2 controls
+    assert len(jobs) == 22  # per seed: baseline; saccade's twin, saccadic, ram, 2 trajectories; dream's other
+    # net, 2 rounds, 2 controls
     by = {(j["method"], j["seed"], j["part"]): j for j in jobs}
     # dependencies held: a saccadic model was tuned from its finished twin; round 1 dreamed with round 0's
     # net; dream came after the baseline
@@ -209,7 +209,7 @@ def test_the_ray_executor_measures_the_same_rows_as_the_local_one(local_rows, tm
     assert main(["bench", *PLAN, "--executor", "ray", "--jobs", "2", "--out", str(tmp_path)]) == 0
     assert _measured(tmp_path) == local_rows
     jobs = json.loads((tmp_path / "results.json").read_text())["jobs"]
-    assert len(jobs) == 20 and all(j["node"] for j in jobs)
+    assert len(jobs) == 22 and all(j["node"] for j in jobs)
     import ray
     assert not ray.is_initialized()  # the private instance was stopped with the bench
 
@@ -229,14 +229,15 @@ def test_a_killed_driver_restarted_runs_only_the_jobs_that_had_not_finished(tmp_
     finally:
         first.wait()
     done = [(j["method"], j["part"]) for j in json.loads(results.read_text())["jobs"]]
-    assert done and len(done) < 5  # killed part-way through its 5 jobs
+    assert done and len(done) < 6  # killed part-way through its 6 jobs
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     kept = again.stdout.count("done before, kept")
-    assert kept == len(done) and f"{5 - len(done)} of 5 job(s) to run" in again.stdout
+    assert kept == len(done) and f"{6 - len(done)} of 6 job(s) to run" in again.stdout
     jobs = json.loads(results.read_text())["jobs"]
     assert sorted((j["method"], j["part"]) for j in jobs) == sorted(
-        [("baseline", ""), ("saccade", "twin"), ("saccade", "saccadic"), ("saccade", "ram"), ("saccade", "trajectory")])
+        [("baseline", ""), ("saccade", "twin"), ("saccade", "saccadic"), ("saccade", "ram"), ("saccade", "trajectory"),
+         ("saccade", "trajectory-free")])
 
 
 def test_ctrl_c_cancels_the_bench_cleanly_and_the_same_command_resumes(tmp_path):

@@ -40,10 +40,10 @@ def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path,
                       device="cpu"), log=lambda s: None)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     by = {r["variant"]: r for r in rows}
+    trajectories = {f"{v}{p}" for v in ("trajectory", "trajectory-free")
+                    for p in ("", " halt 0.9", " halt 0.99", " halt 0.999", " glimpses 1", " glimpses 2", " glimpses 3")}
     assert set(by) == {"blockcnn", "saccadic", "ram", "saccadic top 22%", "saccadic top 24%", "saccadic top 28%",
-                       "saccadic top 50%", "trajectory", "trajectory halt 0.9", "trajectory halt 0.99",
-                       "trajectory halt 0.999", "trajectory glimpses 1", "trajectory glimpses 2",
-                       "trajectory glimpses 3"}
+                       "saccadic top 50%", *trajectories}
     # the same trained policy at a test-time share of the blocks: MACs follow it
     assert by["saccadic top 28%"]["macs"] < by["saccadic top 50%"]["macs"] < by["blockcnn"]["macs"] * 1.1
     assert by["saccadic top 50%"]["attended_fraction"] == pytest.approx(0.5, abs=0.07)
@@ -74,9 +74,15 @@ def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path,
     fixed = [by[f"trajectory glimpses {k}"] for k in (1, 2, 3)]
     assert [(r["mean_glimpses"], r["max_glimpses"]) for r in fixed] == [(1, 1), (2, 2), (3, 3)]
     assert fixed[0]["macs"] < fixed[1]["macs"] < fixed[2]["macs"] < by["trajectory"]["macs"]
+    # glimpses of free blocks: as many blocks as the window has (digits: 1), anywhere, from the same twin
+    free = json.loads((tmp_path / "runs/saccade/digits/trajectory-free-seed0/config.json").read_text())["config"]
+    assert free["model_kw"]["blocks"] == 1 and "window" not in free["model_kw"]
+    assert free["init_from"] == traj["init_from"] and traj["model_kw"]["window"] == 1
+    assert [by[f"trajectory-free glimpses {k}"]["mean_glimpses"] for k in (1, 2, 3)] == [1, 2, 3]
     md = (tmp_path / "report.md").read_text()
     assert "## Figures" in md and "explain-digits-saccadic.png" in md and "explain-digits-ram.png" in md
-    assert "explain-digits-trajectory.png" in md and "glimpses (mean)" in md
+    assert "explain-digits-trajectory.png" in md and "explain-digits-trajectory-free.png" in md
+    assert "glimpses (mean)" in md
     assert "test images by the glimpses they took" in md  # the distribution of glimpses gets its table
     assert "blocks attended (test)" in md  # the method's own field gets its table
 

@@ -20,22 +20,18 @@ def twin_and_model(glimpses=3, window=2, size=(30, 30), block=8, **kw):
     return twin, model
 
 
-def reference(model: TrajectoryCNN, x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """The model's prediction after the windows `anchors` (B, T, 2), computed with dense convs: at each
-    step every stage's conv over the whole map, kept at the new blocks; a stage's input is the image,
-    or the pooled outputs kept so far (zero elsewhere); a max per block; the head on every block seen."""
+def reference(model: TrajectoryCNN, x: torch.Tensor, order: torch.Tensor, steps: int) -> torch.Tensor:
+    """The model's prediction after its first `steps` glimpses, whose blocks `order` (B, gh, gw) gives
+    (the glimpse that computed each, from 1), computed with dense convs: at each step every stage's
+    conv over the whole map, kept at the new blocks; a stage's input is the image, or the pooled
+    outputs kept so far (zero elsewhere); a max per block; the head on every block seen."""
     x = F.pad(x, model.pad)
-    b, (gh, gw), s, k = x.shape[0], model.grid, model.block_size, model.window
+    b, (gh, gw) = x.shape[0], model.grid
     seen = torch.zeros(b, gh, gw, dtype=torch.bool)
     g = torch.zeros(b, model.fc.in_features, gh, gw)
     kept = [torch.zeros(b, st.out_channels, gh * st.block_size, gw * st.block_size) for st in model.stages]
-    for t in range(anchors.shape[1]):
-        new = torch.zeros_like(seen)
-        for i in range(b):
-            r, c = anchors[i, t].tolist()
-            if r >= 0:
-                new[i, r:r + k, c:c + k] = True
-        new &= ~seen
+    for t in range(steps):
+        new = order == t + 1
         for j, stage in enumerate(model.stages):
             size = stage.block_size
             mask = new.repeat_interleave(size, 1).repeat_interleave(size, 2)[:, None]
@@ -57,7 +53,7 @@ def test_the_trajectory_computes_what_dense_convs_compute_on_its_windows(window,
     rec = model.trajectory
     assert (rec.glimpses == glimpses).all()
     with torch.no_grad():
-        torch.testing.assert_close(sparse, reference(model, x, rec.anchors), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sparse, reference(model, x, rec.order, glimpses), rtol=1e-4, atol=1e-5)
     dense_head = model(x)  # with gradients on: the dense head, as in training
     torch.testing.assert_close(dense_head, sparse, rtol=1e-4, atol=1e-5)
     # each window adds blocks not seen before, and the blocks seen are the windows' union
@@ -69,6 +65,35 @@ def test_the_trajectory_computes_what_dense_convs_compute_on_its_windows(window,
             cover[r:r + window, c:c + window] = True
             assert int(cover.sum()) > before
         assert int(cover.sum()) == int(rec.blocks_seen[i])
+        assert torch.equal(cover, rec.order[i] > 0)
+
+
+@pytest.mark.parametrize("blocks,glimpses", [(3, 3), (5, 2), (1, 4)])
+def test_glimpses_of_free_blocks_take_the_unseen_blocks_wanted_most(blocks, glimpses):
+    _, model = twin_and_model(glimpses=glimpses, window=None, blocks=blocks)
+    model.eval()
+    x = torch.randn(6, 1, 30, 30)
+    with torch.no_grad():
+        sparse = model(x)
+        rec = model.trajectory
+        torch.testing.assert_close(sparse, reference(model, x, rec.order, glimpses), rtol=1e-4, atol=1e-5)
+        # the scores each step chose by: the coarse view plus the memory of the blocks seen before it
+        prior = model.policy(F.pad(x, model.pad))[0][:, 0]
+    assert rec.anchors is None and (rec.glimpses == glimpses).all()
+    for t, score in enumerate(rec.scores):
+        new = rec.order == t + 1
+        assert (new.flatten(1).sum(1) == blocks).all()  # n blocks a glimpse, each computed once
+        assert not (new & rec.seen_before[t]).any()
+        for i in range(6):  # no unseen block left out wants more than one taken
+            unseen = ~rec.seen_before[t][i]
+            assert score[i][new[i]].min() >= score[i][unseen & ~new[i]].max()
+    torch.testing.assert_close(rec.scores[0], prior)  # nothing seen yet: the coarse view alone decides
+    dense_head = model(x)  # with gradients on, as in training
+    torch.testing.assert_close(dense_head, sparse, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        TrajectoryCNN(1, (30, 30), 10, block_size=8, window=2, blocks=3)
+    with pytest.raises(ValueError, match="blocks"):
+        TrajectoryCNN(1, (30, 30), 10, block_size=8, blocks=17)  # a 4x4 grid
 
 
 def test_it_stops_when_confident_and_when_nothing_is_left_to_see():
@@ -86,7 +111,7 @@ def test_it_stops_when_confident_and_when_nothing_is_left_to_see():
         assert (model.trajectory.glimpses == 1).all() and (model.trajectory.blocks_seen == 4).all()
         macs_one = count_macs(model, x)
         assert macs_one < 0.5 * macs_all  # the blocks not looked at cost nothing
-        torch.testing.assert_close(one, reference(model, x, model.trajectory.anchors[:, :1]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(one, reference(model, x, model.trajectory.order, 1), rtol=1e-4, atol=1e-5)
         # a threshold between: each example stops at the first glimpse whose confidence reaches it
         model.halt = None
         model(x)
@@ -174,8 +199,9 @@ def test_bad_options_are_refused():
         GlimpseTeacher(model)
 
 
-def test_explain_draws_each_trajectory(tmp_path):
-    _, model = twin_and_model(glimpses=3)
+@pytest.mark.parametrize("glimpse", [{"window": 2}, {"window": None, "blocks": 3}])
+def test_explain_draws_each_trajectory(tmp_path, glimpse):
+    _, model = twin_and_model(glimpses=3, **glimpse)
     images = torch.randint(0, 255, (4, 1, 30, 30), dtype=torch.uint8)
     path = model.explain(torch.randn(4, 1, 30, 30), images, torch.arange(4), tmp_path / "t.png")
     assert path.exists() and path.stat().st_size > 1000

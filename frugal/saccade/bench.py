@@ -98,7 +98,12 @@ VARIANTS = [
     # teaches where to look (GlimpseTeacher)
     # (3 glimpses while training: the ones a halt mostly keeps, at two thirds of 8's training time)
     ("trajectory", "trajectory", {"train_glimpses": 3}, FINETUNE),
+    # the same with glimpses of as many blocks as a window has, free to lie anywhere on the grid
+    # (FREE): the control of the window's shape at the same compute per glimpse
+    ("trajectory-free", "trajectory", {"train_glimpses": 3}, FINETUNE),
 ]
+FREE = "trajectory-free"
+TRAJECTORIES = tuple(v[0] for v in VARIANTS if v[1] == "trajectory")
 # The trajectory model is also measured stopping at each of HALTS (its top class probability), from
 # the same weights: an anytime curve.
 HALTS = (0.9, 0.99, 0.999)
@@ -229,7 +234,7 @@ def saccade_parts(ctx: BenchContext, task: str) -> tuple[Part, ...]:
     if task not in TASKS:
         return ()  # the user's net: one job (its sparsified variants start from its dense run)
     return (Part("twin", (TWIN,)), Part("saccadic", ("saccadic*",), after=("twin",)), Part("ram", ("ram",)),
-            Part("trajectory", ("trajectory", *(label for label, _ in trajectory_points())), after=("twin",)))
+            *(Part(v, (v, *(label for label, _ in trajectory_points(v))), after=("twin",)) for v in TRAJECTORIES))
 
 
 @register_method("saccade", tasks=(*TASKS, "*"),
@@ -265,7 +270,7 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
     # --variants: the wanted variants, and the twin whenever one of them is fine-tuned from it (its
     # row comes along: it is the reference of theirs)
     wanted = [v for v in variants if ctx.wants(v[0]) or (v[0] == "saccadic" and ctx.wants("saccadic top *"))
-              or (v[0] == "trajectory" and any(ctx.wants(label) for label, _ in trajectory_points()))]
+              or (v[0] in TRAJECTORIES and any(ctx.wants(label) for label, _ in trajectory_points(v[0])))]
     if any(v[3].get("init_from") == TWIN for v in wanted):
         wanted = [v for v in variants if v[0] == TWIN or v in wanted]
     for variant, model, model_kw, overrides in wanted:
@@ -278,7 +283,8 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
         if model in ("saccadic", "blockcnn", "trajectory") and task_plan.block_size is not None:
             model_kw = {**model_kw, "block_size": task_plan.block_size}
         if model == "trajectory":
-            model_kw = {"window": task_plan.window, **model_kw}
+            glimpse = {"blocks": task_plan.window ** 2} if variant == FREE else {"window": task_plan.window}
+            model_kw = {**glimpse, **model_kw}
         if model == "saccadic":
             model_kw = {"budget": task_plan.budget, **model_kw}
             if task_plan.kernel_sizes is not None:
@@ -298,7 +304,7 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
         rows[variant] = row
         if variant == "saccadic" and not ctx.headline:
             rows.update(at_fractions(ctx, row, task, seed))
-        if variant == "trajectory":
+        if variant in TRAJECTORIES:
             rows.update(at_halts(ctx, row, task, seed))
     return list(rows.values())
 
@@ -328,13 +334,13 @@ def at_fractions(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -
                       [(f"saccadic top {f:.0%}", {"inference_fraction": f}) for f in INFERENCE_FRACTIONS])
 
 
-def trajectory_points() -> list[tuple[str, dict[str, Any]]]:
-    """The trained trajectory model's test-time settings: (variant, {attribute: value})."""
-    return ([(f"trajectory halt {h:g}", {"halt": h}) for h in HALTS]
-            + [(f"trajectory glimpses {k}", {"halt": None, "glimpses": k}) for k in FIXED_GLIMPSES])
+def trajectory_points(variant: str = "trajectory") -> list[tuple[str, dict[str, Any]]]:
+    """A trained trajectory model's test-time settings: (variant, {attribute: value})."""
+    return ([(f"{variant} halt {h:g}", {"halt": h}) for h in HALTS]
+            + [(f"{variant} glimpses {k}", {"halt": None, "glimpses": k}) for k in FIXED_GLIMPSES])
 
 
 def at_halts(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -> dict[str, dict[str, Any]]:
     """The trained trajectory model stopping at each of HALTS, where its prediction is confident early,
     and after each of FIXED_GLIMPSES glimpses whatever its confidence."""
-    return remeasured(ctx, row, task, seed, trajectory_points())
+    return remeasured(ctx, row, task, seed, trajectory_points(row["variant"]))

@@ -2,8 +2,8 @@
 
 For the saccadic CNN, each block is tinted by the level it got (none = skipped, blue = 3x3,
 orange = 5x5); for the glimpse model, each glimpse's squares (one per scale) and the path between
-them, numbered in order; for the trajectory model, each window in order with the confidence after
-it. Titles give the true label and the prediction.
+them, numbered in order; for the trajectory model, the blocks of each glimpse in order with the
+confidence after it. Titles give the true label and the prediction.
 """
 
 from __future__ import annotations
@@ -96,26 +96,34 @@ def draw_glimpses(images: torch.Tensor, boxes: list[list[list[tuple[int, int, in
     return _save(fig, path, "glimpse paths (orange: finest patch; cyan: coarser ones; numbers: order)")
 
 
-def draw_trajectories(images: torch.Tensor, anchors: torch.Tensor, confidence: torch.Tensor, window: int,
-                      block_size: int, labels: torch.Tensor, preds: torch.Tensor, path: str | Path) -> Path:
-    """images: (N, C, H, W) uint8; anchors (N, T, 2): each window's top-left block (row, col), -1 where
-    the example had stopped; confidence (N, T): its top class probability after each window."""
+def draw_trajectories(images: torch.Tensor, order: torch.Tensor, confidence: torch.Tensor, block_size: int,
+                      labels: torch.Tensor, preds: torch.Tensor, path: str | Path) -> Path:
+    """images: (N, C, H, W) uint8; order (N, gh, gw): the glimpse (from 1) that computed each block, 0
+    where none did; confidence (N, T): the top class probability after each glimpse. Each glimpse's
+    blocks are tinted in its colour and labelled, at the first of them, with its number and confidence."""
     from matplotlib.patches import Rectangle
 
     fig, axes, plt = _grid(len(images))
     cmap = plt.get_cmap("viridis")
-    side = window * block_size
-    for ax, img, path_anchors, conf, y, p in zip(axes, images, anchors.tolist(), confidence.tolist(),
-                                                 labels.tolist(), preds.tolist()):
+    steps = confidence.shape[1]
+    for ax, img, when, conf, y, p in zip(axes, images, order.tolist(), confidence.tolist(), labels.tolist(),
+                                         preds.tolist()):
         _show(ax, img, y, p)
-        steps = [(t, r, c) for t, (r, c) in enumerate(path_anchors) if r >= 0]
-        for t, r, c in steps:
-            colour = cmap(t / max(1, len(path_anchors) - 1))
-            x0, y0 = c * block_size - 0.5, r * block_size - 0.5
-            ax.add_patch(Rectangle((x0, y0), side, side, fill=False, lw=1.0, edgecolor=colour))
-            ax.text(x0 + 1.5, y0 + 1.5, f"{t + 1}:{conf[t]:.2f}", color=colour, fontsize=5, ha="left", va="top")
-        ax.set_title(f"{y} -> {p} ({len(steps)} glimpse{'s' if len(steps) != 1 else ''})", fontsize=7,
+        first: dict[int, tuple[int, int]] = {}  # each glimpse's first block, in reading order
+        for r, row in enumerate(when):
+            for c, t in enumerate(row):
+                if not t:
+                    continue
+                colour = cmap((t - 1) / max(1, steps - 1))
+                ax.add_patch(Rectangle((c * block_size - 0.5, r * block_size - 0.5), block_size, block_size,
+                                       facecolor=colour, alpha=0.3, edgecolor=colour, lw=0.8))
+                first.setdefault(t, (r, c))
+        for t, (r, c) in first.items():
+            colour = cmap((t - 1) / max(1, steps - 1))
+            ax.text(c * block_size + 1, r * block_size + 1, f"{t}:{conf[t - 1]:.2f}", color=colour, fontsize=5,
+                    ha="left", va="top")
+        ax.set_title(f"{y} -> {p} ({len(first)} glimpse{'s' if len(first) != 1 else ''})", fontsize=7,
                      color="black" if y == p else "red")
         ax.set_xlim(-0.5, img.shape[2] - 0.5)
         ax.set_ylim(img.shape[1] - 0.5, -0.5)
-    return _save(fig, path, "glimpse windows in order (t: top class probability after glimpse t)")
+    return _save(fig, path, "blocks by the glimpse that computed them (t: top class probability after glimpse t)")

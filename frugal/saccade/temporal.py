@@ -2,9 +2,11 @@
 
 The model keeps a memory of the block grid: the block vectors it has computed so far and which
 blocks it has seen. At each step it scores every block by how much it wants to see it (a cheap net
-on a downsampled image, the coarse view, plus a 3x3 conv on the memory), moves a window of k x k
-blocks to where the unseen blocks' scores sum highest, runs the backbone's block-sparse convs on the
-window's unseen blocks only, and reads a prediction out of every block seen so far. At inference it
+on a downsampled image, the coarse view, plus a 3x3 conv on the memory), picks a glimpse, runs the
+backbone's block-sparse convs on the glimpse's unseen blocks only, and reads a prediction out of
+every block seen so far. A glimpse is a window of k x k blocks moved to where the unseen blocks'
+scores sum highest (`window`), or the n unseen blocks wanted most, wherever they are (`blocks`): a
+fovea of fixed shape, or a glance free to follow a digit's strokes across block borders. At inference it
 stops once that prediction is confident enough (`halt`), or after `glimpses` steps, so an easy
 image costs fewer glimpses than a hard one.
 
@@ -61,7 +63,9 @@ class Trajectory:
     scores: list[torch.Tensor] = field(default_factory=list)  # (n_t, gh, gw) want-logits, with gradients
     seen_before: list[torch.Tensor] = field(default_factory=list)  # (n_t, gh, gw) bool
     logits: list[torch.Tensor] = field(default_factory=list)  # (n_t, classes) after the step's glimpse
-    anchors: torch.Tensor | None = None  # (B, T, 2) long: each window's top-left block, -1 where not taken
+    anchors: torch.Tensor | None = None  # (B, T, 2) long: each window's top-left block, -1 where not taken;
+    # None for glimpses of free blocks
+    order: torch.Tensor | None = None  # (B, gh, gw) long: the glimpse (from 1) that computed each block, 0 none
     confidence: torch.Tensor | None = None  # (B, T): max class probability after each glimpse, nan where none
     glimpses: torch.Tensor | None = None  # (B,) long: glimpses each example took
     blocks_seen: torch.Tensor | None = None  # (B,) long: blocks each example computed
@@ -71,8 +75,9 @@ class TrajectoryCNN(nn.Module):
     """A glimpse trajectory on the block grid, with a learned where-to-look and a confidence halt."""
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], num_classes: int, width: int = 16,
-                 block_size: int | None = None, window: int = 3, glimpses: int = 8, policy_width: int = 8,
-                 halt: float | None = None, anytime_weight: float = 1.0, train_glimpses: int | None = None):
+                 block_size: int | None = None, window: int | None = None, glimpses: int = 8, policy_width: int = 8,
+                 halt: float | None = None, anytime_weight: float = 1.0, train_glimpses: int | None = None,
+                 blocks: int | None = None):
         super().__init__()
         s = block_size or auto_block_size(image_size)
         step = 2 ** (N_STAGES - 1)
@@ -82,12 +87,20 @@ class TrajectoryCNN(nn.Module):
         h, w = image_size
         self.pad = (0, math.ceil(w / s) * s - w, 0, math.ceil(h / s) * s - h)
         self.grid = (math.ceil(h / s), math.ceil(w / s))
-        if not 1 <= window <= min(self.grid):
+        if window is not None and blocks is not None:
+            raise ValueError(f"a glimpse is a window or free blocks, not both: got window={window}, blocks={blocks}")
+        if blocks is None and window is None:
+            window = 3
+        if window is not None and not 1 <= window <= min(self.grid):
             raise ValueError(f"window is a side in blocks, 1..{min(self.grid)} for a {self.grid} grid, got {window}")
+        if blocks is not None and not 1 <= blocks <= self.grid[0] * self.grid[1]:
+            raise ValueError(f"blocks is a glimpse's count of blocks, 1..{self.grid[0] * self.grid[1]} for a "
+                             f"{self.grid} grid, got {blocks}")
         if glimpses < 1 or (train_glimpses is not None and not 1 <= train_glimpses <= glimpses):
             raise ValueError(f"glimpses must be >= 1 and train_glimpses in 1..glimpses, got {glimpses} and "
                              f"{train_glimpses}")
         self.block_size, self.window, self.glimpses, self.anytime_weight = s, window, glimpses, anytime_weight
+        self.blocks = blocks  # a glimpse's count of free blocks (None: a window)
         self.halt = halt  # stop an example once its top class probability reaches this (inference only)
         # glimpses per image while training (None: `glimpses`): the early steps are the ones a halt keeps,
         # and the later ones cost the most (each sees more of the grid)
@@ -122,6 +135,7 @@ class TrajectoryCNN(nn.Module):
         idx = torch.arange(b, device=x.device)  # the examples still looking
         rec = Trajectory()
         anchors = torch.full((b, self.glimpses, 2), -1, dtype=torch.long, device=x.device)
+        order = torch.zeros(b, gh, gw, dtype=torch.long, device=x.device)
         conf = torch.full((b, self.glimpses), float("nan"), device=x.device)
         taken = torch.zeros(b, dtype=torch.long, device=x.device)
         steps = self.train_glimpses if self.training and self.train_glimpses else self.glimpses
@@ -130,8 +144,12 @@ class TrajectoryCNN(nn.Module):
             # the memory is detached: what teaches the scores does not reach the backbone through it
             memory = torch.cat([g[idx].detach().permute(0, 3, 1, 2), seen_a[:, None].to(x.dtype)], 1)
             score = prior[idx] + self.where(memory)[:, 0]  # (n, gh, gw)
-            anchor = self._choose(score.detach(), seen_a)  # (n, 2)
-            new_a = self._window(anchor) & ~seen_a
+            if self.blocks is None:
+                anchor = self._choose(score.detach(), seen_a)  # (n, 2)
+                new_a = self._window(anchor) & ~seen_a
+                anchors[idx, t] = anchor
+            else:
+                new_a = self._free(score.detach(), seen_a)
             new = torch.zeros_like(seen)
             new[idx] = new_a
             blocks = BlockSet(new.long())
@@ -148,6 +166,7 @@ class TrajectoryCNN(nn.Module):
             else:
                 g[blocks.bi, blocks.yi, blocks.xi] = vec
             seen = seen | new
+            order[new] = t + 1
             mixed, logits = self._readout(g, seen, new, mixed, idx)
             out = out.index_copy(0, idx, logits.to(out.dtype))
             p = logits.detach().float().softmax(1).amax(1)
@@ -155,7 +174,6 @@ class TrajectoryCNN(nn.Module):
             rec.scores.append(score)
             rec.seen_before.append(seen_a)
             rec.logits.append(logits)
-            anchors[idx, t] = anchor
             conf[idx, t] = p.to(conf.dtype)
             taken[idx] += 1
             go_on = (~seen[idx]).flatten(1).any(1)  # something left to see
@@ -164,7 +182,8 @@ class TrajectoryCNN(nn.Module):
             idx = idx[go_on]
             if idx.numel() == 0:
                 break
-        rec.anchors, rec.confidence, rec.glimpses, rec.blocks_seen = anchors, conf, taken, seen.flatten(1).sum(1)
+        rec.anchors = anchors if self.blocks is None else None
+        rec.order, rec.confidence, rec.glimpses, rec.blocks_seen = order, conf, taken, seen.flatten(1).sum(1)
         self.trajectory = rec
         return out
 
@@ -187,6 +206,13 @@ class TrajectoryCNN(nn.Module):
         best = gain.argmax(1)
         cols = self.grid[1] - k + 1
         return torch.stack([best // cols, best % cols], 1)
+
+    def _free(self, score: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """(n, gh, gw) bool: the `blocks` unseen blocks with the highest scores (all left, where fewer)."""
+        flat = score.flatten(1).masked_fill(seen.flatten(1), float("-inf"))
+        pick = torch.zeros_like(seen.flatten(1))
+        pick.scatter_(1, flat.topk(self.blocks, 1).indices, True)
+        return pick.view_as(seen) & ~seen
 
     def _window(self, anchor: torch.Tensor) -> torch.Tensor:
         """(n, gh, gw) bool: the k x k blocks from each anchor."""
@@ -246,11 +272,12 @@ class TrajectoryCNN(nn.Module):
 
         preds = eval_predictions(self, x)
         rec = self.trajectory
-        return draw_trajectories(images.cpu(), rec.anchors.cpu(), rec.confidence.cpu(), self.window,
-                                 self.block_size, labels.cpu(), preds.cpu(), path)
+        return draw_trajectories(images.cpu(), rec.order.cpu(), rec.confidence.cpu(), self.block_size, labels.cpu(),
+                                 preds.cpu(), path)
 
     def extra_repr(self) -> str:
-        return f"grid={self.grid}, block_size={self.block_size}, window={self.window}, glimpses={self.glimpses}"
+        glimpse = f"window={self.window}" if self.blocks is None else f"blocks={self.blocks}"
+        return f"grid={self.grid}, block_size={self.block_size}, {glimpse}, glimpses={self.glimpses}"
 
 
 @torch.no_grad()
@@ -322,13 +349,14 @@ class GlimpseTeacher(Hook):
 
 @register_model
 def trajectory(in_channels: int = 1, image_size: tuple[int, int] = (60, 60), num_classes: int = 10,
-               width: int = 16, block_size: int | None = None, window: int = 3, glimpses: int = 8,
+               width: int = 16, block_size: int | None = None, window: int | None = None, glimpses: int = 8,
                policy_width: int = 8, halt: float | None = None, anytime_weight: float = 1.0,
-               train_glimpses: int | None = None) -> nn.Module:
-    """Saccades over time: windows of blocks, one after another, until the prediction is confident."""
+               train_glimpses: int | None = None, blocks: int | None = None) -> nn.Module:
+    """Saccades over time: glimpses of blocks (a window, 3x3 by default, or `blocks` free ones), one
+    after another, until the prediction is confident."""
     return TrajectoryCNN(in_channels, image_size, num_classes, width=width, block_size=block_size, window=window,
                          glimpses=glimpses, policy_width=policy_width, halt=halt, anytime_weight=anytime_weight,
-                         train_glimpses=train_glimpses)
+                         train_glimpses=train_glimpses, blocks=blocks)
 
 
 __all__ = ["GlimpseTeacher", "Trajectory", "TrajectoryCNN", "trajectory"]
