@@ -75,16 +75,23 @@ def test_saccade_model_benchmark_times_a_trajectory_at_each_halt(tmp_path, capsy
                       train_limit=128, seed=0, init_from=str(tmp_path / "twin"))
     train(cfg, tmp_path / "traj", quiet=True, progress=False)
     out = saccade_model.main(["--sparse", str(tmp_path / "traj"), "--dense", str(tmp_path / "twin"),
-                              "--batch", "16", "--rounds", "2", "--threads", "1", "--halts", "0.1", "1.0"])
+                              "--batch", "16", "--rounds", "2", "--threads", "1", "--halts", "0.1", "1.0",
+                              "--caps", "2"])
     assert json.loads(capsys.readouterr().out)["speedup"] == pytest.approx(out["speedup"])
     full, early, never = (out["models"][k] for k in ("trajectory", "trajectory halt 0.1", "trajectory halt 1"))
     assert full["max_glimpses"] == never["max_glimpses"] == 3 and full["mean_glimpses"] == 3
+    capped = out["models"]["trajectory halt 1 max 2"]  # no image is that sure: each stops at the cap
+    assert capped["mean_glimpses"] == capped["max_glimpses"] == 2 and capped["macs"] < never["macs"]
+    assert out["models"]["trajectory halt 0.1 max 2"]["mean_glimpses"] == 1
     assert early["mean_glimpses"] == early["max_glimpses"] == 1  # of 10 classes' probabilities one is >= 0.1
     assert early["attended_fraction"] < never["attended_fraction"] and early["macs"] < never["macs"]
     assert out["macs_ratio"] == pytest.approx(full["macs"] / out["models"]["dense"]["macs"])
     with pytest.raises(SystemExit, match="--fractions"):
         saccade_model.main(["--sparse", str(tmp_path / "traj"), "--dense", str(tmp_path / "twin"),
                             "--fractions", "0.5"])
+    for bad, says in ((["--caps", "2"], "give --halts too"), (["--halts", "0.9", "--caps", "4"], r"1\.\.3")):
+        with pytest.raises(SystemExit, match=says):
+            saccade_model.main(["--sparse", str(tmp_path / "traj"), "--dense", str(tmp_path / "twin"), *bad])
 
 
 def test_codec_speed_benchmark_writes_and_reads_whole_files(capsys):

@@ -41,7 +41,8 @@ def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path,
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     by = {r["variant"]: r for r in rows}
     trajectories = {f"{v}{p}" for v in ("trajectory", "trajectory-free")
-                    for p in ("", " halt 0.9", " halt 0.99", " halt 0.999", " glimpses 1", " glimpses 2", " glimpses 3")}
+                    for p in ("", " halt 0.9", " halt 0.99", " halt 0.999", " glimpses 1", " glimpses 2", " glimpses 3",
+                              " halt 0.99 max 3", " halt 0.999 max 3")}
     assert set(by) == {"blockcnn", "saccadic", "ram", "saccadic top 22%", "saccadic top 24%", "saccadic top 28%",
                        "saccadic top 50%", *trajectories}
     # the same trained policy at a test-time share of the blocks: MACs follow it
@@ -74,6 +75,19 @@ def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path,
     fixed = [by[f"trajectory glimpses {k}"] for k in (1, 2, 3)]
     assert [(r["mean_glimpses"], r["max_glimpses"]) for r in fixed] == [(1, 1), (2, 2), (3, 3)]
     assert fixed[0]["macs"] < fixed[1]["macs"] < fixed[2]["macs"] < by["trajectory"]["macs"]
+    # a halt with a cap: never more glimpses than either alone
+    for h in ("0.99", "0.999"):
+        capped, halt = by[f"trajectory halt {h} max 3"], by[f"trajectory halt {h}"]
+        assert capped["max_glimpses"] <= 3 and capped["mean_glimpses"] <= halt["mean_glimpses"]
+        assert capped["mean_glimpses"] <= fixed[2]["mean_glimpses"] and capped["halt"] == float(h)
+    # measured again, only the test-time points --variants asks for are measured
+    from frugal.bench import BenchContext
+
+    ctx = BenchContext(out_dir=tmp_path, budget="tiny", device=torch.device("cpu"),
+                       variants=("trajectory halt 0.9?", "trajectory-free*max 3"))
+    again = saccade_bench.at_halts(ctx, by["trajectory"], "digits", 0)
+    assert set(again) == {"trajectory halt 0.99"}
+    assert again["trajectory halt 0.99"]["test_acc"] == by["trajectory halt 0.99"]["test_acc"]
     # glimpses of free blocks: as many blocks as the window has (digits: 1), anywhere, from the same twin
     free = json.loads((tmp_path / "runs/saccade/digits/trajectory-free-seed0/config.json").read_text())["config"]
     assert free["model_kw"]["blocks"] == 1 and "window" not in free["model_kw"]

@@ -7,7 +7,8 @@ the two models timed alternately round after round so that drifts in machine loa
 
 The sparse run may be a saccadic model (`saccadic`, its block choice at once; `--fractions` adds
 test-time shares of the blocks) or a glimpse trajectory (`trajectory`; `--halts` times it
-stopping at each top class probability, with the glimpses it took).
+stopping at each top class probability, with the glimpses it took, and `--caps` each halt again
+with at most that many glimpses).
 
     python -m frugal.benchmarks.saccade_model --sparse RUN_DIR --dense RUN_DIR --batch 64 --threads 1
 """
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also time the saccadic model attending this share of each image's blocks (inference_fraction)")
     p.add_argument("--halts", type=float, nargs="*", default=[],
                    help="also time the trajectory model stopping at each of these top class probabilities")
+    p.add_argument("--caps", type=int, nargs="*", default=[],
+                   help="also time each of --halts stopping after at most this many glimpses")
     add_out_arg(p)
     a = p.parse_args(argv)
     device = where(a)
@@ -88,11 +91,15 @@ def main(argv: list[str] | None = None) -> dict:
     temporal = isinstance(sparse, TrajectoryCNN)
     if not temporal and (not hasattr(sparse, "attention") or getattr(sparse, "dense", True)):
         raise SystemExit(f"{a.sparse} is not a saccadic or trajectory model (model {s_cfg.model!r})")
-    if (a.fractions and temporal) or (a.halts and not temporal):
-        raise SystemExit(f"--fractions is for a saccadic model and --halts for a trajectory; {a.sparse} is a "
-                         f"{s_cfg.model!r} model")
+    if (a.fractions and temporal) or ((a.halts or a.caps) and not temporal):
+        raise SystemExit(f"--fractions is for a saccadic model, --halts and --caps for a trajectory; {a.sparse} "
+                         f"is a {s_cfg.model!r} model")
     if any(not 0 < h <= 1 for h in a.halts):
         raise SystemExit(f"--halts are class probabilities in (0, 1], got {a.halts}")
+    if a.caps and not a.halts:
+        raise SystemExit("--caps limits the glimpses of each of --halts: give --halts too")
+    if temporal and any(not 1 <= k <= sparse.glimpses for k in a.caps):
+        raise SystemExit(f"--caps are numbers of glimpses in 1..{sparse.glimpses} (the model's most), got {a.caps}")
     data = load_task(s_cfg.task, data_dir=s_cfg.data_dir, val_size=s_cfg.val_size)
     dtype = next(sparse.parameters()).dtype
     x = normalize(data.test.x[: a.batch].to(device), data.mean, data.std, dtype)  # real test images
@@ -105,9 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
         m.inference_fraction = f
         models[f"saccadic top {f:.0%}"] = m
     for h in a.halts:
-        m = copy.deepcopy(sparse)
-        m.halt = h
-        models[f"trajectory halt {h:g}"] = m
+        for k in [None, *a.caps]:
+            m = copy.deepcopy(sparse)
+            m.halt = h
+            m.glimpses = k or m.glimpses
+            models[f"trajectory halt {h:g}" + (f" max {k}" if k else "")] = m
     test_x = normalize(data.test.x.to(device), data.mean, data.std, dtype)  # for the attended share
     for name, model in models.items():
         acc = evaluate(model, data.test, data.mean, data.std, device)[0]

@@ -110,6 +110,10 @@ HALTS = (0.9, 0.99, 0.999)
 # ... and stopping after a fixed number of glimpses, with no halt: the control of the halt, which
 # must beat these at the same multiply-adds to show that stopping when confident is worth it
 FIXED_GLIMPSES = (1, 2, 3)
+# ... and stopping at a halt or after at most k glimpses, whichever comes first: (halt, k). The
+# images never confident enough would otherwise take every glimpse, each a step of Python-level
+# overhead for a few images, for little accuracy
+CAPPED = ((0.99, 3), (0.999, 3))
 TRAJECTORY_TEACHER = {"weight": 1.0, "distill": 1.0}
 
 
@@ -312,7 +316,11 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
 def remeasured(ctx: BenchContext, row: dict[str, Any], task: str, seed: int,
                points: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """A trained model measured again at each test-time setting of `points` ((variant, {attribute:
-    value})): the same weights and training cost, a different share of the compute at test time."""
+    value})): the same weights and training cost, a different share of the compute at test time. Only
+    the points `--variants` asks for are measured."""
+    points = [(variant, settings) for variant, settings in points if ctx.wants(variant)]
+    if not points:
+        return {}
     trained, cfg, _ = load_run(ctx.out_dir / row["run_dir"], device=ctx.device)
     data = load_task(task, data_dir=ctx.data_dir, val_size=cfg.val_size)
     out = {}
@@ -337,10 +345,11 @@ def at_fractions(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -
 def trajectory_points(variant: str = "trajectory") -> list[tuple[str, dict[str, Any]]]:
     """A trained trajectory model's test-time settings: (variant, {attribute: value})."""
     return ([(f"{variant} halt {h:g}", {"halt": h}) for h in HALTS]
-            + [(f"{variant} glimpses {k}", {"halt": None, "glimpses": k}) for k in FIXED_GLIMPSES])
+            + [(f"{variant} glimpses {k}", {"halt": None, "glimpses": k}) for k in FIXED_GLIMPSES]
+            + [(f"{variant} halt {h:g} max {k}", {"halt": h, "glimpses": k}) for h, k in CAPPED])
 
 
 def at_halts(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -> dict[str, dict[str, Any]]:
     """The trained trajectory model stopping at each of HALTS, where its prediction is confident early,
-    and after each of FIXED_GLIMPSES glimpses whatever its confidence."""
+    after each of FIXED_GLIMPSES glimpses whatever its confidence, and at each of CAPPED."""
     return remeasured(ctx, row, task, seed, trajectory_points(row["variant"]))
