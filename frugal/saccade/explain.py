@@ -16,6 +16,8 @@ import torch
 from frugal.utils import save_figure
 
 LEVEL_COLOURS = [None, "tab:blue", "tab:orange", "tab:green", "tab:purple"]  # skip draws nothing
+# a trajectory's glimpses in order: bright on a dark canvas, and told apart by their numbers too
+GLIMPSE_COLOURS = ["tab:orange", "cyan", "lime", "magenta", "yellow", "tab:red", "white", "tab:pink"]
 
 
 def eval_predictions(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -104,8 +106,6 @@ def draw_trajectories(images: torch.Tensor, order: torch.Tensor, confidence: tor
     from matplotlib.patches import Rectangle
 
     fig, axes, plt = _grid(len(images))
-    cmap = plt.get_cmap("viridis")
-    steps = confidence.shape[1]
     for ax, img, when, conf, y, p in zip(axes, images, order.tolist(), confidence.tolist(), labels.tolist(),
                                          preds.tolist()):
         _show(ax, img, y, p)
@@ -114,12 +114,12 @@ def draw_trajectories(images: torch.Tensor, order: torch.Tensor, confidence: tor
             for c, t in enumerate(row):
                 if not t:
                     continue
-                colour = cmap((t - 1) / max(1, steps - 1))
+                colour = GLIMPSE_COLOURS[(t - 1) % len(GLIMPSE_COLOURS)]
                 ax.add_patch(Rectangle((c * block_size - 0.5, r * block_size - 0.5), block_size, block_size,
-                                       facecolor=colour, alpha=0.3, edgecolor=colour, lw=0.8))
+                                       facecolor=colour, alpha=0.25, edgecolor=colour, lw=0.8))
                 first.setdefault(t, (r, c))
         for t, (r, c) in first.items():
-            colour = cmap((t - 1) / max(1, steps - 1))
+            colour = GLIMPSE_COLOURS[(t - 1) % len(GLIMPSE_COLOURS)]
             ax.text(c * block_size + 1, r * block_size + 1, f"{t}:{conf[t - 1]:.2f}", color=colour, fontsize=5,
                     ha="left", va="top")
         ax.set_title(f"{y} -> {p} ({len(first)} glimpse{'s' if len(first) != 1 else ''})", fontsize=7,
