@@ -6,9 +6,9 @@ on a downsampled image, the coarse view, plus a 3x3 conv on the memory), picks a
 backbone's block-sparse convs on the glimpse's unseen blocks only, and reads a prediction out of
 every block seen so far. A glimpse is a window of k x k blocks moved to where the unseen blocks'
 scores sum highest (`window`), or the n unseen blocks wanted most, wherever they are (`blocks`): a
-fovea of fixed shape, or a glance free to follow a digit's strokes across block borders. At inference it
-stops once that prediction is confident enough (`halt`), or after `glimpses` steps, so an easy
-image costs fewer glimpses than a hard one.
+fovea of fixed shape, or a glance free to follow an object's outline across block borders. At
+inference it stops once that prediction is confident enough (`halt`), or after `glimpses` steps,
+so an easy image costs fewer glimpses than a hard one.
 
 The backbone (`stages`, `mix`, `fc`) has the names and shapes of the dense twin `blockcnn`'s, so the
 model fine-tunes from a trained twin (`--init-from`). Where to look is learnt by imitation rather
