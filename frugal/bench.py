@@ -515,13 +515,17 @@ def _drive(cfg: BenchConfig, plan: list[tuple[Method, str, int]], out: Path, sel
         write_task_samples(out, task, data_dir=cfg.data_dir)
 
     jobs = build_jobs(cfg, plan, ctx, driver_id, selection, tuple(_trusted_modules()))
-    records = {_job_key(j) for j in old["jobs"]}
+    # a job's record says which variants its part planned: a part whose plan has grown since (a new
+    # test-time point, say) is not done under it (records from before they said so are taken as done)
+    records = {_job_key(j): j.get("patterns") for j in old["jobs"]}
     unit_rows = {(r["method"], r["task"], r["seed"], r.get("selection", "")) for r in old["rows"]}
     units_with_jobs = {k[:3] for k in records}
 
     def done_before(s: JobSpec) -> bool:
-        if any((s.method, s.task, s.seed, s.part, sel) in records for sel in ("", s.selection)):
-            return True
+        for sel in ("", s.selection):
+            key = (s.method, s.task, s.seed, s.part, sel)
+            if key in records and records[key] in (None, list(s.patterns)):
+                return True
         # a unit measured before the bench kept job records: its rows say it is done
         return (s.method, s.task, s.seed) not in units_with_jobs and any(
             (s.method, s.task, s.seed, sel) in unit_rows for sel in ("", s.selection))
@@ -540,7 +544,7 @@ def _drive(cfg: BenchConfig, plan: list[tuple[Method, str, int]], out: Path, sel
         for note in result["notes"]:
             log(f"    note: {note}")
         record = {"method": s.method, "task": s.task, "seed": s.seed, "part": s.part, "selection": s.selection,
-                  "rows": len(result["rows"]), "seconds": round(result["seconds"], 1), "host": result["host"],
+                  "patterns": list(s.patterns), "rows": len(result["rows"]), "seconds": round(result["seconds"], 1), "host": result["host"],
                   "pid": result["pid"], "node": result["node"],
                   "finished": dt.datetime.now().isoformat(timespec="seconds")}
         _append_rows(results_path, meta, result["rows"], record)

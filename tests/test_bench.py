@@ -301,3 +301,34 @@ def test_the_plan_s_jobs_wait_for_their_parts_and_for_the_baseline_and_leave_out
     g = graph(variants=("lenet300 code λ=0.01", "saccadic*"), methods=("saccade", "compress"))
     assert set(g) == {"saccade [saccadic]", "compress [lenet300 dense]", "compress [lenet300 code 0.01]"}
     assert g["saccade [saccadic]"] == set()  # the twin's part is left out: the saccadic part trains it itself
+
+
+def test_a_part_whose_plan_grew_runs_again_and_the_others_are_kept(tmp_path):
+    """A part finished under the whole plan is done only while its list of variants is the same: a
+    test-time point added to it later must be measured, not skipped as done before."""
+    from frugal.methods import Part
+
+    plan = {"a": ["a"], "b": ["b"]}
+    calls = []
+
+    def run(ctx, task, seed):
+        calls.append(ctx.part)
+        return [{"method": "grows-test", "task": task, "seed": seed, "variant": v, "test_acc": 0.5,
+                 "params": 1, "macs": 1}
+                for v in plan["a"] + plan["b"] if ctx.wants(v)]
+
+    if "grows-test" not in list_methods():
+        register_method("grows-test", tasks=("digits",), selectable=True,
+                        parts=lambda ctx, task: tuple(Part(k, tuple(v)) for k, v in plan.items()))(
+            lambda ctx, task, seed: run(ctx, task, seed))
+    cfg = BenchConfig(out=str(tmp_path), budget="tiny", methods=("grows-test",), tasks=("digits",), seeds=1,
+                      device="cpu")
+    bench(cfg, log=lambda s: None)
+    assert sorted(calls) == [("a",), ("b",)]
+    calls.clear()
+    plan["b"].append("b point")  # the plan grows: part b has a new variant
+    logs = []
+    bench(cfg, log=logs.append)
+    assert calls == [("b", "b point")] and sum("done before, kept" in s for s in logs) == 1
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert sorted(r["variant"] for r in rows) == ["a", "b", "b point"]
