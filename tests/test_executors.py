@@ -199,7 +199,7 @@ def test_the_process_executor_measures_the_same_rows_as_the_local_one(local_rows
     capsys.readouterr()
     assert main(["bench", *PLAN, "--executor", "process", "--out", str(tmp_path)]) == 0  # again: nothing to run
     out = capsys.readouterr().out
-    assert out.count("done before, kept") == 20 and "job(s) to run" not in out
+    assert out.count("done before, kept") == 22 and "job(s) to run" not in out
 
 
 def test_the_ray_executor_measures_the_same_rows_as_the_local_one(local_rows, tmp_path):
