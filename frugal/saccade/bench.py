@@ -85,6 +85,7 @@ QUICK_WARMUP = 0.3  # the quick budget's warm-up of the compute budget, as a sha
 # policy did not learn where to look before the budget fell; a learning-rate warm-up with a slower
 # budget did not save it, `TwinTeacher` (frugal.saccade.teacher, SaccadePlan.teacher) did.
 FINETUNE = {"lr": 1e-3, "init_from": TWIN}
+FREE = "trajectory-free"  # the trajectory variant whose glimpses are free blocks rather than a window
 # (variant, model, model options, training overrides of the task plan). The saccadic model is
 # fine-tuned from the twin (`init_from`): trained from scratch it fell behind the twin, at more
 # training time than the twin and the fine-tuning together.
@@ -98,11 +99,10 @@ VARIANTS = [
     # teaches where to look (GlimpseTeacher)
     # (3 glimpses while training: the ones a halt mostly keeps, at two thirds of 8's training time)
     ("trajectory", "trajectory", {"train_glimpses": 3}, FINETUNE),
-    # the same with glimpses of as many blocks as a window has, free to lie anywhere on the grid
-    # (FREE): the control of the window's shape at the same compute per glimpse
-    ("trajectory-free", "trajectory", {"train_glimpses": 3}, FINETUNE),
+    # the same with glimpses of as many blocks as a window has, free to lie anywhere on the grid:
+    # the control of the window's shape at the same compute per glimpse
+    (FREE, "trajectory", {"train_glimpses": 3}, FINETUNE),
 ]
-FREE = "trajectory-free"
 TRAJECTORIES = tuple(v[0] for v in VARIANTS if v[1] == "trajectory")
 # The trajectory model is also measured stopping at each of HALTS (its top class probability), from
 # the same weights: an anytime curve.
@@ -342,7 +342,7 @@ def at_fractions(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -
                       [(f"saccadic top {f:.0%}", {"inference_fraction": f}) for f in INFERENCE_FRACTIONS])
 
 
-def trajectory_points(variant: str = "trajectory") -> list[tuple[str, dict[str, Any]]]:
+def trajectory_points(variant: str) -> list[tuple[str, dict[str, Any]]]:
     """A trained trajectory model's test-time settings: (variant, {attribute: value})."""
     return ([(f"{variant} halt {h:g}", {"halt": h}) for h in HALTS]
             + [(f"{variant} glimpses {k}", {"halt": None, "glimpses": k}) for k in FIXED_GLIMPSES]
