@@ -544,8 +544,8 @@ def _drive(cfg: BenchConfig, plan: list[tuple[Method, str, int]], out: Path, sel
         for note in result["notes"]:
             log(f"    note: {note}")
         record = {"method": s.method, "task": s.task, "seed": s.seed, "part": s.part, "selection": s.selection,
-                  "patterns": list(s.patterns), "rows": len(result["rows"]), "seconds": round(result["seconds"], 1), "host": result["host"],
-                  "pid": result["pid"], "node": result["node"],
+                  "patterns": list(s.patterns), "rows": len(result["rows"]), "seconds": round(result["seconds"], 1),
+                  "host": result["host"], "pid": result["pid"], "node": result["node"],
                   "finished": dt.datetime.now().isoformat(timespec="seconds")}
         _append_rows(results_path, meta, result["rows"], record)
         if result["rows"]:

@@ -134,7 +134,9 @@ class TrajectoryCNN(nn.Module):
         out = x.new_zeros(b, self.fc.out_features)
         idx = torch.arange(b, device=x.device)  # the examples still looking
         rec = Trajectory()
-        anchors = torch.full((b, self.glimpses, 2), -1, dtype=torch.long, device=x.device)
+        # each window's top-left block (glimpses of free blocks have none)
+        anchors = (torch.full((b, self.glimpses, 2), -1, dtype=torch.long, device=x.device)
+                   if self.blocks is None else None)
         order = torch.zeros(b, gh, gw, dtype=torch.long, device=x.device)
         conf = torch.full((b, self.glimpses), float("nan"), device=x.device)
         taken = torch.zeros(b, dtype=torch.long, device=x.device)
@@ -182,8 +184,8 @@ class TrajectoryCNN(nn.Module):
             idx = idx[go_on]
             if idx.numel() == 0:
                 break
-        rec.anchors = anchors if self.blocks is None else None
-        rec.order, rec.confidence, rec.glimpses, rec.blocks_seen = order, conf, taken, seen.flatten(1).sum(1)
+        rec.anchors, rec.order, rec.confidence, rec.glimpses = anchors, order, conf, taken
+        rec.blocks_seen = seen.flatten(1).sum(1)
         self.trajectory = rec
         return out
 
