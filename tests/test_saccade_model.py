@@ -255,10 +255,27 @@ def test_the_policy_sees_the_adaptive_average_of_the_image(image_size):
     model = create_model("saccadic", image_size=image_size).eval()
     x = F.pad(torch.randn(4, 1, *image_size), model.pad)
     gh, gw = model.grid
+    pol = model.policy
+    convs = [m for m in pol.body if isinstance(m, torch.nn.Conv2d)]
     with torch.no_grad():
-        logits, _ = model.policy(x)
-        reference = model.policy.logits(model.policy.body(F.adaptive_avg_pool2d(x, (4 * gh, 4 * gw))))
+        logits, _ = pol(x)
+        f = F.adaptive_avg_pool2d(x, (4 * gh, 4 * gw))
+        for conv in convs:  # conv, ReLU, pool: the textbook order (the policy pools first)
+            f = F.max_pool2d(F.relu(conv(f)), 2)
+        reference = pol.logits(f)
+    assert len(convs) == 2
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,kernel", [((2, 3, 12, 8), (3, 2)), ((1, 1, 4, 4), (1, 1)), ((2, 5, 64, 64), (2, 2)),
+                                          ((1, 2, 30, 20), (5, 4))])
+def test_mean_pool_is_the_average_pool(shape, kernel):
+    import torch.nn.functional as F
+
+    from frugal.saccade.policy import mean_pool
+
+    x = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(mean_pool(x, *kernel), F.avg_pool2d(x, kernel), rtol=0, atol=1e-12)
 
 
 def test_a_run_too_short_for_the_budget_warm_up_says_so_and_a_share_of_the_run_fits_any_length(tmp_path):

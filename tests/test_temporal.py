@@ -1,6 +1,8 @@
 """The trajectory model (frugal.saccade.temporal): windows of blocks one after another, computed
 sparsely, against a dense reference; its halt; its teacher; training it through frugal.train."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ def twin_and_model(glimpses=3, window=2, size=(30, 30), block=8, **kw):
     assert missing.unexpected_keys == ["steps"]  # every weight of the twin has its place (steps: its budget count)
     with torch.no_grad():  # a where-to-look of its own, so the windows move
         model.where.weight.normal_(0, 0.3)
+        model.where.bias.fill_(0.7)
     return twin, model
 
 
@@ -87,13 +90,29 @@ def test_glimpses_of_free_blocks_take_the_unseen_blocks_wanted_most(blocks, glim
         for i in range(6):  # no unseen block left out wants more than one taken
             unseen = ~rec.seen_before[t][i]
             assert score[i][new[i]].min() >= score[i][unseen & ~new[i]].max()
-    torch.testing.assert_close(rec.scores[0], prior)  # nothing seen yet: the coarse view alone decides
+    with torch.no_grad():  # nothing seen yet: the coarse view, and the memory's conv of zeros
+        empty = torch.zeros(6, model.where.in_channels, *model.grid)
+        torch.testing.assert_close(rec.scores[0], prior + model.where(empty)[:, 0])
     dense_head = model(x)  # with gradients on, as in training
     torch.testing.assert_close(dense_head, sparse, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="not both"):
         TrajectoryCNN(1, (30, 30), 10, block_size=8, window=2, blocks=3)
     with pytest.raises(ValueError, match="blocks"):
         TrajectoryCNN(1, (30, 30), 10, block_size=8, blocks=17)  # a 4x4 grid
+
+
+def test_scratch_memory_reused_from_call_to_call_carries_nothing_over():
+    _, model = twin_and_model(glimpses=4, window=None, blocks=3)
+    model.eval()
+    fresh = copy.deepcopy(model)  # a copy carries no scratch memory: its call starts from fresh zeros
+    big, small = torch.randn(7, 1, 30, 30), torch.randn(3, 1, 30, 30)
+    with torch.no_grad():
+        expected = fresh(small)
+        model(big)  # fills the scratch memory with another batch's maps and block vectors
+        got = model(small)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(model.trajectory.order, fresh.trajectory.order)
+    assert "_workspace" in model.__dict__ and "_workspace" not in copy.deepcopy(model).__dict__
 
 
 def test_it_stops_when_confident_and_when_nothing_is_left_to_see():

@@ -19,6 +19,7 @@ then read from its neighbours' tiles, or zeros where a neighbour was skipped.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -101,12 +102,22 @@ def _append_coordinates(tiles: torch.Tensor, yi: torch.Tensor, xi: torch.Tensor,
                         h: int, w: int) -> torch.Tensor:
     """(n, T, T, C) -> (n, T, T, C+2): each pixel's normalised (x, y) in the h x w map, zero outside
     it (as a dense conv pads the coordinate channels with zeros)."""
+    xy = _coordinate_tiles(s, halo, h, w, tiles.dtype, tiles.device)[yi, xi]  # (n, T, T, 2)
+    return torch.cat([tiles, xy], dim=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _coordinate_tiles(s: int, halo: int, h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(gh, gw, T, T, 2): the coordinate channels of every block's tile in an h x w map. They depend on
+    the geometry alone, so a tile's are one index into this, computed once (never written to)."""
+    gh, gw = math.ceil(h / s), math.ceil(w / s)
+    yi = torch.arange(gh, device=device).repeat_interleave(gw)
+    xi = torch.arange(gw, device=device).repeat(gh)
     rows, cols, inside = _tile_pixels(yi, xi, s, halo, h, w)
     t = rows.shape[1]
-    cx = _axis_coordinate(cols, w, tiles.dtype)[:, None, :].expand(-1, t, t)  # (n, T, T): x varies along columns
-    cy = _axis_coordinate(rows, h, tiles.dtype)[:, :, None].expand(-1, t, t)  # (n, T, T): y varies along rows
-    xy = torch.stack([cx, cy], dim=-1) * inside[..., None].to(tiles.dtype)  # (n, T, T, 2)
-    return torch.cat([tiles, xy], dim=-1)
+    cx = _axis_coordinate(cols, w, dtype)[:, None, :].expand(-1, t, t)  # (n, T, T): x varies along columns
+    cy = _axis_coordinate(rows, h, dtype)[:, :, None].expand(-1, t, t)  # (n, T, T): y varies along rows
+    return (torch.stack([cx, cy], dim=-1) * inside[..., None].to(dtype)).view(gh, gw, t, t, 2)
 
 
 class BlockSet:

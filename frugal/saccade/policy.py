@@ -26,9 +26,10 @@ class AttentionPolicy(nn.Module):
                  value_head: bool = False):
         super().__init__()
         self.grid = grid
+        # each ReLU after its pool (they commute): on a quarter of the values
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.MaxPool2d(2), nn.ReLU())
         self.logits = nn.Conv2d(width, n_levels + 1, 1)
         self.value = nn.Linear(width, 1) if value_head else None
 
@@ -38,7 +39,7 @@ class AttentionPolicy(nn.Module):
         gh, gw = self.grid
         h, w = x.shape[-2:]
         if h % (4 * gh) == 0 and w % (4 * gw) == 0:  # the same average, several times faster on CPU
-            small = F.avg_pool2d(x, (h // (4 * gh), w // (4 * gw)))  # (B, C, 4gh, 4gw)
+            small = mean_pool(x, h // (4 * gh), w // (4 * gw))  # (B, C, 4gh, 4gw)
         else:
             small = F.adaptive_avg_pool2d(x, (4 * gh, 4 * gw))
         # channels-last from the first conv's output on (a 1-channel input cannot carry the layout):
@@ -47,6 +48,14 @@ class AttentionPolicy(nn.Module):
         f = self.body[1:](f)  # (B, width, gh, gw)
         value = self.value(f.mean(dim=(2, 3))).squeeze(1) if self.value is not None else None
         return self.logits(f), value
+
+
+def mean_pool(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """F.avg_pool2d(x, (kh, kw)) on a map whose sides kh and kw divide, as a sum of its kh * kw strided
+    views: each view adds a 1/(kh kw) share of the map, and on CPU this is ~3x faster than the pooling
+    kernel on a map of few channels."""
+    total = sum(x[..., i::kh, j::kw] for i in range(kh) for j in range(kw))
+    return total / (kh * kw) if kh * kw > 1 else x
 
 
 class BudgetSchedule:

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frugal.layers.sparse_conv import BlockSet, BlockSparseConv2d, gather_tiles
+from frugal.layers.sparse_conv import BlockSet, BlockSparseConv2d, Workspace, gather_tiles
 from frugal.models import InputCheck, register_model
 from frugal.saccade.model import N_STAGES, auto_block_size
 from frugal.saccade.policy import AttentionPolicy
@@ -118,19 +118,31 @@ class TrajectoryCNN(nn.Module):
             self.where.bias.zero_()
         self.trajectory: Trajectory | None = None
 
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_workspace"}  # scratch memory is not state
+
+    def _zeros(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A zero tensor: fresh while autograd records, else in memory reused from call to call (a fresh
+        map of megabytes costs its page faults on every call)."""
+        if torch.is_grad_enabled():
+            return like.new_zeros(shape)
+        return self.__dict__.setdefault("_workspace", Workspace()).get(name, shape, like).zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(self.check(x), self.pad)
         b, (gh, gw), k = x.shape[0], self.grid, self.window
         # each stage's input as a map (B, H, W, C): the image, then the pooled outputs of the blocks
         # computed so far (zeros elsewhere), which a new block's halo reads
         maps = [x.permute(0, 2, 3, 1).contiguous()] + [
-            x.new_zeros(b, gh * st.block_size, gw * st.block_size, st.in_channels) for st in self.stages[1:]]
+            self._zeros(f"map{i}", (b, gh * st.block_size, gw * st.block_size, st.in_channels), x)
+            for i, st in enumerate(self.stages[1:], 1)]
         halt = None if self.training else self._halt()
         prior = self.policy(x)[0][:, 0]  # (B, gh, gw)
         c = self.fc.in_features
-        g = x.new_zeros(b, gh, gw, c)  # the block vectors computed so far
+        # the block vectors computed so far, in a zero border of one block for the head's 3x3 conv
+        gp = self._zeros("vectors", (b, gh + 2, gw + 2, c), x)
         seen = torch.zeros(b, gh, gw, dtype=torch.bool, device=x.device)
-        mixed = x.new_zeros(b, gh, gw, c)  # the head's conv at each seen block
+        mixed = self._zeros("mixed", (b, gh, gw, c), x)  # the head's conv at each seen block
         out = x.new_zeros(b, self.fc.out_features)
         idx = torch.arange(b, device=x.device)  # the examples still looking
         rec = Trajectory()
@@ -143,9 +155,11 @@ class TrajectoryCNN(nn.Module):
         steps = self.train_glimpses if self.training and self.train_glimpses else self.glimpses
         for t in range(steps):
             seen_a = seen[idx]
-            # the memory is detached: what teaches the scores does not reach the backbone through it
-            memory = torch.cat([g[idx].detach().permute(0, 3, 1, 2), seen_a[:, None].to(x.dtype)], 1)
-            score = prior[idx] + self.where(memory)[:, 0]  # (n, gh, gw)
+            if t == 0:  # an empty memory: the conv of zeros is its bias
+                score = prior + self.where.bias
+            else:  # the memory is detached: what teaches the scores does not reach the backbone through it
+                memory = torch.cat([gp[idx, 1:-1, 1:-1].detach().permute(0, 3, 1, 2), seen_a[:, None].to(x.dtype)], 1)
+                score = prior[idx] + self.where(memory)[:, 0]  # (n, gh, gw)
             if self.blocks is None:
                 anchor = self._choose(score.detach(), seen_a)  # (n, 2)
                 new_a = self._window(anchor) & ~seen_a
@@ -163,13 +177,14 @@ class TrajectoryCNN(nn.Module):
                 row[idx] = torch.arange(idx.numel(), device=x.device)
                 want = torch.sigmoid(score[row[blocks.bi], blocks.yi, blocks.xi])
                 vec = vec * (1 + want - want.detach())[:, None]
+            at = (blocks.bi, blocks.yi + 1, blocks.xi + 1)
             if torch.is_grad_enabled():
-                g = g.index_put((blocks.bi, blocks.yi, blocks.xi), vec)
+                gp = gp.index_put(at, vec)
             else:
-                g[blocks.bi, blocks.yi, blocks.xi] = vec
+                gp[at] = vec
             seen = seen | new
-            order[new] = t + 1
-            mixed, logits = self._readout(g, seen, new, mixed, idx)
+            order.masked_fill_(new, t + 1)
+            mixed, logits = self._readout(gp, seen, new, mixed, idx)
             out = out.index_copy(0, idx, logits.to(out.dtype))
             p = logits.detach().float().softmax(1).amax(1)
             rec.active.append(idx)
@@ -229,34 +244,40 @@ class TrajectoryCNN(nn.Module):
         map; each stage's pooled output written into the next one's map. Returns (a max per block (n, C),
         the maps)."""
         maps = list(maps)
+        grad = torch.is_grad_enabled()
         for i, stage in enumerate(self.stages):
             bs = stage.block_size
-            tiles = gather_tiles(maps[i], blocks.bi, blocks.yi, blocks.xi, bs, 1, stage.coords)  # (n, C', T, T)
-            h = F.relu(F.conv2d(tiles, stage.weight[0], stage.bias[0] if stage.bias is not None else None))
+            tiles = gather_tiles(maps[i], blocks.bi, blocks.yi, blocks.xi, bs, 1, stage.coords,
+                                 None if grad else stage._workspace)  # (n, C', T, T)
+            h = F.conv2d(tiles, stage.weight[0], stage.bias[0] if stage.bias is not None else None)
+            h = F.relu(h) if grad else h.relu_()
             if i + 1 == len(self.stages):
                 return h.amax(dim=(2, 3)), maps
             pooled = F.max_pool2d(h, 2).permute(0, 2, 3, 1)  # (n, s/2, s/2, C)
             maps[i + 1] = _write_tiles(maps[i + 1], pooled, blocks)
         raise AssertionError("unreachable: a backbone has stages")
 
-    def _readout(self, g: torch.Tensor, seen: torch.Tensor, new: torch.Tensor, mixed: torch.Tensor,
+    def _readout(self, gp: torch.Tensor, seen: torch.Tensor, new: torch.Tensor, mixed: torch.Tensor,
                  idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mixed, the prediction of the examples `idx`): the head's conv recomputed only at the seen
         blocks next to a new one (no other block's neighbourhood changed) into `mixed` (B, gh, gw, C),
-        then a max over the seen blocks and the classifier. In place without gradients."""
-        near = F.max_pool2d(new[:, None].to(g.dtype), 3, stride=1, padding=1)[:, 0] > 0
+        then a max over the seen blocks and the classifier. `gp` (B, gh+2, gw+2, C) holds the block
+        vectors in a zero border. In place without gradients."""
+        near = F.max_pool2d(new[:, None].to(gp.dtype), 3, stride=1, padding=1)[:, 0] > 0
         bi, yi, xi = (near & seen).nonzero(as_tuple=True)
-        c = g.shape[3]
-        gp = F.pad(g, (0, 0, 1, 1, 1, 1))  # (B, gh+2, gw+2, C), a zero border
-        off = torch.arange(3, device=g.device)
-        hood = gp[bi[:, None, None], (yi[:, None] + off)[:, :, None], (xi[:, None] + off)[:, None, :]]
+        _, hp, wp, c = gp.shape
+        off = torch.arange(3, device=gp.device)
+        # each block's 3x3 neighbourhood as rows of the flat (B*(gh+2)*(gw+2), C) store: one index_select
+        rows = ((bi * hp + yi)[:, None, None] + off[:, None]) * wp + (xi[:, None, None] + off)  # (n, 3, 3)
+        hood = gp.reshape(-1, c).index_select(0, rows.view(-1))  # (n*9, C)
         w = self.mix.weight.permute(0, 2, 3, 1).reshape(self.mix.out_channels, 9 * c)
-        m = F.relu(F.linear(hood.reshape(-1, 9 * c), w, self.mix.bias))
+        m = F.relu(F.linear(hood.view(-1, 9 * c), w, self.mix.bias))
         if torch.is_grad_enabled():
             mixed = mixed.index_put((bi, yi, xi), m)
         else:
             mixed[bi, yi, xi] = m
-        return mixed, self.fc((mixed[idx] * seen[idx][..., None]).amax(dim=(1, 2)))
+        # the max over the seen blocks: the others hold zeros, and a ReLU's output is never below zero
+        return mixed, self.fc(mixed[idx].amax(dim=(1, 2)))
 
     def extra_loss(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """Anytime training: the mean cross-entropy of the prediction after every glimpse, so an early
