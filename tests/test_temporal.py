@@ -224,3 +224,25 @@ def test_explain_draws_each_trajectory(tmp_path, glimpse):
     images = torch.randint(0, 255, (4, 1, 30, 30), dtype=torch.uint8)
     path = model.explain(torch.randn(4, 1, 30, 30), images, torch.arange(4), tmp_path / "t.png")
     assert path.exists() and path.stat().st_size > 1000
+
+
+def test_a_stopping_rule_names_the_halt_and_the_cap_and_sets_them():
+    from frugal.saccade.temporal import stopping_rule
+
+    assert stopping_rule(0.99) == ("halt 0.99", {"halt": 0.99})
+    assert stopping_rule(0.999, 3) == ("halt 0.999 max 3", {"halt": 0.999, "glimpses": 3})
+    assert stopping_rule(None, 2) == ("glimpses 2", {"halt": None, "glimpses": 2})
+    with pytest.raises(ValueError, match="stopping rule"):
+        stopping_rule()
+    _, model = twin_and_model(glimpses=8, window=2)
+    model.eval()
+    for name, value in stopping_rule(1e-3, 2)[1].items():  # any prediction is this confident
+        setattr(model, name, value)
+    with torch.no_grad():
+        model(torch.randn(4, 1, 30, 30))
+    assert (model.trajectory.glimpses == 1).all()
+    for name, value in stopping_rule(None, 2)[1].items():
+        setattr(model, name, value)
+    with torch.no_grad():
+        model(torch.randn(4, 1, 30, 30))
+    assert (model.trajectory.glimpses == 2).all()

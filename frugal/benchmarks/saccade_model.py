@@ -26,7 +26,7 @@ from frugal.benchmarks import add_out_arg, add_where_args, publish, where
 from frugal.measure import count_macs
 from frugal.train import evaluate, load_run, normalize
 from frugal.data import load_task
-from frugal.saccade.temporal import TrajectoryCNN, glimpses_taken
+from frugal.saccade.temporal import TrajectoryCNN, glimpses_taken, stopping_rule
 from frugal.utils import versions
 
 
@@ -113,10 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
         models[f"saccadic top {f:.0%}"] = m
     for h in a.halts:
         for k in [None, *a.caps]:
+            label, attrs = stopping_rule(h, k)
             m = copy.deepcopy(sparse)
-            m.halt = h
-            m.glimpses = k or m.glimpses
-            models[f"trajectory halt {h:g}" + (f" max {k}" if k else "")] = m
+            for name, value in attrs.items():
+                setattr(m, name, value)
+            models[f"trajectory {label}"] = m
     test_x = normalize(data.test.x.to(device), data.mean, data.std, dtype)  # for the attended share
     for name, model in models.items():
         acc = evaluate(model, data.test, data.mean, data.std, device)[0]

@@ -21,7 +21,7 @@ from frugal.bench import BenchContext, Part, Summary, register_method, train_and
 from frugal.data import load_task, task_slug
 from frugal.measure import measure
 from frugal.saccade.teacher import TwinTeacher
-from frugal.saccade.temporal import GlimpseTeacher, TrajectoryCNN, glimpses_taken
+from frugal.saccade.temporal import GlimpseTeacher, TrajectoryCNN, glimpses_taken, stopping_rule
 from frugal.train import TrainConfig, load_run, normalize
 
 @dataclass(frozen=True)
@@ -344,9 +344,8 @@ def at_fractions(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -
 
 def trajectory_points(variant: str) -> list[tuple[str, dict[str, Any]]]:
     """A trained trajectory model's test-time settings: (variant, {attribute: value})."""
-    return ([(f"{variant} halt {h:g}", {"halt": h}) for h in HALTS]
-            + [(f"{variant} glimpses {k}", {"halt": None, "glimpses": k}) for k in FIXED_GLIMPSES]
-            + [(f"{variant} halt {h:g} max {k}", {"halt": h, "glimpses": k}) for h, k in CAPPED])
+    rules = [(h, None) for h in HALTS] + [(None, k) for k in FIXED_GLIMPSES] + list(CAPPED)
+    return [(f"{variant} {label}", attrs) for label, attrs in (stopping_rule(h, k) for h, k in rules)]
 
 
 def at_halts(ctx: BenchContext, row: dict[str, Any], task: str, seed: int) -> dict[str, dict[str, Any]]:

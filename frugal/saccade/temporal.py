@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -301,6 +302,19 @@ class TrajectoryCNN(nn.Module):
     def extra_repr(self) -> str:
         glimpse = f"window={self.window}" if self.blocks is None else f"blocks={self.blocks}"
         return f"grid={self.grid}, block_size={self.block_size}, {glimpse}, glimpses={self.glimpses}"
+
+
+def stopping_rule(halt: float | None = None, most: int | None = None) -> tuple[str, dict[str, Any]]:
+    """A trained trajectory model's test-time stopping rule: its label ("halt 0.99", "halt 0.99 max 3",
+    "glimpses 2") and the attributes that set it. At `halt` (a top class probability), after at most
+    `most` glimpses (None: the model's own most), or with no halt after exactly `most` glimpses."""
+    if halt is None:
+        if most is None:
+            raise ValueError("a stopping rule needs a halt, a number of glimpses, or both")
+        return f"glimpses {most}", {"halt": None, "glimpses": most}
+    if most is None:
+        return f"halt {halt:g}", {"halt": halt}
+    return f"halt {halt:g} max {most}", {"halt": halt, "glimpses": most}
 
 
 @torch.no_grad()
