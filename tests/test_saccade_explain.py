@@ -101,6 +101,36 @@ def test_saccade_bench_method_runs_all_variants_and_shows_explanations(tmp_path,
     assert "blocks attended (test)" in md  # the method's own field gets its table
 
 
+def test_the_shifted_chain_trains_its_own_twin_and_fine_tunes_from_it_on_shifted_images(tmp_path, monkeypatch):
+    import dataclasses
+    import json
+
+    import torch
+
+    import frugal.saccade.bench as saccade_bench
+    from frugal.bench import BenchConfig, bench
+
+    plain = [p.name for p in saccade_bench.saccade_parts(None, "digits")]
+    monkeypatch.setitem(saccade_bench.TASKS, "digits", dataclasses.replace(saccade_bench.TASKS["digits"], shifted=True))
+    parts = {p.name: p for p in saccade_bench.saccade_parts(None, "digits")}
+    assert set(parts) == set(plain) | {"shift-blockcnn", "shift-trajectory-free"}  # only where the plan says so
+    assert parts["shift-trajectory-free"].after == ("shift-blockcnn",) and parts["trajectory-free"].after == ("twin",)
+    bench(BenchConfig(out=str(tmp_path), budget="tiny", methods=("saccade",), tasks=("digits",), seeds=1,
+                      device="cpu", variants=("shift-trajectory-free halt 0.99 max 3",)), log=lambda s: None)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    # the point asked for, with the trained model's and its twin's rows (the rows it is measured against)
+    assert {r["variant"] for r in rows} == {"shift-blockcnn", "shift-trajectory-free",
+                                            "shift-trajectory-free halt 0.99 max 3"}
+    runs = tmp_path / "runs/saccade/digits"
+    assert not (runs / "blockcnn-seed0").exists()  # the plain twin is not needed
+    twin = json.loads((runs / "shift-blockcnn-seed0/config.json").read_text())["config"]
+    free = json.loads((runs / "shift-trajectory-free-seed0/config.json").read_text())["config"]
+    assert twin["augment"] == free["augment"] == "shift" and twin["model"] == "blockcnn"
+    assert free["init_from"].endswith("shift-blockcnn-seed0") and free["model_kw"]["blocks"] == 1
+    ck = torch.load(runs / "shift-trajectory-free-seed0/checkpoint.pt", weights_only=False)
+    assert ck["hooks"] == [saccade_bench.TRAJECTORY_TEACHER | {"temperature": 2.0}]
+
+
 @pytest.mark.parametrize("name", ["saccadic", "ram", "trajectory"])
 def test_explain_leaves_the_model_in_the_mode_it_found(tmp_path, name):
     import torch
