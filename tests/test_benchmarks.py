@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on tiny inputs and print what they measured."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,8 +40,9 @@ def twin_runs(tmp_path_factory):
 
 def test_saccade_model_benchmark_measures_both_models(twin_runs, capsys):
     out = saccade_model.main(["--sparse", str(twin_runs["saccadic"]), "--dense", str(twin_runs["blockcnn"]),
-                              "--batch", "16", "--rounds", "2", "--threads", "1"])
+                              "--batch", "16", "--rounds", "2", "--threads", "1", "--allocator", "default"])
     assert json.loads(capsys.readouterr().out)["speedup"] == pytest.approx(out["speedup"])
+    assert out["allocator"] == "default"  # the C library's own thresholds: this process is left as it was
     sparse, _, _ = load_run(twin_runs["saccadic"])
     data = load_task("digits")
     x = normalize(data.test.x[:16], data.mean, data.std, torch.float32)
@@ -53,7 +55,8 @@ def test_saccade_model_benchmark_measures_both_models(twin_runs, capsys):
 
 def test_saccade_model_benchmark_times_test_time_fractions(twin_runs, capsys):
     out = saccade_model.main(["--sparse", str(twin_runs["saccadic"]), "--dense", str(twin_runs["blockcnn"]),
-                              "--batch", "16", "--rounds", "2", "--threads", "1", "--fractions", "0.25", "1.0"])
+                              "--batch", "16", "--rounds", "2", "--threads", "1", "--fractions", "0.25", "1.0",
+                              "--allocator", "default"])
     quarter, full = out["models"]["saccadic top 25%"], out["models"]["saccadic top 100%"]
     assert full["attended_fraction"] == 1.0 and quarter["attended_fraction"] < 0.5
     assert quarter["macs"] < full["macs"] and quarter["speedup"] > 0 and full["macs_ratio"] > 1  # + the policy
@@ -76,7 +79,7 @@ def test_saccade_model_benchmark_times_a_trajectory_at_each_halt(tmp_path, capsy
     train(cfg, tmp_path / "traj", quiet=True, progress=False)
     out = saccade_model.main(["--sparse", str(tmp_path / "traj"), "--dense", str(tmp_path / "twin"),
                               "--batch", "16", "--rounds", "2", "--threads", "1", "--halts", "0.1", "1.0",
-                              "--caps", "2"])
+                              "--caps", "2", "--allocator", "default"])
     assert json.loads(capsys.readouterr().out)["speedup"] == pytest.approx(out["speedup"])
     full, early, never = (out["models"][k] for k in ("trajectory", "trajectory halt 0.1", "trajectory halt 1"))
     assert full["max_glimpses"] == never["max_glimpses"] == 3 and full["mean_glimpses"] == 3
@@ -92,6 +95,33 @@ def test_saccade_model_benchmark_times_a_trajectory_at_each_halt(tmp_path, capsy
     for bad, says in ((["--caps", "2"], "give --halts too"), (["--halts", "0.9", "--caps", "4"], r"1\.\.3")):
         with pytest.raises(SystemExit, match=says):
             saccade_model.main(["--sparse", str(tmp_path / "traj"), "--dense", str(tmp_path / "twin"), *bad])
+
+
+def test_the_saccade_benchmark_times_under_a_steady_allocator_by_default(twin_runs, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.json"
+    subprocess.run([sys.executable, "-m", "frugal.benchmarks.saccade_model", "--sparse", str(twin_runs["saccadic"]),
+                    "--dense", str(twin_runs["blockcnn"]), "--batch", "8", "--rounds", "1", "--threads", "1",
+                    "--out", str(out)], check=True, capture_output=True)
+    assert json.loads(out.read_text())["allocator"] == "steady"
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the process's resident memory from /proc")
+@pytest.mark.parametrize("steady", [False, True])
+def test_a_steady_allocator_keeps_freed_memory_in_the_process(steady):
+    import subprocess
+    import sys
+
+    # 64 MiB freed: the C library gives it back to the system (a fresh block costs its page faults
+    # again), unless steady_allocator told it to keep it
+    code = ("import torch\nfrom frugal.benchmarks import steady_allocator\n"
+            f"assert steady_allocator() if {steady} else True\n"
+            "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+            "before = rss()\nx = torch.ones(16 << 20)\ndel x\nprint(rss() - before)")
+    kept = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    assert (kept > 48 << 20) if steady else (kept < 16 << 20)
 
 
 def test_codec_speed_benchmark_writes_and_reads_whole_files(capsys):

@@ -24,6 +24,47 @@ def where(a: argparse.Namespace) -> torch.device:
     return resolve_device(a.device)
 
 
+ALLOCATORS = ("steady", "default")
+
+
+def add_allocator_arg(p: argparse.ArgumentParser) -> None:
+    """--allocator: how the process's memory allocator treats freed memory while models are timed."""
+    p.add_argument("--allocator", choices=ALLOCATORS, default="steady",
+                   help="steady: freed memory stays in the process (glibc mallopt), so no model pays the page "
+                        "faults of memory that another call gave back; default: the C library's own thresholds, "
+                        "under which a model's time depends on what the process allocated and freed before it")
+
+
+def use_allocator(name: str) -> str:
+    """Apply --allocator; returns what the timings ran under ("steady", "default", or "default: ..."
+    where a steady allocator is not to be had)."""
+    if name == "default":
+        return "default"
+    return "steady" if steady_allocator() else "default: no glibc mallopt here"
+
+
+def steady_allocator() -> bool:
+    """Keep freed memory in the process: glibc's mmap threshold raised to 1 GiB (large blocks come from
+    the heap, not fresh pages of the system), no trimming of the heap's top, and 256 MiB of padding
+    when it grows. Its own thresholds move with what was freed before, so that a dense net's
+    megabyte maps may or may not cost a page fault per 4 KiB on every call, depending on what ran
+    before it. Returns False where there is no glibc (other C libraries: unchanged)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
+    return all(mallopt(opt, value) == 1 for opt, value in (
+        (m_mmap_threshold, 1 << 30), (m_trim_threshold, (1 << 31) - 1), (m_top_pad, 256 << 20)))
+
+
 def add_out_arg(p: argparse.ArgumentParser) -> None:
     """--out: also write the JSON to a file (say results/NAME/results.json, which `frugal report`
     renders)."""

@@ -10,6 +10,11 @@ test-time shares of the blocks) or a glimpse trajectory (`trajectory`; `--halts`
 stopping at each top class probability, with the glimpses it took, and `--caps` each halt again
 with at most that many glimpses).
 
+By default the timings run under a steady allocator (`--allocator steady`, see
+`frugal.benchmarks.steady_allocator`): with glibc's own thresholds a model's time depends on what
+the other models allocated and freed before it, and the dense twin, with the largest maps, gains
+or loses the most.
+
     python -m frugal.benchmarks.saccade_model --sparse RUN_DIR --dense RUN_DIR --batch 64 --threads 1
 """
 
@@ -22,7 +27,7 @@ import time
 
 import torch
 
-from frugal.benchmarks import add_out_arg, add_where_args, publish, where
+from frugal.benchmarks import add_allocator_arg, add_out_arg, add_where_args, publish, use_allocator, where
 from frugal.measure import count_macs
 from frugal.train import evaluate, load_run, normalize
 from frugal.data import load_task
@@ -81,9 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also time the trajectory model stopping at each of these top class probabilities")
     p.add_argument("--caps", type=int, nargs="*", default=[],
                    help="also time each of --halts stopping after at most this many glimpses")
+    add_allocator_arg(p)
     add_out_arg(p)
     a = p.parse_args(argv)
     device = where(a)
+    allocator = use_allocator(a.allocator)
     (sparse, s_cfg, _), (dense, d_cfg, _) = load_run(a.sparse, device), load_run(a.dense, device)
     if s_cfg.task != d_cfg.task:
         raise SystemExit(f"the two runs were trained on different tasks ({s_cfg.task} vs {d_cfg.task}); "
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = next(sparse.parameters()).dtype
     x = normalize(data.test.x[: a.batch].to(device), data.mean, data.std, dtype)  # real test images
     out: dict = {"benchmark": "saccade_model", "task": s_cfg.task, "batch": a.batch, "device": str(device),
-                 "threads": torch.get_num_threads(), "models": {}}
+                 "threads": torch.get_num_threads(), "allocator": allocator, "models": {}}
     main_name = "trajectory" if temporal else "saccadic"
     models = {main_name: sparse, "dense": dense}
     for f in a.fractions:
