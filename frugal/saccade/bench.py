@@ -117,6 +117,11 @@ VARIANTS += [
                                                                 "augment": "shift"}),
 ]
 TRAJECTORIES = tuple(v[0] for v in VARIANTS if v[1] == "trajectory")
+
+
+def plan_variants(plan: SaccadePlan) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    """The VARIANTS a task's plan trains: the shifted chain only where the plan has it."""
+    return [v for v in VARIANTS if plan.shifted or not v[0].startswith(SHIFTED)]
 # The trajectory model is also measured stopping at each of HALTS (its top class probability), from
 # the same weights: an anytime curve.
 HALTS = (0.9, 0.99, 0.999)
@@ -253,8 +258,7 @@ def saccade_parts(ctx: BenchContext, task: str) -> tuple[Part, ...]:
         return ()  # the user's net: one job (its sparsified variants start from its dense run)
     shifted = TASKS[task].shifted
     part_of = {TWIN: "twin", SHIFTED + TWIN: SHIFTED + TWIN}  # a twin's part, which its fine-tunings wait for
-    trajectories = [(v, o["init_from"]) for v, m, _, o in VARIANTS
-                    if m == "trajectory" and (shifted or not v.startswith(SHIFTED))]
+    trajectories = [(v, o["init_from"]) for v, m, _, o in plan_variants(TASKS[task]) if m == "trajectory"]
     return (Part("twin", (TWIN,)), Part("saccadic", ("saccadic*",), after=("twin",)), Part("ram", ("ram",)),
             *((Part(part_of[SHIFTED + TWIN], (SHIFTED + TWIN,)),) if shifted else ()),
             *(Part(v, (v, *(label for label, _ in trajectory_points(v))), after=(part_of[twin],))
@@ -281,7 +285,7 @@ def run_saccade(ctx: BenchContext, task: str, seed: int) -> list[dict[str, Any]]
     stage = TINY if ctx.budget == "tiny" else getattr(task_plan, ctx.budget)
     plan = {"epochs": stage.epochs, **({"train_limit": stage.train_limit} if stage.train_limit is not None else {})}
     finetune = stage.finetune
-    variants = [v for v in VARIANTS if task_plan.shifted or not v[0].startswith(SHIFTED)]
+    variants = plan_variants(task_plan)
     if ctx.headline:  # the front door: the saccadic model against its dense twin, on fewer images
         variants = [v for v in VARIANTS if v[0] in (TWIN, "saccadic")]
         plan["train_limit"] = min(plan.get("train_limit") or HEADLINE_TRAIN, HEADLINE_TRAIN)
